@@ -1,0 +1,243 @@
+"""Export an EditReward checkpoint to an exported model folder of three ONNX graphs.
+
+Graphs (one export spec each: names, dynamic axes, dummy inputs):
+- ``vision``: one image's window-ordered patches + host-computed rotary/segment tables -> embeddings
+- ``decoder``: token ids + image-embedding rows (+ key/value cache) -> hidden states + new cache
+- ``heads``: hidden states at each <|Reward|> -> per-head (mu, log_sigma), float32
+
+The graphs use only standard ONNX ops. The export validates itself: the fast path on ONNX
+Runtime is compared with the PyTorch reference on triples of two different image shapes.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from editreward_rt.checkpoint import Checkpoint, open_checkpoint
+from editreward_rt.errors import ExportError
+from editreward_rt.manifest import MANIFEST, write_manifest
+from editreward_rt.parity import max_abs_diff, tolerance, within
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB cap, with margin
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[tuple[str, str, tuple], ...]  # (name, dtype, axes: int or axis name)
+    outputs: tuple[tuple[str, str, tuple], ...]
+
+    def dynamic_axes(self) -> dict:
+        return {n: {i: a for i, a in enumerate(axes) if isinstance(a, str)} for n, _, axes in self.inputs + self.outputs}
+
+    def io(self) -> dict:
+        as_list = lambda items: [{"name": n, "dtype": d, "shape": list(a)} for n, d, a in items]
+        return {"inputs": as_list(self.inputs), "outputs": as_list(self.outputs)}
+
+
+def graph_specs(spec, kv_dtype: str) -> dict[str, GraphSpec]:
+    t, v = spec.text, spec.vision
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    return {
+        "vision": GraphSpec("vision", (
+            ("patches", "float32", ("patches", patch)), ("cos", "float32", ("patches", v.head_dim)),
+            ("sin", "float32", ("patches", v.head_dim)), ("window_segments", "int64", ("patches",)),
+            ("image_segments", "int64", ("patches",)),
+        ), (("image_embeds", "float32", ("tokens", v.out_hidden_size)),)),
+        "decoder": GraphSpec("decoder", (
+            ("input_ids", "int64", ("batch", "seq")), ("image_embeds", "float32", ("rows", t.hidden_size)),
+            ("image_index", "int64", ("batch", "seq")), ("position_ids", "int64", ("batch", "seq")),
+            ("attention_mask", "int64", ("batch", "total")),
+            ("past", kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "past", t.head_dim)),
+        ), (("hidden", "float32", ("batch", "seq", t.hidden_size)),
+            ("present", kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "total", t.head_dim)))),
+        "heads": GraphSpec("heads", (("hidden", "float32", ("batch", spec.heads.num_heads, t.hidden_size)),),
+                           (("rewards", "float32", ("batch", spec.heads.num_heads, 2)),)),
+    }
+
+
+def _wrappers(engine, kv_dtype):
+    """Graph I/O stays float32 (the cache in ``kv_dtype``); compute runs in the engine's dtype."""
+    import torch
+    from torch import nn
+
+    dtype, kv = engine.dtype, getattr(torch, kv_dtype)
+
+    class Vision(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = engine.vision_module
+
+        def forward(self, patches, cos, sin, window_segments, image_segments):
+            return self.inner(patches.to(dtype), cos, sin, window_segments, image_segments).float()
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = engine.decoder
+
+        def forward(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
+            hidden, present = self.inner(input_ids, image_embeds, image_index, position_ids, attention_mask, past.to(dtype))
+            return hidden.float(), present.to(kv)
+
+    return {"vision": Vision(), "decoder": Decoder(), "heads": engine.head_module}
+
+
+def _dummy_inputs(spec, kv_dtype):
+    import torch
+
+    t, v = spec.text, spec.vision
+    n = 4 * v.spatial_merge_size**2
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    b, s, p = 2, 5, 3
+    return {
+        "vision": (torch.zeros(n, patch), torch.ones(n, v.head_dim), torch.zeros(n, v.head_dim),
+                   torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)),
+        "decoder": (torch.zeros(b, s, dtype=torch.long), torch.zeros(3, t.hidden_size), torch.full((b, s), -1),
+                    torch.arange(s).repeat(b, 1) + p, torch.ones(b, p + s, dtype=torch.long),
+                    torch.zeros(t.num_layers, 2, b, t.num_kv_heads, p, t.head_dim, dtype=getattr(torch, kv_dtype))),
+        "heads": (torch.zeros(b, spec.heads.num_heads, t.hidden_size),),
+    }
+
+
+def _export_graph(module, args, gspec: GraphSpec, path: Path, opset: int) -> None:
+    import onnx
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
+                          input_names=[n for n, _, _ in gspec.inputs], output_names=[n for n, _, _ in gspec.outputs],
+                          dynamic_axes=gspec.dynamic_axes(), do_constant_folding=True)
+    if path.stat().st_size > EXTERNAL_DATA_BYTES or any(path.parent.glob("onnx__*")):
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+        for stray in path.parent.glob("onnx__*"):
+            stray.unlink()
+    onnx.checker.check_model(str(path))
+
+
+def _versions() -> dict:
+    import onnx
+    import torch
+    import transformers
+
+    from editreward_rt import __version__
+
+    return {"editreward_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def validation_triples(scorer, seed: int = 0) -> list:
+    """Triples of two image shapes (plus a shared source) for self-validation."""
+    rng = np.random.default_rng(seed)
+    image = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    src = image(300, 420)
+    return [scorer.prepare("Make the sky purple", src, image(360, 360)),
+            scorer.prepare("Remove the red car", image(120, 640), src),
+            scorer.prepare("Make the sky purple", src, image(500, 280))]
+
+
+def validate(out_dir: Path, ckpt: Checkpoint, reference_state: dict, precision: str, log) -> dict:
+    """Run the exported graphs on ONNX Runtime against the torch reference; raise beyond tolerance."""
+    import torch
+
+    from editreward_rt.backends.torch_backend import ReferenceRunner
+    from editreward_rt.scorer import Scorer
+
+    exported = Scorer.load(out_dir, backend="onnxruntime")
+    triples = validation_triples(exported)
+    reference = ReferenceRunner(ckpt.spec, ckpt.config, reference_state, torch.device("cpu"), torch.float32)
+    expected = reference.run(triples)
+    actual = exported.backend.head_outputs(triples)
+    diff = max_abs_diff(actual, expected)
+    tol = tolerance("onnxruntime", precision)
+    shapes = sorted({tuple(t.edited.grid_thw) for t in triples} | {tuple(t.source.grid_thw) for t in triples})
+    log(f"validation vs torch reference: max |d mu| {diff['mu']:.2e}, max |d log_sigma| {diff['log_sigma']:.2e} "
+        f"(tolerance {tol.mu:g}) over {len(triples)} triples, image grids {shapes}")
+    if not within(diff, tol):
+        raise ExportError(f"exported graphs drift from the PyTorch reference: {diff} exceeds {tol} for {precision}")
+    return {"max_abs_diff": diff, "tolerance": {"mu": tol.mu, "log_sigma": tol.log_sigma},
+            "triples": len(triples), "image_grids": [list(s) for s in shapes]}
+
+
+def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts_from: str | None = None,
+                dtype: str = "fp32", opset: int = 17, validate_export: bool = True, log=print) -> Path:
+    """Export ``ckpt_arg`` into the folder ``out`` (written to a temporary folder, then moved into place)."""
+    import torch
+
+    from editreward_rt.backends.torch_backend import TorchEngine
+
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ExportError(f"{out} exists and is not an exported model folder; refusing to overwrite it")
+    precision = DTYPES[dtype]
+    kv_dtype = "float16" if precision == "float16" else "float32"
+    start = time.perf_counter()
+    log(f"[1/4] reading checkpoint {ckpt_arg}")
+    ckpt = open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
+    state = ckpt.state_dict()
+    engine = TorchEngine(ckpt.spec, state, torch.device("cpu"), getattr(torch, precision))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        specs, wrappers, dummies = graph_specs(ckpt.spec, kv_dtype), _wrappers(engine, kv_dtype), _dummy_inputs(ckpt.spec, kv_dtype)
+        for i, name in enumerate(specs, start=1):
+            log(f"[2/4] exporting graph {name} ({i}/{len(specs)})")
+            _export_graph(wrappers[name], dummies[name], specs[name], tmp / f"{name}.onnx", opset)
+        ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
+        manifest = {
+            "spec": ckpt.spec.to_dict(),
+            "precision": precision,
+            "kv_dtype": kv_dtype,
+            "graphs": {n: {"file": f"{n}.onnx", **g.io()} for n, g in specs.items()},
+            "tokenizer": "tokenizer.json",
+            "chat_text": ckpt.chat_text,
+            "templates": ckpt.templates.to_dict(),
+            "origin": ckpt.origin,
+            "exporter": {**_versions(), "opset": opset, "command": " ".join(sys.argv)},
+        }
+        write_manifest(tmp, manifest)
+        if validate_export:
+            log("[3/4] validating against the PyTorch reference")
+            manifest["validation"] = validate(tmp, ckpt, state, precision, log)
+            write_manifest(tmp, manifest)
+        log(f"[4/4] writing {out}")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    log(f"exported {out} ({size / 1e6:.1f} MB, {precision}) in {time.perf_counter() - start:.1f}s")
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export an EditReward checkpoint to ONNX graphs.")
+    parser.add_argument("--ckpt", required=True, help="hub id (TIGER-Lab/EditReward, ...) or checkpoint folder")
+    parser.add_argument("--out", required=True, help="exported model folder to write")
+    parser.add_argument("--base", help="base model hub id or folder (default: from the checkpoint's yaml)")
+    parser.add_argument("--prompts-from", help="local clone of the upstream repository (default: download pinned files)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--no-validate", action="store_true", help="skip the self-check against PyTorch")
+    args = parser.parse_args(argv)
+    export_onnx(args.ckpt, args.out, base=args.base, prompts_from=args.prompts_from, dtype=args.dtype,
+                opset=args.opset, validate_export=not args.no_validate)
+    return 0

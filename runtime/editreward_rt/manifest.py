@@ -1,0 +1,98 @@
+"""The exported model folder: a versioned ``manifest.json`` beside the graphs and tokenizer.
+
+The manifest carries everything the runtime needs (architecture, preprocessing constants,
+special token ids, rendered chat text, rubric templates, graph I/O, precision, file hashes,
+tool versions). Nothing is inferred from file names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ManifestError
+from .prompts import load_tokenizer
+from .spec import ModelSpec
+from .templates import Templates
+
+MANIFEST = "manifest.json"
+FORMAT = "editreward-exported-model"
+MANIFEST_VERSION = 1
+KNOWN_VERSIONS = (1,)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ExportedModel:
+    """An exported model folder, read and verified."""
+
+    root: Path
+    manifest: dict
+    spec: ModelSpec
+    tokenizer: object
+    chat_text: str
+    templates: Templates
+
+    def graph_path(self, name: str) -> Path:
+        try:
+            return self.root / self.manifest["graphs"][name]["file"]
+        except KeyError as exc:
+            raise ManifestError(f"{self.root / MANIFEST} declares no graph {name!r}") from exc
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{root} is not an exported model folder: no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not an EditReward exported-model manifest")
+    if manifest.get("manifest_version") not in KNOWN_VERSIONS:
+        raise ManifestError(
+            f"{path} has manifest_version {manifest.get('manifest_version')!r}; this runtime reads {KNOWN_VERSIONS}. "
+            "Upgrade editreward-deploy or re-export the model."
+        )
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict) -> None:
+    for name, expected in manifest.get("files", {}).items():
+        path = root / name
+        if not path.is_file():
+            raise ManifestError(f"{path} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ManifestError(f"{path} fails its hash check (sha256 {actual[:12]}..., manifest says {expected[:12]}...): altered or corrupt")
+
+
+def open_exported(root, verify: bool = True) -> ExportedModel:
+    root = Path(root)
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    try:
+        spec = ModelSpec.from_dict(manifest["spec"])
+        templates = Templates.from_dict(manifest["templates"])
+        chat_text = manifest["chat_text"]
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"{root / MANIFEST} lacks {exc}") from exc
+    tokenizer = load_tokenizer(root / manifest.get("tokenizer", "tokenizer.json"), expected_size=spec.text.vocab_size)
+    return ExportedModel(root, manifest, spec, tokenizer, chat_text, templates)
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    manifest = {"format": FORMAT, "manifest_version": MANIFEST_VERSION, **manifest}
+    manifest["files"] = {p.name: sha256_file(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")

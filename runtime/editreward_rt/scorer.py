@@ -1,0 +1,147 @@
+"""The triple-scoring API: ``Scorer.load(...)`` then ``score``, ``score_batch``, ``rank``, ``prefer``."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendError, EditRewardError
+from .pipeline import PreparedTriple, fuse
+from .preprocess import PreprocessedImage, preprocess_image
+from .prompts import PromptBuilder
+
+BACKENDS = ("torch", "onnxruntime")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class HeadScore:
+    name: str
+    mu: float
+    log_sigma: float
+
+
+@dataclass(frozen=True)
+class Score:
+    """The fused reward: ``mu`` is what users rank by; ``log_sigma`` is its uncertainty in log space."""
+
+    mu: float
+    log_sigma: float
+    heads: tuple[HeadScore, ...]
+
+    @property
+    def sigma(self) -> float:
+        return math.exp(self.log_sigma)
+
+    def to_dict(self) -> dict:
+        return {"mu": self.mu, "log_sigma": self.log_sigma, "sigma": self.sigma,
+                "heads": [{"name": h.name, "mu": h.mu, "log_sigma": h.log_sigma} for h in self.heads]}
+
+
+def preference(a: Score, b: Score) -> float:
+    """P(a preferred over b) under independent Gaussians N(mu, sigma^2)."""
+    z = (a.mu - b.mu) / math.sqrt(a.sigma**2 + b.sigma**2)
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads, dtype):
+    exported = Path(str(path_or_id)).is_dir() and (Path(str(path_or_id)) / MANIFEST).is_file()
+    backend = backend or ("onnxruntime" if exported else "torch")
+    if backend == "torch":
+        from .backends.torch_backend import TorchBackend
+        from .checkpoint import open_checkpoint
+
+        ckpt = open_checkpoint(path_or_id, base=base, prompts_from=prompts_from)
+        return TorchBackend(ckpt, mode=mode, device=device, dtype=dtype, threads=threads), ckpt
+    if backend == "onnxruntime":
+        from .backends.ort_backend import OrtBackend
+
+        if mode != "fast":
+            raise BackendError("the onnxruntime backend runs the fast path only; mode 'reference' is the torch backend's")
+        ort = OrtBackend(path_or_id, device=device, threads=threads)
+        return ort, ort.model
+    raise BackendError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+class Scorer:
+    """Scores (instruction, source image, edited image) triples. Safe to share between threads."""
+
+    def __init__(self, backend, model, max_batch: int = 8):
+        self.backend = backend
+        self.spec = model.spec
+        self.image_spec = model.spec.image
+        self.builder = PromptBuilder(model.tokenizer, model.chat_text, model.templates, model.spec)
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path_or_id: str | os.PathLike, backend: str | None = None, mode: str = "fast", base: str | None = None,
+             prompts_from: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None,
+             dtype: str | None = None, max_batch: int = 8) -> "Scorer":
+        """``path_or_id``: a checkpoint (hub id or folder; torch backend) or an exported model folder."""
+        impl, model = _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads, dtype)
+        return cls(impl, model, max_batch=max_batch)
+
+    @property
+    def description(self) -> dict:
+        return dict(self.backend.description)
+
+    def preprocess(self, image) -> PreprocessedImage:
+        return image if isinstance(image, PreprocessedImage) else preprocess_image(image, self.image_spec)
+
+    def prepare(self, instruction: str, source, edited) -> PreparedTriple:
+        src, edit = self.preprocess(source), self.preprocess(edited)
+        prompts = self.builder.build(instruction, src.n_tokens, edit.n_tokens)
+        return PreparedTriple(src, edit, prompts)
+
+    def score_prepared(self, triples: list[PreparedTriple]) -> list[Score]:
+        scores = []
+        for start in range(0, len(triples), self.max_batch):
+            chunk = triples[start : start + self.max_batch]
+            with self._lock:
+                per_head = self.backend.head_outputs(chunk)
+            scores.extend(self._scores(per_head))
+        return scores
+
+    def _scores(self, per_head: np.ndarray) -> list[Score]:
+        fused = fuse(per_head, self.spec.heads.fusion)
+        names = self.spec.heads.names
+        return [
+            Score(float(f[0]), float(f[1]), tuple(HeadScore(n, float(h[0]), float(h[1])) for n, h in zip(names, row)))
+            for f, row in zip(fused, per_head)
+        ]
+
+    def score(self, instruction: str, source, edited) -> Score:
+        return self.score_prepared([self.prepare(instruction, source, edited)])[0]
+
+    def score_batch(self, triples, errors: str = "raise") -> list:
+        """``triples``: (instruction, source, edited) tuples or dicts. With ``errors="return"`` a bad
+        triple yields its ``EditRewardError`` in place and every other triple is still scored."""
+        prepared, results = [], [None] * len(triples)
+        for i, triple in enumerate(triples):
+            try:
+                if isinstance(triple, dict):
+                    triple = (triple["instruction"], triple["source"], triple["edited"])
+                prepared.append((i, self.prepare(*triple)))
+            except EditRewardError as exc:
+                if errors == "raise":
+                    raise
+                results[i] = exc
+        for (i, _), score in zip(prepared, self.score_prepared([p for _, p in prepared])):
+            results[i] = score
+        return results
+
+    def rank(self, instruction: str, source, edits) -> list[Score]:
+        """Scores for each edit of one source; the source is preprocessed and encoded once."""
+        src = self.preprocess(source)
+        return self.score_prepared([self.prepare(instruction, src, e) for e in edits])
+
+    def prefer(self, instruction: str, source, a, b) -> float:
+        """P(edit ``a`` is preferred over edit ``b``)."""
+        sa, sb = self.rank(instruction, source, [a, b])
+        return preference(sa, sb)
