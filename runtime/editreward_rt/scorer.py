@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +71,12 @@ def _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads
 class Scorer:
     """Scores (instruction, source image, edited image) triples. Safe to share between threads."""
 
-    def __init__(self, backend, model, max_batch: int = 8):
+    def __init__(self, backend, model, max_batch: int = 8, max_input_pixels: int | None = None):
         self.backend = backend
         self.spec = model.spec
         self.image_spec = model.spec.image
+        if max_input_pixels is not None:
+            self.image_spec = replace(self.image_spec, max_input_pixels=int(max_input_pixels))
         self.builder = PromptBuilder(model.tokenizer, model.chat_text, model.templates, model.spec)
         self.max_batch = max_batch
         self._lock = threading.Lock()
@@ -82,10 +84,11 @@ class Scorer:
     @classmethod
     def load(cls, path_or_id: str | os.PathLike, backend: str | None = None, mode: str = "fast", base: str | None = None,
              prompts_from: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None,
-             dtype: str | None = None, max_batch: int = 8) -> "Scorer":
-        """``path_or_id``: a checkpoint (hub id or folder; torch backend) or an exported model folder."""
+             dtype: str | None = None, max_batch: int = 8, max_input_pixels: int | None = None) -> "Scorer":
+        """``path_or_id``: a checkpoint (hub id or folder; torch backend) or an exported model folder.
+        ``max_input_pixels`` caps decoded image size (decompression-bomb guard)."""
         impl, model = _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads, dtype)
-        return cls(impl, model, max_batch=max_batch)
+        return cls(impl, model, max_batch=max_batch, max_input_pixels=max_input_pixels)
 
     @property
     def description(self) -> dict:

@@ -1,0 +1,62 @@
+"""Shared fixtures: one tiny random checkpoint and its ONNX export per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from editreward_rt.fixtures import write_fixture
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return write_fixture(tmp_path_factory.mktemp("tiny"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny, tmp_path_factory):
+    from editreward_export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-fp32"
+    return export_onnx(str(tiny.checkpoint), out, prompts_from=str(tiny.prompts), log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny):
+    from editreward_rt import Scorer
+
+    return Scorer.load(tiny.checkpoint, backend="torch", mode="reference", prompts_from=tiny.prompts)
+
+
+@pytest.fixture(scope="session")
+def fast(tiny):
+    from editreward_rt import Scorer
+
+    return Scorer.load(tiny.checkpoint, backend="torch", mode="fast", prompts_from=tiny.prompts)
+
+
+def random_image(seed: int, height: int, width: int) -> Image.Image:
+    """Smooth random picture: gradients plus noise, so resizing changes real content."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx / max(width, 1), yy / max(height, 1), (xx + yy) / max(width + height, 1)], axis=-1) * 200
+    noise = rng.integers(0, 56, (height, width, 3))
+    return Image.fromarray((base + noise).astype(np.uint8))
+
+
+# (height, width) pairs: square, landscape, portrait, very wide, very tall, tiny.
+SHAPES = [(300, 400), (512, 512), (640, 200), (90, 1400), (1500, 60), (20, 30), (1080, 1920)]
+
+
+@pytest.fixture(scope="session")
+def images():
+    return [random_image(i, h, w) for i, (h, w) in enumerate(SHAPES)]
+
+
+def save(image: Image.Image, folder: Path, name: str) -> Path:
+    path = folder / name
+    image.save(path)
+    return path
