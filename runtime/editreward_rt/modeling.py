@@ -72,12 +72,10 @@ class VisionAttention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
-        # [heads, N, head_dim]
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        scores = torch.matmul(q, k.transpose(1, 2)) * (q.shape[-1] ** -0.5) + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(dtype)
-        out = torch.matmul(probs, v).transpose(0, 1).reshape(n, -1)
-        return self.proj(out)
+        # [1, heads, N, head_dim]; the additive mask keeps attention inside each window or image
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out[0].transpose(0, 1).reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
@@ -155,12 +153,10 @@ class DecoderAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k = torch.cat([past_k, k], dim=2)  # [B, kv_heads, P+S, d]
         v = torch.cat([past_v, v], dim=2)
+        # Grouped-query attention: query head h reads key/value head h // groups.
         groups = self.num_heads // self.num_kv_heads
-        # Grouped-query attention: query heads [B, kv, groups, S, d] against shared keys [B, kv, 1, P+S, d].
-        qg = q.reshape(b, self.num_kv_heads, groups, s, self.head_dim)
-        scores = torch.matmul(qg, k.unsqueeze(2).transpose(3, 4)) * (self.head_dim**-0.5) + mask.unsqueeze(1)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.unsqueeze(2)).reshape(b, self.num_heads, s, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
+                                             attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
 

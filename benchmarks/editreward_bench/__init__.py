@@ -1,0 +1,1 @@
+"""Latency and accuracy-parity benchmarks against the PyTorch reference."""

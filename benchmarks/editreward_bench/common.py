@@ -1,0 +1,180 @@
+"""Shared pieces of the benchmarks: one versioned results schema, environment capture,
+variant loading, and generated inputs of realistic size."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = "editreward-bench-results"
+SCHEMA_VERSION = 1
+REFERENCE = "torch-reference"
+
+
+def environment(device: str = "cpu") -> dict:
+    """Device, CPU/GPU model and library versions recorded with every number."""
+    env = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+           "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "device": device, "libraries": {}}
+    for name in ("numpy", "torch", "transformers", "onnxruntime", "onnx", "tokenizers", "bitsandbytes", "gptqmodel"):
+        try:
+            module = __import__(name)
+            env["libraries"][name] = getattr(module, "__version__", "?")
+        except ImportError:
+            continue
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    except ImportError:
+        pass
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def results_document(kind: str, config: dict, results: list[dict], device: str) -> dict:
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "environment": environment(device),
+            "config": config, "results": results}
+
+
+def validate_document(doc: dict) -> None:
+    """Raise ValueError when a results file does not follow the schema."""
+    required = {"schema", "schema_version", "kind", "created", "command", "environment", "config", "results"}
+    missing = required - set(doc)
+    if missing:
+        raise ValueError(f"results file lacks {sorted(missing)}")
+    if doc["schema"] != SCHEMA or doc["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"unknown results schema {doc['schema']} v{doc['schema_version']}")
+    if doc["kind"] not in ("latency", "parity"):
+        raise ValueError(f"unknown results kind {doc['kind']!r}")
+    for result in doc["results"]:
+        if "variant" not in result or "status" not in result:
+            raise ValueError(f"result without variant/status: {result}")
+
+
+def write_document(doc: dict, path: str | Path) -> Path:
+    validate_document(doc)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass(frozen=True)
+class Variant:
+    """``torch-reference``, ``torch-fast`` or ``onnx:PATH`` (an exported, possibly quantized, model folder)."""
+
+    label: str
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self.label.startswith("onnx:") else "torch"
+
+    def load(self, ckpt: str, base: str | None, prompts_from: str | None, device: str, threads: int | None):
+        from editreward_rt import Scorer
+
+        if self.label == REFERENCE:
+            return Scorer.load(ckpt, backend="torch", mode="reference", base=base, prompts_from=prompts_from,
+                               device=device, threads=threads, dtype="float32" if device == "cpu" else None)
+        if self.label == "torch-fast":
+            return Scorer.load(ckpt, backend="torch", mode="fast", base=base, prompts_from=prompts_from,
+                               device=device, threads=threads, dtype="float32" if device == "cpu" else None)
+        if self.label.startswith("onnx:"):
+            return Scorer.load(self.label[5:], backend="onnxruntime", device=device, threads=threads)
+        raise ValueError(f"unknown variant {self.label!r}: use torch-reference, torch-fast or onnx:PATH")
+
+    def tolerance_key(self, scorer) -> tuple[str, str]:
+        if self.backend == "torch":
+            return ("torch-fast", "float32")
+        manifest = scorer.backend.model.manifest
+        scheme = (manifest.get("quantization") or {}).get("scheme")
+        return ("onnxruntime", scheme or manifest.get("precision", "float32"))
+
+
+# Placeholder rubric text of about the real rubrics' length (a few hundred tokens each);
+# the real wording is model data fetched at export time and never part of this project.
+_FILLER = ("Judge the edited picture against the source picture and the instruction. Consider whether the "
+           "requested change is present, whether anything else changed, and whether the result looks natural. ")
+
+
+def write_benchmark_prompts(folder: Path, repeats: int = 5) -> Path:
+    """Upstream-format prompt files with rubric bodies of realistic length."""
+    dataset = folder / "EditReward" / "dataset"
+    dataset.mkdir(parents=True, exist_ok=True)
+    body = _FILLER * repeats
+    (dataset / "prompts.py").write_text(
+        f'INSTRUCTION_EDIT_FOLLOWING = """\nRubric one. {body}\nText instruction - {{text_prompt}}\n"""\n'
+        f'INSTRUCTION_EDIT_QUALITY = """\nRubric two. {body}\nText instruction - {{text_prompt}}\n"""\n', encoding="utf-8")
+    (dataset / "data_collator_qwen_edit.py").write_text(
+        'prompt_with_special_token = """\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"""\n',
+        encoding="utf-8")
+    return folder
+
+
+def synthetic_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Photo-sized RGB arrays of varied aspect ratio (each becomes about 256 image tokens)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(480, 640), (768, 512), (512, 512), (360, 1280), (1024, 768), (600, 800)]
+    out = []
+    for i in range(n):
+        h, w = shapes[i % len(shapes)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx / w, yy / h, (xx * yy) / (w * h)], axis=-1) * rng.uniform(120, 230, 3)
+        out.append((base + rng.integers(0, 40, (h, w, 3))).clip(0, 255).astype(np.uint8))
+    return out
+
+
+INSTRUCTIONS = ["Add a green bowl on the branch", "Make the sky look like a sunset", "Remove the person on the left",
+                "Turn the car red", "Replace the apples with oranges", "Make it look like a watercolor painting"]
+
+
+def synthetic_groups(n_groups: int, edits_per_source: int, seed: int = 0) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
+    """(instruction, source, edits) groups: edits share a source, as in ranking and preference data."""
+    images = synthetic_images(n_groups * (edits_per_source + 1), seed)
+    groups = []
+    for g in range(n_groups):
+        chunk = images[g * (edits_per_source + 1) : (g + 1) * (edits_per_source + 1)]
+        groups.append((INSTRUCTIONS[g % len(INSTRUCTIONS)], chunk[0], chunk[1:]))
+    return groups
+
+
+def ensure_fixture(workdir: Path, size: str, export: bool = True) -> dict:
+    """A generated checkpoint (and its fp32 ONNX export) with realistic-length prompts, reused across runs."""
+    from editreward_rt.fixtures import write_fixture
+
+    root = workdir / f"fixture-{size}"
+    prompts = root / "bench-prompts"
+    if not (root / "checkpoint").is_dir():
+        write_fixture(root, size=size, seed=0)
+    if not prompts.is_dir():
+        write_benchmark_prompts(prompts)
+    paths = {"ckpt": str(root / "checkpoint"), "prompts_from": str(prompts), "onnx": str(root / "onnx-fp32")}
+    if export and not (root / "onnx-fp32" / "manifest.json").is_file():
+        from editreward_export.onnx_export import export_onnx
+
+        export_onnx(paths["ckpt"], paths["onnx"], prompts_from=paths["prompts_from"], log=lambda m: print(m, file=sys.stderr))
+    return paths

@@ -1,0 +1,92 @@
+"""python benchmarks/latency.py: per-triple latency, throughput, stage split and memory of each
+variant, with the PyTorch reference mode always measured in the same invocation as the baseline.
+
+Every variant runs in its own process (so peak memory is its own) and must pass its parity
+gate against the reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+from .common import REFERENCE, ensure_fixture, results_document, synthetic_groups, write_document
+from .measure import measure
+
+
+def run_isolated(label: str, cfg: dict, reference_outputs):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(measure, (label, cfg, reference_outputs))
+
+
+def build_config(args) -> dict:
+    if args.ckpt is None:
+        paths = ensure_fixture(Path(args.workdir), args.fixture)
+        args.ckpt, args.prompts_from = paths["ckpt"], args.prompts_from or paths["prompts_from"]
+        if not args.variant:
+            args.variant = ["torch-fast", f"onnx:{paths['onnx']}"]
+    groups = synthetic_groups(n_groups=4, edits_per_source=max(4, max(args.scaling)), seed=args.seed)
+    triples = [(g[0], g[1], e) for g in groups for e in g[2][:4]]
+    parity = [(g[0], g[1], e) for g in groups[:2] for e in g[2][:2]]
+    return {"ckpt": args.ckpt, "base": args.base, "prompts_from": args.prompts_from, "device": args.device,
+            "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "batch_sizes": args.batch_sizes,
+            "scaling": args.scaling, "parity_triples": parity, "triples": triples, "scaling_group": groups[0]}
+
+
+def add_ratios(results: list[dict]) -> None:
+    base = next(r for r in results if r["variant"] == REFERENCE)
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        r["vs_reference"] = {
+            "batch1_speedup": base["batch1"]["p50_ms"] / r["batch1"]["p50_ms"],
+            "throughput_ratio": r["throughput"]["best_triples_per_s"] / base["throughput"]["best_triples_per_s"],
+        }
+
+
+def summary_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['variant']:<40} {r['status']}: {r['parity'].get('max_abs_diff')}"
+    ratio = r.get("vs_reference", {})
+    return (f"{r['variant']:<40} p50 {r['batch1']['p50_ms']:8.1f} ms  best {r['throughput']['best_triples_per_s']:6.2f} "
+            f"triples/s @ b{r['throughput']['best_batch']}  x{ratio.get('throughput_ratio', 1):.2f} vs reference  "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="checkpoint (default: a generated fixture, see --fixture)")
+    parser.add_argument("--base")
+    parser.add_argument("--prompts-from")
+    parser.add_argument("--fixture", choices=("tiny", "small"), default="small")
+    parser.add_argument("--workdir", default="results/work")
+    parser.add_argument("--variant", action="append", help="torch-fast | onnx:PATH (repeatable); the reference always runs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    parser.add_argument("--scaling", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/latency.json")
+    args = parser.parse_args(argv)
+    cfg = build_config(args)
+    labels = [REFERENCE] + [v for v in args.variant if v != REFERENCE]
+    results, reference_outputs = [], None
+    for i, label in enumerate(labels, start=1):
+        print(f"[{i}/{len(labels)}] {label}", file=sys.stderr, flush=True)
+        out = run_isolated(label, cfg, reference_outputs)
+        if label == REFERENCE:
+            reference_outputs = out["outputs"]
+        results.append(out["result"])
+    add_ratios(results)
+    public_cfg = {k: v for k, v in cfg.items() if k not in ("parity_triples", "triples", "scaling_group")}
+    public_cfg.update({"n_parity_triples": len(cfg["parity_triples"]), "image_shapes": sorted({t[2].shape for t in cfg["triples"]})})
+    path = write_document(results_document("latency", public_cfg, results, args.device), args.out)
+    for r in results:
+        print(summary_line(r))
+    print(f"wrote {path}")
+    return 0
