@@ -15,7 +15,7 @@ from .pipeline import PreparedTriple, fuse
 from .preprocess import PreprocessedImage, preprocess_image
 from .prompts import PromptBuilder
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MANIFEST = "manifest.json"
 
 
@@ -65,6 +65,13 @@ def _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads
             raise BackendError("the onnxruntime backend runs the fast path only; mode 'reference' is the torch backend's")
         ort = OrtBackend(path_or_id, device=device, threads=threads)
         return ort, ort.model
+    if backend == "tensorrt":
+        from .backends.trt_backend import TrtBackend
+
+        if mode != "fast":
+            raise BackendError("the tensorrt backend runs the fast path only; mode 'reference' is the torch backend's")
+        trt = TrtBackend(path_or_id, device=device)
+        return trt, trt.model
     raise BackendError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 

@@ -1,0 +1,8 @@
+"""Parity benchmark: see editreward_bench.parity (``python benchmarks/parity.py --help``)."""
+
+import sys
+
+from editreward_bench.parity import main
+
+if __name__ == "__main__":
+    sys.exit(main())
