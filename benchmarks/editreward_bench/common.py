@@ -86,33 +86,35 @@ def peak_rss_mb() -> float:
 
 @dataclass(frozen=True)
 class Variant:
-    """``torch-reference``, ``torch-fast`` or ``onnx:PATH`` (an exported, possibly quantized, model folder)."""
+    """``torch-reference``, ``torch-fast``, or ``model:PATH`` / ``onnx:PATH``: an exported model folder
+    (float, quantized ONNX, or bitsandbytes-quantized torch), run by the backend its manifest names."""
 
     label: str
 
     @property
-    def backend(self) -> str:
-        return "onnxruntime" if self.label.startswith("onnx:") else "torch"
+    def path(self) -> str | None:
+        prefix, sep, rest = self.label.partition(":")
+        return rest if sep and prefix in ("model", "onnx") else None
 
     def load(self, ckpt: str, base: str | None, prompts_from: str | None, device: str, threads: int | None):
         from editreward_rt import Scorer
 
-        if self.label == REFERENCE:
-            return Scorer.load(ckpt, backend="torch", mode="reference", base=base, prompts_from=prompts_from,
-                               device=device, threads=threads, dtype="float32" if device == "cpu" else None)
-        if self.label == "torch-fast":
-            return Scorer.load(ckpt, backend="torch", mode="fast", base=base, prompts_from=prompts_from,
-                               device=device, threads=threads, dtype="float32" if device == "cpu" else None)
-        if self.label.startswith("onnx:"):
-            return Scorer.load(self.label[5:], backend="onnxruntime", device=device, threads=threads)
-        raise ValueError(f"unknown variant {self.label!r}: use torch-reference, torch-fast or onnx:PATH")
+        dtype = "float32" if device == "cpu" else None
+        if self.label in (REFERENCE, "torch-fast"):
+            mode = "reference" if self.label == REFERENCE else "fast"
+            return Scorer.load(ckpt, backend="torch", mode=mode, base=base, prompts_from=prompts_from,
+                               device=device, threads=threads, dtype=dtype)
+        if self.path:
+            return Scorer.load(self.path, device=device, threads=threads)
+        raise ValueError(f"unknown variant {self.label!r}: use torch-reference, torch-fast or model:PATH")
 
     def tolerance_key(self, scorer) -> tuple[str, str]:
-        if self.backend == "torch":
+        """(backend, precision or quantization scheme): the row of editreward_rt.parity.TOLERANCES."""
+        if not self.path:
             return ("torch-fast", "float32")
         manifest = scorer.backend.model.manifest
         scheme = (manifest.get("quantization") or {}).get("scheme")
-        return ("onnxruntime", scheme or manifest.get("precision", "float32"))
+        return (scorer.description["backend"], scheme or manifest.get("precision", "float32"))
 
 
 # Placeholder rubric text of about the real rubrics' length (a few hundred tokens each);

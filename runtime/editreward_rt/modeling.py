@@ -249,11 +249,14 @@ def split_state_dict(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
     return parts
 
 
-def build_modules(spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[VisionEncoder, Decoder, RewardHeads]:
-    parts = split_state_dict(state)
+def build_modules(spec: ModelSpec, state: dict[str, torch.Tensor] | None,
+                  dtype: torch.dtype) -> tuple[VisionEncoder, Decoder, RewardHeads]:
+    """The three modules, loaded strictly from a checkpoint state dict (left as initialised when None)."""
+    parts = split_state_dict(state) if state is not None else None
     vision, decoder, heads = VisionEncoder(spec.vision), Decoder(spec.text), RewardHeads(spec.heads)
     for module, name in ((vision, "vision"), (decoder, "decoder"), (heads, "heads")):
-        module.load_state_dict(parts[name], strict=True)
+        if parts is not None:
+            module.load_state_dict(parts[name], strict=True)
         module.eval().requires_grad_(False)
     vision.to(dtype)
     decoder.to(dtype)

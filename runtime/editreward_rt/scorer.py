@@ -51,7 +51,14 @@ def preference(a: Score, b: Score) -> float:
 
 def _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads, dtype):
     exported = Path(str(path_or_id)).is_dir() and (Path(str(path_or_id)) / MANIFEST).is_file()
-    backend = backend or ("onnxruntime" if exported else "torch")
+    runtime = _manifest_runtime(Path(str(path_or_id))) if exported else "torch"
+    backend = backend or runtime
+    if backend == "torch" and exported:
+        from .backends.torch_backend import TorchBackend
+        from .manifest import open_exported
+
+        model = open_exported(path_or_id)
+        return TorchBackend.from_quantized(model, mode=mode, device=device, threads=threads), model
     if backend == "torch":
         from .backends.torch_backend import TorchBackend
         from .checkpoint import open_checkpoint
@@ -73,6 +80,16 @@ def _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads
         trt = TrtBackend(path_or_id, device=device)
         return trt, trt.model
     raise BackendError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+def _manifest_runtime(folder: Path) -> str:
+    """The backend an exported folder is made for (ONNX graphs unless the manifest says torch)."""
+    import json
+
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("runtime", "onnxruntime")
+    except (OSError, ValueError):
+        return "onnxruntime"  # the backend's own loader reports the broken manifest
 
 
 class Scorer:

@@ -39,13 +39,18 @@ def pick_dtype(dtype: str | None, device) :
 class TorchEngine:
     """The fast-path primitives on this project's torch modules (also what ONNX export traces)."""
 
-    def __init__(self, spec: ModelSpec, state: dict, device, dtype):
+    def __init__(self, spec: ModelSpec, state: dict | None, device, dtype):
         from ..modeling import build_modules
 
         torch = _torch()
         self.torch, self.spec, self.device, self.dtype = torch, spec, device, dtype
         modules = build_modules(spec, state, dtype)
         self.vision_module, self.decoder, self.head_module = (m.to(device) for m in modules)
+
+    @classmethod
+    def empty(cls, spec: ModelSpec, device, dtype) -> "TorchEngine":
+        """Modules with uninitialised weights, to be filled from a quantized state."""
+        return cls(spec, None, device, dtype)
 
     def _t(self, array, dtype=None):
         return self.torch.as_tensor(np.ascontiguousarray(array), device=self.device, dtype=dtype)
@@ -149,6 +154,34 @@ class TorchBackend:
             self.engine = TorchEngine(self.spec, state, dev, dt)
             self.pipeline = FastPipeline(self.engine)
         self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", "")}
+
+    @classmethod
+    def from_quantized(cls, model, mode: str = "fast", device: str = "cpu", threads: int | None = None):
+        """A bitsandbytes-quantized model folder written by ``quantize/quantize.py``."""
+        from ..quantized_torch import BNB_SCHEMES, load_quantized_state, swap_linears
+
+        torch = _torch()
+        quant = model.manifest.get("quantization") or {}
+        if quant.get("scheme") not in BNB_SCHEMES:
+            raise BackendError(f"{model.root} is not a torch-quantized model folder (scheme {quant.get('scheme')!r})")
+        if mode != "fast":
+            raise BackendError("a quantized model runs in fast mode; the reference is the float checkpoint")
+        if threads:
+            torch.set_num_threads(threads)
+        self = cls.__new__(cls)
+        self.model, self.spec, self.mode, self.runner = model, model.spec, mode, None
+        dev = pick_device(device)
+        dt = getattr(torch, model.manifest.get("compute_dtype", "float32"))
+        self.engine = TorchEngine.empty(self.spec, dev, dt)
+        modules = {"vision": self.engine.vision_module, "decoder": self.engine.decoder, "heads": self.engine.head_module}
+        swap_linears(modules, quant, dev, load_float=False)
+        from safetensors.torch import load_file
+
+        load_quantized_state(modules, quant, load_file(str(model.root / model.manifest["weights"])), dev)
+        self.pipeline = FastPipeline(self.engine)
+        self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+                            "quantization": quant["scheme"]}
+        return self
 
     def head_outputs(self, triples: list[PreparedTriple]) -> np.ndarray:
         if self.pipeline is None:

@@ -1,0 +1,1 @@
+"""Quantization of EditReward: schemes as versioned dataclass configs, dispatched by name."""

@@ -1,0 +1,44 @@
+"""Writing a quantized model folder safely: into a temporary folder, then moved into place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from editreward_rt.manifest import MANIFEST
+
+from .schemes import QuantizeError
+
+
+def _same_model(out: Path, source_identity: dict) -> bool:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return manifest.get("quantization", {}).get("source") == source_identity
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, source_identity: dict):
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``. An existing ``out``
+    is only replaced when it holds an earlier quantization of the same source model."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not _same_model(out, source_identity):
+        raise QuantizeError(f"{out} already holds something else (a different model, or other files); "
+                            "choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,227 @@
+"""Quantization schemes as data: one frozen dataclass per scheme, validated on creation,
+serialised (with its version) into the output model's manifest and dispatched through a
+small registry. Nothing is ever guessed from a file name.
+
+By default the vision tower and the reward heads keep their original precision: both are
+small, and quantizing a VLM's vision tower costs accuracy for little gain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from editreward_rt.errors import EditRewardError
+
+
+class QuantizeError(EditRewardError):
+    """A quantization request that cannot be carried out: unknown scheme, missing library, no GPU, bad data."""
+
+    kind = "quantize_error"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    target: ClassVar[str]  # "onnx" (an exported folder), "torch" (a checkpoint) or "trt" (Q/DQ ONNX for TensorRT)
+    extra: ClassVar[str]  # the pip extra that brings the library
+    modules: ClassVar[tuple[str, ...]] = ()  # importable modules the scheme needs
+    needs_gpu_to_quantize: ClassVar[bool] = False
+    needs_gpu_to_run: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False
+
+    include_vision: bool = False
+    include_heads: bool = False
+
+    def __post_init__(self):
+        if self.include_heads:
+            raise QuantizeError(f"{self.name}: quantizing the reward heads is not supported (they are 2 small float32 MLPs)")
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.name, "version": self.version, "config": asdict(self)}
+
+
+@dataclass(frozen=True)
+class OrtInt8(Scheme):
+    """int8 weights for ONNX Runtime: ``dynamic`` (per-channel int8 weights, activations quantized
+    at run time: the fast CPU path) or ``weight_only`` (MatMulNBits with 8 bits, for CPU and CUDA)."""
+
+    name: ClassVar[str] = "ort-int8"
+    target: ClassVar[str] = "onnx"
+    extra: ClassVar[str] = "onnx"
+    modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
+    mode: str = "dynamic"
+    block_size: int = 128  # weight_only only
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in ("dynamic", "weight_only"):
+            raise QuantizeError(f"ort-int8 mode must be dynamic or weight_only, not {self.mode!r}")
+        _check_block(self.block_size)
+
+
+@dataclass(frozen=True)
+class OrtInt4(Scheme):
+    """4-bit symmetric block-wise weights (MatMulNBits). ``accuracy_level`` 4 computes in int8 on CPU,
+    the only level that is faster than float32 there; 0 keeps float compute."""
+
+    name: ClassVar[str] = "ort-int4"
+    target: ClassVar[str] = "onnx"
+    extra: ClassVar[str] = "onnx"
+    modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_block(self.block_size)
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise QuantizeError(f"accuracy_level must be 0-4, not {self.accuracy_level}")
+
+
+@dataclass(frozen=True)
+class BnbInt8(Scheme):
+    """bitsandbytes LLM.int8 on the decoder's linear layers (outlier threshold 6.0)."""
+
+    name: ClassVar[str] = "bnb-int8"
+    target: ClassVar[str] = "torch"
+    extra: ClassVar[str] = "quant"
+    modules: ClassVar[tuple[str, ...]] = ("bitsandbytes", "torch")
+    threshold: float = 6.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.threshold < 0:
+            raise QuantizeError("threshold must be >= 0")
+
+
+@dataclass(frozen=True)
+class BnbNf4(Scheme):
+    """bitsandbytes NF4 with double quantization and bf16 compute on the decoder's linear layers."""
+
+    name: ClassVar[str] = "bnb-nf4"
+    target: ClassVar[str] = "torch"
+    extra: ClassVar[str] = "quant"
+    modules: ClassVar[tuple[str, ...]] = ("bitsandbytes", "torch")
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    block_size: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise QuantizeError(f"compute_dtype {self.compute_dtype!r} is not bfloat16, float16 or float32")
+        if self.block_size not in (64, 128, 256):
+            raise QuantizeError("block_size must be 64, 128 or 256")
+
+
+@dataclass(frozen=True)
+class GptqInt4(Scheme):
+    """GPTQ 4-bit through GPTQModel (auto-gptq is end-of-life), calibrated on image triples with the real prompts."""
+
+    name: ClassVar[str] = "gptq-int4"
+    target: ClassVar[str] = "torch"
+    extra: ClassVar[str] = "gptq"
+    modules: ClassVar[tuple[str, ...]] = ("gptqmodel", "torch")
+    needs_calibration: ClassVar[bool] = True
+    needs_gpu_to_run: ClassVar[bool] = True
+    group_size: int = 128
+    desc_act: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_block(self.group_size)
+
+
+@dataclass(frozen=True)
+class _TrtScheme(Scheme):
+    target: ClassVar[str] = "trt"
+    extra: ClassVar[str] = "trt-quant"
+    modules: ClassVar[tuple[str, ...]] = ("modelopt",)
+    needs_calibration: ClassVar[bool] = True
+    needs_gpu_to_run: ClassVar[bool] = True
+    calibration_method: str = "max"
+
+
+@dataclass(frozen=True)
+class TrtInt8Sq(_TrtScheme):
+    """INT8 SmoothQuant Q/DQ graph for a strongly typed TensorRT network."""
+
+    name: ClassVar[str] = "trt-int8-sq"
+    alpha: float = 0.8
+
+
+@dataclass(frozen=True)
+class TrtFp8(_TrtScheme):
+    """FP8 (E4M3) Q/DQ graph; TensorRT runs it on Ada/Hopper GPUs."""
+
+    name: ClassVar[str] = "trt-fp8"
+
+
+@dataclass(frozen=True)
+class TrtInt4Awq(_TrtScheme):
+    """INT4 block-wise weight-only AWQ Q/DQ graph."""
+
+    name: ClassVar[str] = "trt-int4-awq"
+    block_size: int = 128
+    calibration_method: str = "awq_clip"
+
+
+def _check_block(size: int) -> None:
+    if size < 16 or size & (size - 1):
+        raise QuantizeError(f"block size must be a power of two >= 16, not {size}")
+
+
+SCHEMES: dict[str, type[Scheme]] = {cls.name: cls for cls in (OrtInt8, OrtInt4, BnbInt8, BnbNf4, GptqInt4, TrtInt8Sq, TrtFp8, TrtInt4Awq)}
+
+
+def make_scheme(name: str, options: dict | None = None) -> Scheme:
+    """``name`` plus ``key=value`` options (strings are converted to the field's type)."""
+    try:
+        cls = SCHEMES[name]
+    except KeyError:
+        raise QuantizeError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}") from None
+    types = {f.name: f.type for f in fields(cls)}
+    kwargs = {}
+    for key, value in (options or {}).items():
+        if key not in types:
+            raise QuantizeError(f"{name} has no option {key!r}; options: {', '.join(types)}")
+        kwargs[key] = _convert(value, types[key])
+    return cls(**kwargs)
+
+
+def _convert(value, type_name):
+    if not isinstance(value, str):
+        return value
+    if type_name in ("bool", bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise QuantizeError(f"not a boolean: {value!r}")
+        return value.lower() in ("true", "1")
+    if type_name in ("int", int):
+        return int(value)
+    if type_name in ("float", float):
+        return float(value)
+    return value
+
+
+def scheme_from_dict(data: dict) -> Scheme:
+    """Rebuild a scheme from a manifest's ``quantization`` entry, refusing unknown versions."""
+    cls = SCHEMES.get(data.get("scheme"))
+    if cls is None:
+        raise QuantizeError(f"unknown scheme in manifest: {data.get('scheme')!r}")
+    if data.get("version") != cls.version:
+        raise QuantizeError(f"{cls.name} config version {data.get('version')} is not {cls.version}")
+    return cls(**data.get("config", {}))
+
+
+def check_available(scheme: Scheme, device: str) -> None:
+    """Clear errors for a missing library (naming the extra) or a GPU-only scheme on a CPU machine."""
+    import importlib.util
+
+    missing = [m for m in scheme.modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QuantizeError(f"scheme {scheme.name} needs {', '.join(missing)}: pip install 'editreward-deploy[{scheme.extra}]'")
+    if scheme.needs_gpu_to_quantize and not device.startswith("cuda"):
+        raise QuantizeError(f"scheme {scheme.name} needs a CUDA GPU to quantize; run it with --device cuda on a GPU machine")
