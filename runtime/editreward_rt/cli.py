@@ -137,6 +137,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _serve_commands():
+    """The Ray subcommands' module, imported only when one of them runs."""
+    from .serve import require_ray
+
+    require_ray()  # a BackendError naming the serve extra when Ray is missing
+    from .serve import commands
+
+    return commands
+
+
+def cmd_serve(args) -> int:
+    return _serve_commands().cmd_serve(args)
+
+
+def cmd_batch(args) -> int:
+    return _serve_commands().cmd_batch(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editreward", description="EditReward triple scoring.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="editreward-demo")
     demo.add_argument("--size", choices=("tiny", "small"), default="small")
     demo.set_defaults(func=cmd_demo)
+
+    from .serve.args import add_batch_arguments, add_serve_arguments
+
+    serve = sub.add_parser("serve", help="serve the HTTP scoring API on Ray Serve (needs the serve extra)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    batch = sub.add_parser("batch", help="score a JSONL/Parquet file of triples with Ray Data (needs the serve extra)")
+    add_batch_arguments(batch)
+    batch.set_defaults(func=cmd_batch)
     return parser
 
 

@@ -188,8 +188,10 @@ class Decoder(nn.Module):
 
     def embed(self, input_ids, image_embeds, image_index):
         text = self.embed_tokens(input_ids)
-        rows = image_embeds.to(text.dtype)[image_index.clamp(min=0)]
-        return torch.where((image_index >= 0).unsqueeze(-1), rows, text)
+        is_image = image_index >= 0
+        # where, not clamp: ONNX Clip on int64 is outside TensorRT's published ONNX op support.
+        rows = image_embeds.to(text.dtype)[torch.where(is_image, image_index, 0)]
+        return torch.where(is_image.unsqueeze(-1), rows, text)
 
     def rope(self, position_ids, dtype):
         freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [B, S, d/2]

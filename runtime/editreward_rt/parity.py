@@ -29,6 +29,8 @@ class Tolerance:
 
 TOLERANCES = {
     ("torch-fast", "float32"): Tolerance(1e-4, 1e-4),
+    # bf16 on both sides (GPU), different kernels and summation order; not yet measured on a GPU here.
+    ("torch-fast", "bfloat16"): Tolerance(5e-2, 5e-2, 0.95),
     ("onnxruntime", "float32"): Tolerance(1e-4, 1e-4),
     ("onnxruntime", "float16"): Tolerance(5e-2, 5e-2, 0.9),
     ("onnxruntime", "bfloat16"): Tolerance(1e-1, 1e-1, 0.9),

@@ -44,7 +44,8 @@ class TorchEngine:
 
         torch = _torch()
         self.torch, self.spec, self.device, self.dtype = torch, spec, device, dtype
-        modules = build_modules(spec, state, dtype)
+        with torch.device(device):  # initialise on the target device: a 7B model's CPU init takes minutes
+            modules = build_modules(spec, state, dtype)
         self.vision_module, self.decoder, self.head_module = (m.to(device) for m in modules)
 
     @classmethod
@@ -93,7 +94,8 @@ class ReferenceRunner:
         hf_config = Qwen2_5_VLConfig.from_dict(config)
         hf_config.text_config.vocab_size = spec.text.vocab_size
         hf_config.vocab_size = spec.text.vocab_size
-        self.model = Qwen2_5_VLModel._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
+        with torch.device(device):
+            self.model = Qwen2_5_VLModel._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
         body = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         self.model.load_state_dict(body, strict=True)
         self.model.to(device=device, dtype=dtype).eval()

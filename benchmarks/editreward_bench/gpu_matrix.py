@@ -1,0 +1,223 @@
+"""python benchmarks/gpu_check.py: the GPU matrix in one call, on a full-size random-weight model
+of the real architecture (Qwen2.5-VL-7B body + EditReward heads), generated on the GPU in memory.
+
+Variants: PyTorch bf16 reference (two full passes per triple, as upstream), PyTorch bf16 fast
+path, bitsandbytes LLM.int8 and NF4 on the fast path, and ONNX Runtime when its CUDA provider
+is present (the lent machines' onnxruntime is CPU-only: reported as skipped). Each variant is
+parity-checked against the reference before it is timed. ``--size tiny --device cpu`` runs the
+same code on the tiny fixture for a dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import environment, results_document, synthetic_groups, write_document
+
+# Qwen2.5-VL-7B-Instruct's published sizes.
+FULL_TEXT = dict(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, intermediate_size=18944)
+FULL_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                   fullatt_block_indexes=(7, 15, 23, 31))
+FULL_VOCAB = 151666  # Qwen2.5 tokenizer (151665) plus <|Reward|>
+
+
+class InMemoryCheckpoint:
+    """Quacks like editreward_rt.checkpoint.Checkpoint, weights made on the device."""
+
+    def __init__(self, base, spec, config, state):
+        self.spec, self.config, self._state = spec, config, state
+        self.tokenizer, self.chat_text, self.templates = base.tokenizer, base.chat_text, base.templates
+
+    def state_dict(self):
+        return self._state
+
+
+def full_spec(spec):
+    text = dataclasses.replace(spec.text, vocab_size=FULL_VOCAB, **FULL_TEXT)
+    vision = dataclasses.replace(spec.vision, **FULL_VISION)
+    heads = dataclasses.replace(spec.heads, layer_sizes=(FULL_TEXT["hidden_size"],) + spec.heads.layer_sizes[1:])
+    return dataclasses.replace(spec, text=text, vision=vision, heads=heads)
+
+
+def full_config(config: dict, spec) -> dict:
+    t, v = spec.text, spec.vision
+    out = {k: val for k, val in config.items() if k != "text_config"}
+    out.update(hidden_size=t.hidden_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+               num_key_value_heads=t.num_kv_heads, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
+               rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    out["vision_config"] = {**config["vision_config"], "depth": v.depth, "hidden_size": v.hidden_size,
+                            "num_heads": v.num_heads, "intermediate_size": v.intermediate_size,
+                            "out_hidden_size": v.out_hidden_size, "fullatt_block_indexes": list(v.fullatt_block_indexes)}
+    return out
+
+
+def random_state(spec, device, dtype, seed: int = 0) -> dict:
+    """Random weights with the checkpoint's names and shapes; heads in float32 as upstream."""
+    import torch
+
+    from editreward_rt.checkpoint import expected_shapes
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes(spec).items():
+        head = name.startswith("rm_heads.")
+        if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
+                or name.endswith("layernorm.weight") or name.endswith("ln_q.weight"):
+            tensor = torch.ones(shape, device=device)
+        elif name.endswith(".bias"):
+            tensor = torch.zeros(shape, device=device)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+            std = 1.0 if "embed_tokens" in name else fan_in**-0.5
+            tensor = torch.randn(shape, device=device, generator=gen) * std
+        state[name] = tensor.float() if head else tensor.to(dtype)
+    return state
+
+
+def build(size: str, device: str, workdir: Path):
+    import torch
+
+    from editreward_rt.checkpoint import open_checkpoint
+    from editreward_rt.fixtures import write_fixture
+
+    paths = write_fixture(workdir / "tiny", size="tiny")
+    base = open_checkpoint(paths.checkpoint, prompts_from=paths.prompts)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if size == "tiny":
+        return InMemoryCheckpoint(base, base.spec, base.config, base.state_dict()), dtype
+    spec = full_spec(base.spec)
+    return InMemoryCheckpoint(base, spec, full_config(base.config, spec), random_state(spec, device, dtype)), dtype
+
+
+def variants(ckpt, device: str, dtype_name: str):
+    """(label, factory) in the order they run; the reference first."""
+    from editreward_rt.backends.torch_backend import TorchBackend
+
+    def bnb(scheme):
+        def make():
+            from editreward_rt.quantized_torch import swap_linears
+
+            backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
+            engine = backend.engine
+            modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
+            config = {"threshold": 6.0} if scheme == "bnb-int8" else {"double_quant": True, "compute_dtype": "bfloat16"}
+            swap_linears(modules, {"scheme": scheme, "config": config}, engine.device, load_float=True)
+            backend.description["quantization"] = scheme
+            return backend
+        return make
+
+    return [("torch-reference", lambda: TorchBackend(ckpt, mode="reference", device=device, dtype=dtype_name)),
+            ("torch-fast", lambda: TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)),
+            ("bnb-int8", bnb("bnb-int8")), ("bnb-nf4", bnb("bnb-nf4"))]
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_backend(scorer, triples, reps: int, batch_sizes) -> dict:
+    import torch
+
+    prepared = [scorer.prepare(*t) for t in triples]
+    scorer.backend.head_outputs(prepared[:1])
+    seconds = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        scorer.backend.head_outputs(prepared[:1])
+        _sync()
+        seconds.append(time.perf_counter() - t0)
+    ms = 1000 * np.asarray(seconds)
+    throughput = {}
+    for size in batch_sizes:
+        if size <= len(prepared):
+            _sync()
+            t0 = time.perf_counter()
+            scorer.backend.head_outputs(prepared[:size])
+            _sync()
+            throughput[str(size)] = size / (time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"batch1": {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+                       "p99_ms": float(np.percentile(ms, 99)), "n": reps},
+            "throughput": throughput, "peak_gpu_mb": peak}
+
+
+def run(args) -> dict:
+    import gc
+
+    import torch
+
+    from editreward_rt.parity import max_abs_diff, tolerance
+    from editreward_rt.scorer import Scorer
+
+    workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    ckpt, dtype = build(args.size, args.device, workdir)
+    dtype_name = str(dtype).replace("torch.", "")
+    groups = synthetic_groups(2, 4, seed=0)
+    triples = [(g[0], g[1], e) for g in groups for e in g[2]]
+    results, reference = [], None
+    for label, make in variants(ckpt, args.device, dtype_name):
+        print(f"== {label}", file=sys.stderr, flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            backend = make()
+        except Exception as exc:  # a variant's library missing on this machine is a result, not a crash
+            results.append({"variant": label, "status": "skipped", "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        scorer = Scorer(backend, ckpt)
+        outputs = scorer.backend.head_outputs([scorer.prepare(*t) for t in triples[:4]])
+        result = {"variant": label, "backend": backend.description, "load_s": time.perf_counter() - t0}
+        if reference is None:
+            reference, result["status"] = outputs, "ok"
+        else:
+            tol = tolerance("torch-fast", dtype_name) if label == "torch-fast" else tolerance("torch", label)
+            diff = max_abs_diff(outputs, reference)
+            result["parity"] = {"max_abs_diff": diff, "tolerance": {"mu": tol.mu, "log_sigma": tol.log_sigma}}
+            result["status"] = "ok" if diff["mu"] <= tol.mu and diff["log_sigma"] <= tol.log_sigma else "failed-parity"
+        if result["status"] == "ok":
+            result.update(time_backend(scorer, triples, args.reps, [1, 2, 4, 8]))
+        results.append(result)
+        del scorer, backend
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        results.append({"variant": "onnxruntime-cuda", "status": "skipped", "reason": "onnxruntime has no CUDA provider here"})
+    return results_document("latency", {"size": args.size, "dtype": dtype_name, "triples": len(triples),
+                                        "reps": args.reps, "model": "random weights, real architecture" if args.size == "full" else "tiny fixture"},
+                            results, args.device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default="results/gpu-check.json")
+    args = parser.parse_args(argv)
+    doc = run(args)
+    doc["environment"] = environment(args.device)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import json
+
+    path.write_text(json.dumps(doc, indent=1))
+    for r in doc["results"]:
+        extra = f"p50 {r['batch1']['p50_ms']:.1f} ms, peak GPU {r.get('peak_gpu_mb') or 0:.0f} MB" if "batch1" in r else r.get("reason", "")
+        print(f"{r['variant']:<18} {r['status']:<14} {extra}")
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,338 @@
+"""The Ray Serve application: a FastAPI gateway in front of N scorer replicas.
+
+Routes: ``POST /v1/score``, ``POST /v1/rank``, ``POST /v1/prefer`` (JSON with base64 images, or
+multipart uploads), ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus), and FastAPI's
+``/openapi.json`` and ``/docs``. The gateway validates and decodes requests and keeps the metrics;
+the scorer replicas (``replica.py``) preprocess and score, merging concurrent requests into batches.
+Queue bounds are Serve's: ``max_ongoing_requests`` per scorer replica and ``max_queued_requests``
+at the gateway's handle, whose overflow becomes a 429 with a typed error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import EditRewardError, InputError
+from . import schemas as S
+from .metrics import ServeMetrics
+from .replica import ScorerReplica
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(title="EditReward", version=__version__,
+              description="Scores (instruction, source image, edited image) triples. Images are sent inline "
+                          "(base64 or multipart uploads); URLs and paths are refused.")
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    backend: str | None = None
+    device: str = "cpu"
+    replicas: int = 1
+    threads: int | None = None
+    max_batch: int = 8
+    batch_wait_ms: float = 5.0
+    max_ongoing: int | None = None  # per scorer replica; default 2 * max_batch
+    max_queued: int = 64  # requests waiting at the gateway for a scorer replica; more get 429
+    graceful_shutdown_s: float = 30.0
+    limits: S.Limits = field(default_factory=S.Limits)
+
+    @property
+    def replica_ongoing(self) -> int:
+        return self.max_ongoing or 2 * self.max_batch
+
+
+# ---------------------------------------------------------------- errors for routes FastAPI itself rejects
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return JSONResponse({"error": {"type": "invalid_request", "message": str(exc.errors()[:3])}}, status_code=422)
+
+
+# ---------------------------------------------------------------- OpenAPI: request bodies are read by hand
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _form(fields: dict[str, str], repeated: tuple[str, ...] = ()) -> dict:
+    props = {}
+    for name, kind in fields.items():
+        one = {"type": "string", "format": "binary"} if kind == "image" else {"type": "string"}
+        props[name] = {"type": "array", "items": one} if name in repeated else one
+    return {"schema": {"type": "object", "properties": props, "required": list(fields)}}
+
+
+def _doc(json_schema: dict, form: dict, ok: dict) -> dict:
+    return {
+        "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {"schema": json_schema},
+                                                                        "multipart/form-data": form}}},
+        "responses": {200: {"content": {"application/json": {"schema": ok}}},
+                      **{code: {"model": S.ErrorOut} for code in (400, 413, 415, 422, 429, 504)}},
+    }
+
+
+_SCORE_DOC = _doc({"oneOf": [_ref("Triple"), _ref("ScoreMany")]},
+                  _form({"instruction": "text", "source": "image", "edited": "image"},
+                        ("instruction", "source", "edited")),
+                  {"oneOf": [_ref("ScoreOut"), _ref("ScoreManyOut")]})
+_RANK_DOC = _doc(_ref("RankRequest"), _form({"instruction": "text", "source": "image", "edits": "image"}, ("edits",)),
+                 _ref("RankOut"))
+_PREFER_DOC = _doc(_ref("PreferRequest"), _form({"instruction": "text", "source": "image", "a": "image", "b": "image"}),
+                   _ref("PreferOut"))
+
+
+def _openapi() -> dict:
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in S.SCHEMA_MODELS:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+# ---------------------------------------------------------------- the gateway
+
+
+class Gateway:
+    def __init__(self, scorer: DeploymentHandle, limits: dict):
+        self.scorer = scorer
+        self.limits = S.Limits(**limits)
+        self.metrics = ServeMetrics()
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self):
+        try:
+            model = await asyncio.wait_for(self.scorer.ready.remote(), timeout=5.0)
+        except Exception as exc:  # not deployed yet, replicas restarting, ...
+            err = S.NotReadyError(f"no scorer replica answered: {type(exc).__name__}")
+            return JSONResponse(S.error_body(err), status_code=err.status)
+        return {"status": "ready", "model": model, "limits": self.limits.to_dict()}
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    @api.post("/v1/score", **_SCORE_DOC)
+    async def score(self, request: Request):
+        """One triple -> its score; ``{"triples": [...]}`` -> per-triple results (a bad triple is its own
+        error item, the others are still scored)."""
+        return await self._serve("score", request)
+
+    @api.post("/v1/rank", **_RANK_DOC)
+    async def rank(self, request: Request):
+        """One source and instruction, many edits -> their scores and the order best first. The source is
+        preprocessed and encoded once."""
+        return await self._serve("rank", request)
+
+    @api.post("/v1/prefer", **_PREFER_DOC)
+    async def prefer(self, request: Request):
+        """P(edit ``a`` is preferred over edit ``b``) for one source and instruction."""
+        return await self._serve("prefer", request)
+
+    # ------------------------------------------------------------ request handling
+
+    async def _serve(self, kind: str, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        self.metrics.inflight.inc()
+        try:
+            work = await self._read(kind, request)
+            body = await asyncio.wait_for(self._dispatch(kind, work), timeout=self.limits.request_timeout_s)
+            response = JSONResponse(body)
+        except asyncio.TimeoutError:
+            response = self._error(S.TimeoutError_(f"not scored within {self.limits.request_timeout_s:g} s"))
+        except BackPressureError:
+            response = self._error(S.OverloadedError("the scoring queue is full; retry later"))
+        except EditRewardError as exc:
+            response = self._error(exc)
+        except Exception as exc:  # a bug or a lost replica: answer, never crash the gateway
+            log.exception("request failed")
+            response = self._error(S.ServiceError(f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.metrics.inflight.dec()
+        self.metrics.request(kind, response.status_code, time.perf_counter() - start)
+        return response
+
+    def _error(self, exc: EditRewardError) -> JSONResponse:
+        self.metrics.error(exc.kind)
+        status = S.http_status(exc)
+        headers = {"Retry-After": "1"} if status == 429 else None
+        return JSONResponse(S.error_body(exc), status_code=status, headers=headers)
+
+    async def _read(self, kind: str, request: Request):
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise S.PayloadTooLargeError(f"request body of {declared} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise S.PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            return S.work_from_form(kind, await _form_fields(request, body), self.limits)
+        if ctype in ("", "application/json") or ctype.endswith("+json"):
+            return S.work_from_json(kind, S.parse_json(body), self.limits)
+        raise S.UnsupportedMediaTypeError(f"content type {ctype!r}: send application/json or multipart/form-data")
+
+    async def _dispatch(self, kind: str, work) -> dict:
+        lim = self.limits
+        if kind == "score":
+            return await self._score(work)
+        instruction = S.check_instruction(work.instruction, lim)
+        source = S.decode_image_field(work.source, "source")
+        if kind == "rank":
+            edits = [S.decode_image_field(e, f"edits[{i}]") for i, e in enumerate(work.edits)]
+            out = await self._call(self.scorer.rank.remote(instruction, source, edits))
+            results = [self._item(i, r, single=True) for i, r in enumerate(out["results"])]
+            order = sorted(range(len(results)), key=lambda i: -results[i]["mu"])
+            return {"results": results, "order": order}
+        a, b = S.decode_image_field(work.a, "a"), S.decode_image_field(work.b, "b")
+        out = await self._call(self.scorer.prefer.remote(instruction, source, a, b))
+        sa, sb = (self._item(None, r, single=True) for r in out["results"])
+        return {"p_a_over_b": out["p_a_over_b"], "a": sa, "b": sb}
+
+    async def _score(self, work: S.ScoreWork) -> dict:
+        """Validate each triple; bad ones become error items (or the 4xx of a one-triple request)."""
+        checked, results = [], [None] * len(work.triples)
+        for i, (instruction, source, edited) in enumerate(work.triples):
+            prefix = f"triples[{i}]." if work.many else ""
+            try:
+                checked.append((i, (S.check_instruction(instruction, self.limits, prefix + "instruction"),
+                                    S.decode_image_field(source, prefix + "source"),
+                                    S.decode_image_field(edited, prefix + "edited"))))
+            except InputError as exc:
+                if not work.many:
+                    raise
+                results[i] = {"error": exc.to_dict(), "status": S.http_status(exc)}
+        if checked:
+            out = await self._call(self.scorer.score.remote([t for _, t in checked]))
+            for (i, _), r in zip(checked, out["results"]):
+                results[i] = r
+        if not work.many:
+            return self._item(None, results[0], single=True)
+        return {"results": [self._item(i, r, single=False) for i, r in enumerate(results)]}
+
+    async def _call(self, response) -> dict:
+        out = await response
+        for info in out.get("batches", ()):
+            self.metrics.batch(info["size"], info["requests"], info["seconds"])
+        return out
+
+    def _item(self, index: int | None, result: dict, single: bool) -> dict:
+        """A replica's per-triple result -> a response item; in a one-answer request an error raises."""
+        if "error" in result:
+            self.metrics.triples.labels("error").inc()
+            if single:
+                raise _RemoteError(result["error"], result.get("status", 422))
+            self.metrics.error(result["error"]["type"])
+            return {"index": index, "error": result["error"]}
+        self.metrics.triples.labels("scored").inc()
+        return result if index is None else {"index": index, **result}
+
+
+class _RemoteError(EditRewardError):
+    """An error a scorer replica reported for one triple, re-raised with its type and status."""
+
+    def __init__(self, error: dict, status: int):
+        super().__init__(error.get("message", ""))
+        self.kind, self.status = error.get("type", "error"), status
+
+
+async def _form_fields(request: Request, body: bytes) -> dict[str, list]:
+    """Parse a multipart body already read (and size-checked) into {field: [str | bytes, ...]}."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=256, max_fields=256)
+    except Exception as exc:  # malformed multipart: starlette raises its own HTTP or parser errors
+        raise S.ApiError(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
+    fields: dict[str, list] = {}
+    for key, value in form.multi_items():
+        fields.setdefault(key, []).append(await value.read() if isinstance(value, UploadFile) else value)
+    await form.close()
+    return fields
+
+
+# ---------------------------------------------------------------- deployments and the application
+
+GatewayDeployment = serve.deployment(serve.ingress(api)(Gateway), name="EditRewardGateway")
+ScorerDeployment = serve.deployment(ScorerReplica, name="EditRewardScorer")
+
+
+def replica_resources(device: str, threads: int | None) -> dict:
+    if device.startswith("cuda"):
+        return {"num_gpus": 1, "num_cpus": max(1, threads or 1)}
+    return {"num_cpus": max(1, threads or 1)}
+
+
+def build_app(cfg: ServeConfig):
+    """The bound Serve application for ``serve.run``."""
+    shutdown = {"graceful_shutdown_timeout_s": cfg.graceful_shutdown_s, "graceful_shutdown_wait_loop_s": 0.5}
+    scorer = ScorerDeployment.options(
+        num_replicas=cfg.replicas,
+        ray_actor_options=replica_resources(cfg.device, cfg.threads),
+        max_ongoing_requests=cfg.replica_ongoing,
+        max_queued_requests=cfg.max_queued,
+        **shutdown,
+    ).bind(cfg.model, cfg.backend, cfg.device, cfg.threads, cfg.max_batch, cfg.batch_wait_ms / 1000.0,
+           cfg.limits.max_image_pixels)
+    # One gateway sees every request, so /metrics covers the whole service. Its own bounds sit
+    # above the scorer's, so overflow is answered by the gateway's typed 429 first.
+    ongoing = cfg.replicas * cfg.replica_ongoing + cfg.max_queued + 16
+    gateway = GatewayDeployment.options(
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=ongoing,
+        max_queued_requests=ongoing,
+        backpressure_config={"status_code": 429, "retry_after_s": 1},
+        **shutdown,
+    )
+    return gateway.bind(scorer, cfg.limits.to_dict())
+
+
+def config_dict(cfg: ServeConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,86 @@
+"""``editreward serve`` and ``editreward batch``: the entry points ``cli.py`` calls once Ray is known
+to be installed (their arguments are in ``args.py``, which needs no Ray)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+
+from . import require_ray
+
+
+def _ray_init(ray, address: str | None) -> bool:
+    """Connect to ``address`` or start a local Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+    return True
+
+
+def _placement(ray, device: str, replicas: int | None, threads: int | None) -> tuple[int, int]:
+    """Default replica count and threads per replica from what the cluster has."""
+    res = ray.cluster_resources()
+    cpus = max(1, int(res.get("CPU", 1)))
+    if device.startswith("cuda"):
+        return replicas or max(1, int(res.get("GPU", 0))), threads or 1
+    if replicas and not threads:
+        threads = max(1, cpus // replicas)
+    threads = min(threads or 4, cpus)
+    return replicas or max(1, cpus // threads), threads
+
+
+def cmd_serve(args) -> int:
+    ray = require_ray()
+    from ray import serve
+
+    from .app import ServeConfig, build_app
+    from .schemas import Limits
+
+    started = _ray_init(ray, args.address)
+    replicas, threads = _placement(ray, args.device, args.replicas, args.threads)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
+                    max_instruction_chars=args.max_instruction_chars, max_triples=args.max_triples,
+                    request_timeout_s=args.request_timeout_s)
+    cfg = ServeConfig(model=args.model, backend=args.backend, device=args.device, replicas=replicas, threads=threads,
+                      max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_ongoing=args.max_ongoing,
+                      max_queued=args.max_queued, graceful_shutdown_s=args.graceful_shutdown_s, limits=limits)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": args.host, "port": args.port,
+                              "request_timeout_s": args.request_timeout_s + 10})
+    serve.run(build_app(cfg), name="editreward", route_prefix="/", blocking=False)
+    print(json.dumps({"serving": f"http://{args.host}:{args.port}", "replicas": replicas, "threads": threads,
+                      "max_batch": args.max_batch}), file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("editreward serve: draining in-flight requests and shutting down", file=sys.stderr, flush=True)
+        serve.shutdown()  # replicas finish what they hold (up to --graceful-shutdown-s) before they stop
+        if started:
+            ray.shutdown()
+    return 0
+
+
+def cmd_batch(args) -> int:
+    ray = require_ray()
+    from .batch import BatchConfig, run_batch
+
+    started = _ray_init(ray, args.address)
+    try:
+        cfg = BatchConfig(model=args.model, backend=args.backend, device=args.device, threads=args.threads,
+                          max_batch=args.max_batch, concurrency=args.concurrency,
+                          max_input_pixels=args.max_image_pixels, part_rows=args.part_rows,
+                          progress=not args.no_progress)
+        counts = run_batch(cfg, args.input, args.output)
+    finally:
+        if started:
+            ray.shutdown()
+    print(json.dumps(counts), file=sys.stderr)
+    return 0
