@@ -100,6 +100,18 @@ def test_session_options(tiny_onnx, images):
         OrtBackend(tiny_onnx, optimization="max")
 
 
+def test_io_binding_path_matches(tiny_onnx, images):
+    """The CUDA path keeps the cache on the device through I/O binding; the same code runs on the CPU."""
+    from editreward_rt.backends.ort_backend import OrtBackend
+
+    plain = Scorer.load(tiny_onnx)
+    bound = Scorer(OrtBackend(tiny_onnx, io_binding=True), plain.backend.model)
+    assert bound.description["io_binding"] is True and plain.description["io_binding"] is False
+    triples = [("Add a bowl", images[0], images[1]), ("Add a bowl", images[0], images[2]), ("Make it red", images[3], images[4])]
+    for a, b in zip(plain.score_batch(triples), bound.score_batch(triples)):
+        assert a.mu == pytest.approx(b.mu, abs=1e-6) and a.log_sigma == pytest.approx(b.log_sigma, abs=1e-6)
+
+
 def test_validation_fails_loudly_on_drift(tiny, tmp_path, monkeypatch):
     import editreward_export.onnx_export as exporter
 

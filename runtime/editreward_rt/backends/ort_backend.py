@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from ..errors import BackendError, InputError
+from ..errors import BackendError
 from ..manifest import open_exported
 from ..pipeline import FastPipeline, PreparedTriple
 
@@ -37,8 +37,21 @@ def providers_for(device: str) -> list[str]:
     raise BackendError(f"unknown device {device!r}; use cpu, cuda or auto")
 
 
+def _select_graph(kv_dtype: np.dtype) -> bytes:
+    """A one-node graph that gathers cache rows on the session's device (used with I/O binding)."""
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT16 if kv_dtype == np.float16 else TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["cache", "rows"], ["selected"], axis=2)], "select_rows",
+        [helper.make_tensor_value_info("cache", elem, ["L", 2, "B", "H", "T", "D"]),
+         helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])],
+        [helper.make_tensor_value_info("selected", elem, ["L", 2, "R", "H", "T", "D"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
 class OrtEngine:
-    def __init__(self, model, device: str, threads: int | None, optimization: str):
+    def __init__(self, model, device: str, threads: int | None, optimization: str, io_binding: bool | None = None):
         ort = _ort()
         if optimization not in GRAPH_OPT_LEVELS:
             raise BackendError(f"unknown graph optimisation level {optimization!r}; choose from {GRAPH_OPT_LEVELS}")
@@ -49,7 +62,7 @@ class OrtEngine:
             ort.GraphOptimizationLevel, {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                                          "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}[optimization])
         providers = providers_for(device)
-        self.spec = model.spec
+        self.ort, self.spec = ort, model.spec
         self.kv_dtype = np.dtype(model.manifest.get("kv_dtype", "float32"))
         self.sessions = {}
         for name in ("vision", "decoder", "heads"):
@@ -59,6 +72,12 @@ class OrtEngine:
             except Exception as exc:  # onnxruntime raises its own exception classes
                 raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from exc
         self.providers = self.sessions["decoder"].get_providers()
+        on_gpu = self.providers[0] == "CUDAExecutionProvider"
+        # With I/O binding the key/value cache stays on the device between decoder calls.
+        self.binding = on_gpu if io_binding is None else io_binding
+        self.cache_device = "cuda" if on_gpu else "cpu"
+        if self.binding:
+            self.sessions["select"] = ort.InferenceSession(_select_graph(self.kv_dtype), options, providers=providers)
 
     def vision(self, patches, cos, sin, window_segments, image_segments):
         return self.sessions["vision"].run(None, {
@@ -66,38 +85,52 @@ class OrtEngine:
             "window_segments": window_segments, "image_segments": image_segments})[0]
 
     def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
-        hidden, present = self.sessions["decoder"].run(None, {
-            "input_ids": input_ids, "image_embeds": image_embeds.astype(np.float32, copy=False),
-            "image_index": image_index, "position_ids": position_ids, "attention_mask": attention_mask, "past": past})
-        return hidden, present
+        feeds = {"input_ids": input_ids, "image_embeds": image_embeds.astype(np.float32, copy=False),
+                 "image_index": image_index, "position_ids": position_ids, "attention_mask": attention_mask}
+        if not self.binding:
+            hidden, present = self.sessions["decoder"].run(None, {**feeds, "past": past})
+            return hidden, present
+        binding = self.sessions["decoder"].io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        binding.bind_ortvalue_input("past", past)
+        binding.bind_output("hidden", "cpu")
+        binding.bind_output("present", self.cache_device)
+        self.sessions["decoder"].run_with_iobinding(binding)
+        hidden, present = binding.get_outputs()
+        return hidden.numpy(), present
 
     def heads(self, hidden):
         return self.sessions["heads"].run(None, {"hidden": hidden.astype(np.float32, copy=False)})[0]
 
     def empty_cache(self, batch: int = 1):
         t = self.spec.text
-        return np.zeros((t.num_layers, 2, batch, t.num_kv_heads, 0, t.head_dim), dtype=self.kv_dtype)
+        empty = np.zeros((t.num_layers, 2, batch, t.num_kv_heads, 0, t.head_dim), dtype=self.kv_dtype)
+        return self.ort.OrtValue.ortvalue_from_numpy(empty, self.cache_device) if self.binding else empty
 
     def select(self, cache, rows):
-        return np.take(cache, rows, axis=2)
+        if not self.binding:
+            return np.take(cache, rows, axis=2)
+        binding = self.sessions["select"].io_binding()
+        binding.bind_ortvalue_input("cache", cache)
+        binding.bind_cpu_input("rows", np.ascontiguousarray(rows, dtype=np.int64))
+        binding.bind_output("selected", self.cache_device)
+        self.sessions["select"].run_with_iobinding(binding)
+        return binding.get_outputs()[0]
 
 
 class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 optimization: str = "all", verify: bool = True):
+                 optimization: str = "all", verify: bool = True, io_binding: bool | None = None):
         self.model = open_exported(path, verify=verify)
         self.spec = self.model.spec
-        self.engine = OrtEngine(self.model, device, threads, optimization)
+        self.engine = OrtEngine(self.model, device, threads, optimization, io_binding)
         self.pipeline = FastPipeline(self.engine)
         self.description = {"backend": "onnxruntime", "mode": "fast", "providers": self.engine.providers,
-                            "precision": self.model.manifest.get("precision")}
+                            "precision": self.model.manifest.get("precision"), "io_binding": self.engine.binding}
 
     def head_outputs(self, triples: list[PreparedTriple]) -> np.ndarray:
-        limit = self.spec.max_prompt_tokens
-        for t in triples:
-            longest = max(len(p.ids) for p in t.prompts)
-            if longest > limit:
-                raise InputError(f"prompt of {longest} tokens exceeds the exported limit of {limit}")
+        # Prompt length limits are enforced per triple when prompts are built (spec.max_prompt_tokens).
         return self.pipeline.run(triples)
