@@ -164,6 +164,30 @@ def synthetic_groups(n_groups: int, edits_per_source: int, seed: int = 0) -> lis
     return groups
 
 
+def add_model_args(parser, out: str) -> None:
+    """The flags latency.py and parity.py share: what to load, where, and where results go."""
+    parser.add_argument("--ckpt", help="checkpoint (default: a generated fixture, see --fixture)")
+    parser.add_argument("--base", help="base model hub id or folder")
+    parser.add_argument("--prompts-from", help="upstream clone holding the rubric prompts")
+    parser.add_argument("--fixture", choices=("tiny", "small"), default="small")
+    parser.add_argument("--workdir", default="results/work", help="where generated fixtures and exports are kept")
+    parser.add_argument("--variant", action="append",
+                        help="torch-fast | model:PATH (an exported or quantized folder; repeatable); the reference always runs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=out)
+
+
+def resolve_model_args(args) -> None:
+    """Without --ckpt: a generated fixture, its fp32 export, and the default variants."""
+    if args.ckpt is None:
+        paths = ensure_fixture(Path(args.workdir), args.fixture)
+        args.ckpt, args.prompts_from = paths["ckpt"], args.prompts_from or paths["prompts_from"]
+        args.variant = args.variant or ["torch-fast", f"model:{paths['onnx']}"]
+    args.variant = args.variant or []
+
+
 def ensure_fixture(workdir: Path, size: str, export: bool = True) -> dict:
     """A generated checkpoint (and its fp32 ONNX export) with realistic-length prompts, reused across runs."""
     from editreward_rt.fixtures import write_fixture

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import sys
-from pathlib import Path
 
-from .common import REFERENCE, ensure_fixture, results_document, synthetic_groups, write_document
+from .common import REFERENCE, add_model_args, resolve_model_args, results_document, synthetic_groups, write_document
 from .measure import measure
 
 
@@ -23,11 +22,7 @@ def run_isolated(label: str, cfg: dict, reference_outputs):
 
 
 def build_config(args) -> dict:
-    if args.ckpt is None:
-        paths = ensure_fixture(Path(args.workdir), args.fixture)
-        args.ckpt, args.prompts_from = paths["ckpt"], args.prompts_from or paths["prompts_from"]
-        if not args.variant:
-            args.variant = ["torch-fast", f"onnx:{paths['onnx']}"]
+    resolve_model_args(args)
     groups = synthetic_groups(n_groups=4, edits_per_source=max(4, max(args.scaling)), seed=args.seed)
     triples = [(g[0], g[1], e) for g in groups for e in g[2][:4]]
     parity = [(g[0], g[1], e) for g in groups[:2] for e in g[2][:2]]
@@ -58,20 +53,11 @@ def summary_line(r: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="checkpoint (default: a generated fixture, see --fixture)")
-    parser.add_argument("--base")
-    parser.add_argument("--prompts-from")
-    parser.add_argument("--fixture", choices=("tiny", "small"), default="small")
-    parser.add_argument("--workdir", default="results/work")
-    parser.add_argument("--variant", action="append", help="torch-fast | onnx:PATH (repeatable); the reference always runs")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int)
+    add_model_args(parser, out="results/latency.json")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--scaling", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/latency.json")
     args = parser.parse_args(argv)
     cfg = build_config(args)
     labels = [REFERENCE] + [v for v in args.variant if v != REFERENCE]

@@ -22,7 +22,7 @@ from editreward_rt.errors import EditRewardError
 from editreward_rt.parity import tolerance
 
 from . import metrics
-from .common import REFERENCE, Variant, ensure_fixture, results_document, synthetic_groups, write_document
+from .common import REFERENCE, Variant, add_model_args, resolve_model_args, results_document, synthetic_groups, write_document
 
 
 @dataclass
@@ -148,28 +148,16 @@ def load_groups(args) -> list[Group]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt")
-    parser.add_argument("--base")
-    parser.add_argument("--prompts-from")
-    parser.add_argument("--fixture", choices=("tiny", "small"), default="small")
-    parser.add_argument("--workdir", default="results/work")
-    parser.add_argument("--variant", action="append", help="torch-fast | onnx:PATH (repeatable)")
+    add_model_args(parser, out="results/parity.json")
     parser.add_argument("--triples", help="JSONL of {instruction, source, edited}")
     parser.add_argument("--examples", help="JSON list of {instruction, source, edited}")
     parser.add_argument("--bench", help="local EditReward-Bench folder")
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--edits", type=int, default=4)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/parity.json")
     args = parser.parse_args(argv)
-    if args.ckpt is None:
-        paths = ensure_fixture(Path(args.workdir), args.fixture)
-        args.ckpt, args.prompts_from = paths["ckpt"], args.prompts_from or paths["prompts_from"]
-        args.variant = args.variant or ["torch-fast", f"onnx:{paths['onnx']}"]
+    resolve_model_args(args)
     groups = load_groups(args)
-    labels = [REFERENCE] + [v for v in (args.variant or []) if v != REFERENCE]
+    labels = [REFERENCE] + [v for v in args.variant if v != REFERENCE]
     results, reference = [], None
     for i, label in enumerate(labels, start=1):
         print(f"[{i}/{len(labels)}] scoring {sum(len(g.edits) for g in groups)} triples with {label}", file=sys.stderr, flush=True)
