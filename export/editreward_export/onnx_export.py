@@ -29,6 +29,8 @@ from editreward_rt.parity import max_abs_diff, tolerance, within
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB cap, with margin
+BF16_NOT_VALIDATED = ("ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Gemm, ...), so bf16 graphs "
+                      "cannot be self-validated here; validate the built TensorRT engines (benchmarks/gpu_trt_check.py)")
 
 
 @dataclass(frozen=True)
@@ -172,8 +174,12 @@ def validate(out_dir: Path, ckpt: Checkpoint, reference_state: dict, precision: 
 
 
 def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts_from: str | None = None,
-                dtype: str = "fp32", opset: int = 17, validate_export: bool = True, log=print) -> Path:
-    """Export ``ckpt_arg`` into the folder ``out`` (written to a temporary folder, then moved into place)."""
+                dtype: str = "fp32", opset: int = 17, validate_export: bool = True, log=print,
+                kv_dtype: str | None = None) -> Path:
+    """Export ``ckpt_arg`` into the folder ``out`` (written to a temporary folder, then moved into place).
+
+    ``kv_dtype`` overrides the key/value cache I/O type (default: float16 for fp16, else float32);
+    the TensorRT build keeps a bf16 cache for bf16 graphs, which never leaves the GPU."""
     import torch
 
     from editreward_rt.backends.torch_backend import TorchEngine
@@ -184,10 +190,14 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise ExportError(f"{out} exists and is not an exported model folder; refusing to overwrite it")
     precision = DTYPES[dtype]
-    kv_dtype = "float16" if precision == "float16" else "float32"
+    kv_dtype = kv_dtype or ("float16" if precision == "float16" else "float32")
+    if kv_dtype not in DTYPES.values():
+        raise ExportError(f"unknown kv_dtype {kv_dtype!r}; choose from {sorted(DTYPES.values())}")
     start = time.perf_counter()
-    log(f"[1/4] reading checkpoint {ckpt_arg}")
-    ckpt = open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
+    # A checkpoint object (anything with state_dict(), e.g. random weights made on a GPU) is exported as is.
+    in_memory = hasattr(ckpt_arg, "state_dict")
+    log(f"[1/4] reading checkpoint {type(ckpt_arg).__name__ + ' (in memory)' if in_memory else ckpt_arg}")
+    ckpt = ckpt_arg if in_memory else open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
     state = ckpt.state_dict()
     engine = TorchEngine(ckpt.spec, state, torch.device("cpu"), getattr(torch, precision))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,11 +216,15 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
             "tokenizer": "tokenizer.json",
             "chat_text": ckpt.chat_text,
             "templates": ckpt.templates.to_dict(),
-            "origin": ckpt.origin,
+            "origin": getattr(ckpt, "origin", {}),
             "exporter": {**_versions(), "opset": opset, "command": " ".join(sys.argv)},
         }
         write_manifest(tmp, manifest)
-        if validate_export:
+        if validate_export and "bfloat16" in (precision, kv_dtype):
+            manifest["validation"] = {"skipped": BF16_NOT_VALIDATED}
+            log(f"[3/4] validation skipped: {BF16_NOT_VALIDATED}")
+            write_manifest(tmp, manifest)
+        elif validate_export:
             log("[3/4] validating against the PyTorch reference")
             manifest["validation"] = validate(tmp, ckpt, state, precision, log)
             write_manifest(tmp, manifest)
