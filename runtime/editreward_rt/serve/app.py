@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,7 +46,7 @@ class ServeConfig:
     replicas: int = 1
     threads: int | None = None
     max_batch: int = 8
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 10.0
     max_ongoing: int | None = None  # per scorer replica; default 2 * max_batch
     max_queued: int = 64  # requests waiting at the gateway for a scorer replica; more get 429
     graceful_shutdown_s: float = 30.0
@@ -128,6 +128,17 @@ class Gateway:
         self.scorer = scorer
         self.limits = S.Limits(**limits)
         self.metrics = ServeMetrics()
+        self.inflight = 0
+        self.draining = False
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new scoring requests (503) and wait up to ``timeout_s`` for those in flight to be
+        answered; returns how many are still in flight. Called by ``shutdown_app`` over a handle."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.inflight
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -135,6 +146,9 @@ class Gateway:
 
     @api.get("/readyz")
     async def readyz(self):
+        if self.draining:
+            err = S.NotReadyError("shutting down")
+            return JSONResponse(S.error_body(err), status_code=err.status)
         try:
             model = await asyncio.wait_for(self.scorer.ready.remote(), timeout=5.0)
         except Exception as exc:  # not deployed yet, replicas restarting, ...
@@ -168,12 +182,15 @@ class Gateway:
     async def _serve(self, kind: str, request: Request) -> JSONResponse:
         start = time.perf_counter()
         self.metrics.inflight.inc()
+        self.inflight += 1
         try:
+            if self.draining:
+                raise S.NotReadyError("the service is shutting down")
             work = await self._read(kind, request)
             body = await asyncio.wait_for(self._dispatch(kind, work), timeout=self.limits.request_timeout_s)
             response = JSONResponse(body)
         except asyncio.TimeoutError:
-            response = self._error(S.TimeoutError_(f"not scored within {self.limits.request_timeout_s:g} s"))
+            response = self._error(S.RequestTimeoutError(f"not scored within {self.limits.request_timeout_s:g} s"))
         except BackPressureError:
             response = self._error(S.OverloadedError("the scoring queue is full; retry later"))
         except EditRewardError as exc:
@@ -183,6 +200,7 @@ class Gateway:
             response = self._error(S.ServiceError(f"{type(exc).__name__}: {exc}"))
         finally:
             self.metrics.inflight.dec()
+            self.inflight -= 1
         self.metrics.request(kind, response.status_code, time.perf_counter() - start)
         return response
 
@@ -242,7 +260,9 @@ class Gateway:
                     raise
                 results[i] = {"error": exc.to_dict(), "status": S.http_status(exc)}
         if checked:
-            out = await self._call(self.scorer.score.remote([t for _, t in checked]))
+            names = [(f"triples[{i}].source", f"triples[{i}].edited") if work.many else ("source", "edited")
+                     for i, _ in checked]
+            out = await self._call(self.scorer.score.remote([t for _, t in checked], names))
             for (i, _), r in zip(checked, out["results"]):
                 results[i] = r
         if not work.many:
@@ -287,7 +307,7 @@ async def _form_fields(request: Request, body: bytes) -> dict[str, list]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=256, max_fields=256)
+        form = await Request(request.scope, replay).form(max_files=256, max_fields=256, max_part_size=len(body) + 1)
     except Exception as exc:  # malformed multipart: starlette raises its own HTTP or parser errors
         raise S.ApiError(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
     fields: dict[str, list] = {}
@@ -334,5 +354,14 @@ def build_app(cfg: ServeConfig):
     return gateway.bind(scorer, cfg.limits.to_dict())
 
 
-def config_dict(cfg: ServeConfig) -> dict:
-    return asdict(cfg)
+def shutdown_app(name: str, timeout_s: float) -> int:
+    """Graceful stop: the gateway refuses new requests and answers those in flight (while every
+    scorer replica is still up), then the application is deleted. Returns requests left unanswered."""
+    gateway = serve.get_deployment_handle("EditRewardGateway", app_name=name)
+    try:
+        left = gateway.drain.remote(timeout_s).result(timeout_s=timeout_s + 10)
+    except Exception:  # the gateway is gone already: nothing to drain
+        log.warning("could not drain the gateway of %s", name, exc_info=True)
+        left = -1
+    serve.delete(name)
+    return left

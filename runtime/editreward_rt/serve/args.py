@@ -10,9 +10,11 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime for an exported folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda; with cuda each replica takes one GPU")
     p.add_argument("--replicas", type=int, help="default: one per GPU, or one per --threads CPU cores")
-    p.add_argument("--threads", type=int, help="CPU threads (and Ray CPUs) per replica; default 4, capped at the cluster")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (and Ray CPUs) per replica; default 4, capped at the cluster's CPUs")
     p.add_argument("--max-batch", type=int, default=8, help="most triples merged into one fast-path call")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a batch collects requests after its first one arrives")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
@@ -23,7 +25,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--request-timeout-s", type=float, default=60.0, help="per request (504 after)")
     p.add_argument("--max-ongoing", type=int, help="requests in flight per replica (default 2 x --max-batch)")
     p.add_argument("--max-queued", type=int, default=64, help="requests waiting for a replica; more get 429")
-    p.add_argument("--graceful-shutdown-s", type=float, default=30.0, help="how long shutdown waits for in-flight requests")
+    p.add_argument("--graceful-shutdown-s", type=float, default=30.0,
+                   help="how long shutdown waits for in-flight requests")
 
 
 def add_batch_arguments(p) -> None:

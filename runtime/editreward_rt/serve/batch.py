@@ -99,7 +99,8 @@ def read_rows(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except ValueError as exc:
-            rows.append(_row(i, None, base) | {"error_type": "input_error", "error_message": f"line is not valid JSON: {exc}"})
+            bad = {"error_type": "input_error", "error_message": f"line is not valid JSON: {exc}"}
+            rows.append(_row(i, None, base) | bad)
             continue
         rows.append(_row(i, record, base))
     return rows
@@ -160,8 +161,15 @@ def decode_images(batch: pa.Table, spec: ImageSpec) -> pa.Table:
             row["error_type"], row["error_message"] = exc.kind, str(exc)
             for f in IMAGES:
                 row[f + "_rgb"] = None
-    extra = [pa.field(f + s, t) for f in IMAGES for s, t in (("_rgb", pa.binary()), ("_h", pa.int32()), ("_w", pa.int32()))]
+    extra = [pa.field(f + suffix, kind) for f in IMAGES
+             for suffix, kind in (("_rgb", pa.binary()), ("_h", pa.int32()), ("_w", pa.int32()))]
     return pa.Table.from_pylist(rows, schema=pa.schema(list(ROW_SCHEMA) + extra))
+
+
+def decode_memory(spec: ImageSpec, max_batch: int) -> int:
+    """Memory to reserve for one decode task: a batch of resized pairs plus one large decoded input."""
+    resized = max_batch * 2 * spec.max_pixels * 3
+    return int(2 * resized + min(spec.max_input_pixels, 50_000_000) * 3 + (64 << 20))
 
 
 # ---------------------------------------------------------------- stage 2: score (actor pool)
@@ -257,13 +265,15 @@ def run_batch(cfg: BatchConfig, input_path, output_path, log=None) -> dict:
         table = pa.Table.from_pylist(todo, schema=ROW_SCHEMA)
         step = max(1, cfg.part_rows)
         ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, len(todo), step)])
+        # The memory hint also keeps Ray Data from fusing decoding into the scoring actors (their
+        # remote args differ), so decoding runs on any free CPU while the actors score.
         ds = ds.map_batches(decode_images, fn_kwargs={"spec": spec}, batch_format="pyarrow",
-                            batch_size=cfg.max_batch, num_cpus=1)
+                            batch_size=cfg.max_batch, num_cpus=1, memory=decode_memory(spec, cfg.max_batch))
         resources = {"num_gpus": 1} if cfg.device.startswith("cuda") else {"num_cpus": max(1, cfg.threads or 1)}
         ds = ds.map_batches(ScoreActor, fn_constructor_args=(cfg.model, cfg.backend, cfg.device, cfg.threads,
                                                              cfg.max_batch, cfg.max_input_pixels),
-                            batch_format="pyarrow", batch_size=cfg.max_batch, concurrency=cfg.concurrency,
-                            **resources)
+                            batch_format="pyarrow", batch_size=cfg.max_batch,
+                            compute=ray.data.ActorPoolStrategy(size=max(1, cfg.concurrency)), **resources)
         ds.write_parquet(str(output))
         parts = sorted(set(output.glob("*.parquet")) - before)
         counts.update(_count(parts), parts=len(parts))

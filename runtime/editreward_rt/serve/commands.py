@@ -38,7 +38,7 @@ def cmd_serve(args) -> int:
     ray = require_ray()
     from ray import serve
 
-    from .app import ServeConfig, build_app
+    from .app import ServeConfig, build_app, shutdown_app
     from .schemas import Limits
 
     started = _ray_init(ray, args.address)
@@ -62,7 +62,12 @@ def cmd_serve(args) -> int:
             pass
     finally:
         print("editreward serve: draining in-flight requests and shutting down", file=sys.stderr, flush=True)
-        serve.shutdown()  # replicas finish what they hold (up to --graceful-shutdown-s) before they stop
+        # Drain while the HTTP proxy and every replica still run: in-flight requests are answered
+        # (up to --graceful-shutdown-s), new ones get 503; only then stop Serve itself.
+        left = shutdown_app("editreward", args.graceful_shutdown_s)
+        if left > 0:
+            print(f"editreward serve: {left} requests were still in flight at the deadline", file=sys.stderr)
+        serve.shutdown()
         if started:
             ray.shutdown()
     return 0

@@ -1,9 +1,10 @@
 """The scorer replica: one ``Scorer`` per replica (one GPU, or one group of CPU cores).
 
-Requests are preprocessed on a small thread pool, cut into chunks of at most ``max_batch``
-triples, and the chunks of concurrent requests are merged by ``@serve.batch`` into one
-fast-path call. Nothing a client sends can make a batch raise: failures are per triple.
-Results cross back to the gateway as plain dicts (``Score.to_dict()`` or ``{"error": ...}``).
+Requests are cut into chunks of at most ``max_batch`` triples; ``@serve.batch`` merges the
+chunks of concurrent requests into one batch, which is preprocessed on a small thread pool
+(each distinct image once) and scored in one fast-path call. Nothing a client sends can make a
+batch raise: failures are per triple. Results cross back to the gateway as plain dicts
+(``Score.to_dict()`` or ``{"error": ...}``).
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def _named(exc: EditRewardError, field: str) -> EditRewardError:
 
 class ScorerReplica:
     def __init__(self, model: str, backend: str | None = None, device: str = "cpu", threads: int | None = None,
-                 max_batch: int = 8, batch_wait_s: float = 0.005, max_input_pixels: int | None = None):
+                 max_batch: int = 8, batch_wait_s: float = 0.01, max_input_pixels: int | None = None):
         self.scorer = Scorer.load(model, backend=backend, device=device, threads=threads, max_batch=max_batch,
                                   max_input_pixels=max_input_pixels)
         self.max_batch = max_batch
         self._prep = ThreadPoolExecutor(max_workers=max(1, threads or 1), thread_name_prefix="editreward-prep")
         self._run = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editreward-run")
-        self._batch.set_max_batch_size(max_batch)
+        self._batch.set_max_batch_size(max_batch)  # 2 x max_batch <= max_ongoing_requests (see app.py)
         self._batch.set_batch_wait_timeout_s(batch_wait_s)
 
     def ready(self) -> dict:
@@ -58,36 +59,43 @@ class ScorerReplica:
 
     # ------------------------------------------------------------ preprocessing (thread pool)
 
-    def _image(self, data, field: str, cache: dict):
-        if isinstance(data, PreprocessedImage):  # rank's shared source
-            return data
-        if data not in cache:
-            try:
-                cache[data] = self.scorer.preprocess(data)
-            except EditRewardError as exc:
-                cache[data] = exc
-        found = cache[data]
-        if isinstance(found, EditRewardError):
-            raise _named(found, field)
-        return found
+    def _preprocess(self, data: bytes):
+        try:
+            return self.scorer.preprocess(data)
+        except EditRewardError as exc:
+            return exc
+        except Exception as exc:  # never let one image fail the batch
+            log.exception("preprocessing failed")
+            return ServiceError(f"preprocessing failed: {type(exc).__name__}: {exc}")
 
-    def _prepare_triples(self, triples, names) -> list:
-        cache, out = {}, []
-        for (instruction, source, edited), (src_name, edit_name) in zip(triples, names):
-            try:
-                src = self._image(source, src_name, cache)
-                out.append(self.scorer.prepare(instruction, src, self._image(edited, edit_name, cache)))
-            except EditRewardError as exc:
-                out.append(exc)
-            except Exception as exc:  # never let one triple fail the request
-                log.exception("preprocessing failed")
-                out.append(ServiceError(f"preprocessing failed: {type(exc).__name__}: {exc}"))
-        return out
+    async def _preprocess_all(self, images: list) -> dict:
+        """Distinct images -> PreprocessedImage or error, in parallel on the preprocessing threads."""
+        loop = asyncio.get_running_loop()
+        done = await asyncio.gather(*(loop.run_in_executor(self._prep, self._preprocess, b) for b in images))
+        return dict(zip(images, done))
 
-    # ------------------------------------------------------------ batched scoring
+    def _prepare(self, item, images: dict):
+        instruction, source, edited, src_name, edit_name = item
+        try:
+            src = source if isinstance(source, PreprocessedImage) else images[source]
+            if isinstance(src, EditRewardError):
+                raise _named(src, src_name)
+            edit = images[edited]
+            if isinstance(edit, EditRewardError):
+                raise _named(edit, edit_name)
+            return self.scorer.prepare(instruction, src, edit)
+        except EditRewardError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("prompt assembly failed")
+            return ServiceError(f"prompt assembly failed: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------ batched preprocessing and scoring
 
     def _score_safely(self, triples: list) -> list:
         """Score a merged batch; if the batch fails as a whole, score triple by triple."""
+        if not triples:
+            return []
         try:
             return self.scorer.score_prepared(triples)
         except Exception:
@@ -103,11 +111,18 @@ class ScorerReplica:
                 out.append(ServiceError(f"scoring failed: {type(exc).__name__}: {exc}"))
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=_triple_count)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2, batch_size_fn=_triple_count)
     async def _batch(self, chunks: list[list]) -> list[tuple[list, dict | None]]:
-        flat = [t for chunk in chunks for t in chunk]
+        """Chunks of concurrent requests -> one batch: each distinct image is decoded once, in
+        parallel, then one fast-path call. Two batches may be in flight, so one is preprocessed
+        while the other is scored."""
+        flat = [item for chunk in chunks for item in chunk]
         start = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._run, self._score_safely, flat)
+        try:
+            results = await self._process(flat)
+        except Exception as exc:  # a bug, not a bad input: still answer every request
+            log.exception("a batch failed")
+            results = [ServiceError(f"batch failed: {type(exc).__name__}: {exc}")] * len(flat)
         info = {"size": len(flat), "requests": len(chunks), "seconds": time.perf_counter() - start}
         out, at = [], 0
         for i, chunk in enumerate(chunks):  # the first chunk reports the batch, so it is counted once
@@ -115,52 +130,44 @@ class ScorerReplica:
             at += len(chunk)
         return out
 
-    async def _score(self, prepared: list) -> tuple[list, list[dict]]:
-        """Prepared triples or errors -> (per-triple results, infos of the batches that ran them)."""
-        results = list(prepared)
+    async def _process(self, flat: list) -> list:
+        distinct = {b: None for _, s, e, _, _ in flat for b in (s, e) if not isinstance(b, PreprocessedImage)}
+        images = await self._preprocess_all(list(distinct))
+        prepared = [self._prepare(item, images) for item in flat]
         todo = [i for i, p in enumerate(prepared) if not isinstance(p, EditRewardError)]
-        groups = [todo[s : s + self.max_batch] for s in range(0, len(todo), self.max_batch)]
-        done = await asyncio.gather(*(self._batch([prepared[i] for i in g]) for g in groups))
-        batches = []
-        for group, (scores, info) in zip(groups, done):
-            for i, score in zip(group, scores):
-                results[i] = score
-            if info is not None:
-                batches.append(info)
-        return results, batches
+        loop = asyncio.get_running_loop()
+        scores = await loop.run_in_executor(self._run, self._score_safely, [prepared[i] for i in todo])
+        results = list(prepared)
+        for i, score in zip(todo, scores):
+            results[i] = score
+        return results
 
-    async def _prepare(self, fn, *args) -> list:
-        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
+    async def _run_items(self, items: list) -> dict:
+        """Items (instruction, source, edited, source name, edited name) -> results and batch infos."""
+        chunks = [items[s : s + self.max_batch] for s in range(0, len(items), self.max_batch)]
+        done = await asyncio.gather(*(self._batch(chunk) for chunk in chunks))
+        results = [_outcome(r) for part, _ in done for r in part]
+        return {"results": results, "batches": [info for _, info in done if info is not None]}
 
     # ------------------------------------------------------------ methods the gateway calls
 
-    async def score(self, triples: list[tuple[str, bytes, bytes]]) -> dict:
-        many = len(triples) > 1
-        names = [(f"triples[{i}].source", f"triples[{i}].edited") if many else ("source", "edited")
-                 for i in range(len(triples))]
-        prepared = await self._prepare(self._prepare_triples, triples, names)
-        results, batches = await self._score(prepared)
-        return {"results": [_outcome(r) for r in results], "batches": batches}
-
-    def _prepare_rank(self, instruction: str, source: bytes, edits: list[bytes], names: list[str]) -> list:
-        """As ``Scorer.rank``: the source is preprocessed once and every triple shares it."""
-        try:
-            src = self.scorer.preprocess(source)
-        except EditRewardError as exc:
-            return [_named(exc, "source")] * len(edits)
-        return self._prepare_triples([(instruction, src, e) for e in edits], [("source", n) for n in names])
+    async def score(self, triples: list[tuple[str, bytes, bytes]], names: list[tuple[str, str]] | None = None) -> dict:
+        """``names``: each triple's (source, edited) field names, used in error messages."""
+        names = names or [(f"triples[{n}].source", f"triples[{n}].edited") for n in range(len(triples))]
+        return await self._run_items([(*t, *n) for t, n in zip(triples, names)])
 
     async def rank(self, instruction: str, source: bytes, edits: list[bytes], names: list[str] | None = None) -> dict:
+        """As ``Scorer.rank``: the source is preprocessed once and every triple shares it."""
         names = names or [f"edits[{i}]" for i in range(len(edits))]
-        prepared = await self._prepare(self._prepare_rank, instruction, source, edits, names)
-        results, batches = await self._score(prepared)
-        return {"results": [_outcome(r) for r in results], "batches": batches}
+        src = (await self._preprocess_all([source]))[source]
+        if isinstance(src, EditRewardError):
+            err = _outcome(_named(src, "source"))
+            return {"results": [err] * len(edits), "batches": []}
+        return await self._run_items([(instruction, src, e, "source", n) for e, n in zip(edits, names)])
 
     async def prefer(self, instruction: str, source: bytes, a: bytes, b: bytes) -> dict:
         out = await self.rank(instruction, source, [a, b], ["a", "b"])
         sa, sb = out["results"]
         if "error" not in sa and "error" not in sb:
-            a_score = Score(sa["mu"], sa["log_sigma"], ())
-            b_score = Score(sb["mu"], sb["log_sigma"], ())
-            out["p_a_over_b"] = preference(a_score, b_score)
+            out["p_a_over_b"] = preference(Score(sa["mu"], sa["log_sigma"], ()), Score(sb["mu"], sb["log_sigma"], ()))
         return out

@@ -14,7 +14,6 @@ import binascii
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -78,7 +77,7 @@ class OverloadedError(ServiceError):
     status = 429
 
 
-class TimeoutError_(ServiceError):
+class RequestTimeoutError(ServiceError):
     kind = "timeout"
     status = 504
 
@@ -180,8 +179,6 @@ class PreferOut(BaseModel):
     b: ScoreOut
 
 
-REQUEST_MODELS = {"score": Union[Triple, ScoreMany], "rank": RankRequest, "prefer": PreferRequest}
-RESPONSE_MODELS = {"score": Union[ScoreOut, ScoreManyOut], "rank": RankOut, "prefer": PreferOut}
 SCHEMA_MODELS = (Triple, ScoreMany, RankRequest, PreferRequest, ScoreOut, ScoreManyOut, RankOut, PreferOut, ErrorOut)
 
 
