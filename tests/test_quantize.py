@@ -112,7 +112,11 @@ def test_missing_library_names_the_extra(monkeypatch):
         check_available(make_scheme("gptq-int4"), "cpu")
 
 
-def test_scheme_without_a_quantizer_here_says_so(tiny, tmp_path, capsys):
+def test_scheme_without_its_library_says_so(tiny, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "modelopt" else real(name, *a))
     code = quantize_main(["--ckpt", str(tiny.checkpoint), "--scheme", "trt-fp8", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "trt-fp8" in capsys.readouterr().err

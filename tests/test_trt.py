@@ -153,11 +153,22 @@ def test_build_without_tensorrt_writes_everything_then_names_the_install(built_w
     assert "bfloat16" in model.manifest["validation"]["skipped"]  # ONNX Runtime's CPU provider cannot run bf16
 
 
+def _without_modelopt(monkeypatch):
+    """Whatever this environment has, behave as if NVIDIA ModelOpt were not installed."""
+    import editreward_export.trt_quant as trt_quant
+    from editreward_quant.schemes import QuantizeError
+
+    def missing():
+        raise QuantizeError(f"ModelOpt is not installed: {trt_quant.INSTALL}")
+
+    monkeypatch.setattr(trt_quant, "require_modelopt", missing)
+
+
 def test_build_refuses_what_it_cannot_do(tiny, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="unknown precision"):
         build_trt(str(tiny.checkpoint), precision="fp64", out=tmp_path / "x", log=quiet)
-    monkeypatch.setitem(sys.modules, "editreward_export.trt_quant", None)
-    with pytest.raises(ExportError, match="precision int8 needs the quantization extra"):
+    _without_modelopt(monkeypatch)
+    with pytest.raises(ExportError, match="precision int8 needs TensorRT quantization.*trt-quant"):
         build_trt(str(tiny.checkpoint), precision="int8", out=tmp_path / "q", prompts_from=str(tiny.prompts), log=quiet)
     assert not (tmp_path / "q").exists()  # refused before the export
 
@@ -165,10 +176,10 @@ def test_build_refuses_what_it_cannot_do(tiny, tmp_path, monkeypatch):
 def test_cli_reports_errors_without_a_traceback(tiny, tmp_path, monkeypatch, capsys):
     from editreward_export.trt_build import main
 
-    monkeypatch.setitem(sys.modules, "editreward_export.trt_quant", None)
+    _without_modelopt(monkeypatch)
     code = main(["--ckpt", str(tiny.checkpoint), "--prompts-from", str(tiny.prompts), "--out", str(tmp_path / "o"),
                  "--precision", "int4"])
-    assert code == 2 and "quantization extra" in capsys.readouterr().err
+    assert code == 2 and "trt-quant" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- backend: refusals and planning

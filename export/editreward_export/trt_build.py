@@ -212,11 +212,14 @@ def keep_fp32_nodes(onnx_path: Path, patterns: tuple[str, ...], depth: int) -> l
 
 
 def _quantizer(precision: str):
+    """The TensorRT quantizer, checked before the long export: ModelOpt must import."""
+    from editreward_export.trt_quant import quantize_for_trt, require_modelopt
+    from editreward_quant.schemes import QuantizeError
+
     try:
-        from editreward_export.trt_quant import quantize_for_trt
-    except ImportError as exc:
-        raise ExportError(f"precision {precision} needs the quantization extra (editreward_export.trt_quant, "
-                          f"quantize_for_trt), which is not available in this installation: {exc}") from exc
+        require_modelopt()
+    except QuantizeError as exc:
+        raise ExportError(f"precision {precision} needs TensorRT quantization: {exc}") from exc
     return quantize_for_trt
 
 

@@ -24,6 +24,17 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
+def _exported_quantizer(scheme, args, out: Path):
+    """Exported float32 folder -> quantized folder, for the schemes that rewrite ONNX graphs."""
+    if scheme.target == "trt":
+        from editreward_export.trt_quant import quantize_for_trt
+
+        return lambda model_dir: quantize_for_trt(model_dir, scheme, out, calib=args.calib, calib_size=args.calib_size)
+    from .ort_schemes import quantize_exported
+
+    return lambda model_dir: quantize_exported(model_dir, scheme, out)
+
+
 def run(args) -> Path:
     options = _options(args.option or [])
     if args.include_vision:
@@ -31,16 +42,14 @@ def run(args) -> Path:
     scheme = make_scheme(args.scheme, options)
     check_available(scheme, args.device)
     out = Path(args.out)
-    if scheme.target == "onnx":
-        from .ort_schemes import quantize_exported
-
+    if scheme.target in ("onnx", "trt"):
+        quantize = _exported_quantizer(scheme, args, out)
         if args.model_dir:
-            return quantize_exported(Path(args.model_dir), scheme, out)
+            return quantize(Path(args.model_dir))
         from editreward_export.onnx_export import export_onnx
 
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-            exported = export_onnx(args.ckpt, Path(tmp) / "fp32", base=args.base, prompts_from=args.prompts_from)
-            return quantize_exported(exported, scheme, out)
+            return quantize(export_onnx(args.ckpt, Path(tmp) / "fp32", base=args.base, prompts_from=args.prompts_from))
     if args.model_dir and not args.ckpt:
         raise QuantizeError(f"{scheme.name} quantizes a checkpoint: pass --ckpt, not --model-dir")
     if scheme.target == "torch" and scheme.name.startswith("bnb-"):
@@ -48,6 +57,11 @@ def run(args) -> Path:
 
         return quantize_checkpoint_bnb(args.ckpt, scheme, out, base=args.base, prompts_from=args.prompts_from,
                                        device=args.device)
+    if scheme.name == "gptq-int4":
+        from .gptq_scheme import quantize_checkpoint_gptq
+
+        return quantize_checkpoint_gptq(args.ckpt, scheme, out, base=args.base, prompts_from=args.prompts_from,
+                                        calib=args.calib, calib_size=args.calib_size, device=args.device)
     raise QuantizeError(f"{scheme.name} is defined but its quantizer is not part of this build; "
                         "see the README's quantization table for the schemes that run here")
 
@@ -56,7 +70,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint: hub id or folder")
-    source.add_argument("--model-dir", help="exported model folder (ONNX schemes)")
+    source.add_argument("--model-dir", help="exported float32 model folder (ONNX and TensorRT schemes)")
     parser.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
     parser.add_argument("--out", required=True)
     parser.add_argument("--base")

@@ -159,12 +159,13 @@ class TorchBackend:
 
     @classmethod
     def from_quantized(cls, model, mode: str = "fast", device: str = "cpu", threads: int | None = None):
-        """A bitsandbytes-quantized model folder written by ``quantize/quantize.py``."""
+        """A bitsandbytes- or GPTQ-quantized model folder written by ``quantize/quantize.py``."""
+        from ..quantized_gptq import GPTQ_SCHEMES
         from ..quantized_torch import BNB_SCHEMES, load_quantized_state, swap_linears
 
         torch = _torch()
         quant = model.manifest.get("quantization") or {}
-        if quant.get("scheme") not in BNB_SCHEMES:
+        if quant.get("scheme") not in BNB_SCHEMES + GPTQ_SCHEMES:
             raise BackendError(f"{model.root} is not a torch-quantized model folder (scheme {quant.get('scheme')!r})")
         if mode != "fast":
             raise BackendError("a quantized model runs in fast mode; the reference is the float checkpoint")
@@ -176,10 +177,16 @@ class TorchBackend:
         dt = getattr(torch, model.manifest.get("compute_dtype", "float32"))
         self.engine = TorchEngine.empty(self.spec, dev, dt)
         modules = {"vision": self.engine.vision_module, "decoder": self.engine.decoder, "heads": self.engine.head_module}
-        swap_linears(modules, quant, dev, load_float=False)
         from safetensors.torch import load_file
 
-        load_quantized_state(modules, quant, load_file(str(model.root / model.manifest["weights"])), dev)
+        state = load_file(str(model.root / model.manifest["weights"]))
+        if quant["scheme"] in GPTQ_SCHEMES:
+            from ..quantized_gptq import load_gptq_modules
+
+            load_gptq_modules(modules, quant, state, dev)
+        else:
+            swap_linears(modules, quant, dev, load_float=False)
+            load_quantized_state(modules, quant, state, dev)
         self.pipeline = FastPipeline(self.engine)
         self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
                             "quantization": quant["scheme"]}

@@ -1,0 +1,248 @@
+"""GPTQ 4-bit (scheme ``gptq-int4``): a checkpoint -> a pre-quantized torch model folder.
+
+GPTQModel's layer-level GPTQ (its ``GPTQ`` class: Hessian accumulation and the column-by-column
+error-compensating quantization) runs on the decoder's linear layers, one decoder layer at a
+time, with calibration activations captured from this project's own torch ``Decoder`` while the
+fast pipeline scores calibration triples. Those activations therefore come from the scoring
+path itself: the same image preprocessing, the real prompts, plain 1-D positions and the
+pipeline's prefix sharing. Padding positions are left out of the Hessians.
+
+Order, as GPTQ's "true sequential" mode: within decoder layer ``i`` the linears are quantized
+in four groups (q/k/v, o, gate/up, down); each group is calibrated by a pass in which every
+earlier group and layer already runs quantized, so later layers see the errors of earlier ones.
+Layer ``i``'s passes run that layer alone, fed with the inputs recorded (in host memory: one
+hidden state per calibration token) when layer ``i - 1`` was done; the vision tower runs once
+per image for the whole job. Cost: about 5 decoder-layer passes over the calibration set per layer.
+
+Each quantized linear is packed at once into GPTQModel's ``TorchLinear`` (see
+``editreward_rt.quantized_gptq``), so later passes run the runtime's exact arithmetic. The
+vision tower, embeddings, norms and the float32 reward heads keep their precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from editreward_rt.checkpoint import open_checkpoint
+from editreward_rt.manifest import write_manifest
+
+from .calib import calibration_triples, prepare_all
+from .output import staged_output
+from .schemes import GptqInt4, QuantizeError
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: str | None = None,
+                             prompts_from: str | None = None, calib: str | None = None, calib_size: int = 64,
+                             device: str = "cpu", log=print) -> Path:
+    from safetensors.torch import save_file
+
+    from editreward_rt.backends.torch_backend import TorchBackend
+    from editreward_rt.quantized_gptq import KERNEL, LAYOUT
+    from editreward_rt.scorer import Scorer
+
+    assert isinstance(scheme, GptqInt4)
+    ckpt = open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
+    source = {"checkpoint": ckpt.origin["checkpoint"], "files": sorted(p.name for p in ckpt.files)}
+    # Non-quantized parts (and the calibration passes) run in bf16 on a GPU, float32 on a CPU.
+    log(f"loading {ckpt_arg}")
+    backend = TorchBackend(ckpt, mode="fast", device=device)
+    engine, dtype = backend.engine, backend.engine.dtype
+    scorer = Scorer(backend, ckpt)
+    triples = calibration_triples(calib, calib_size)
+    prepared = prepare_all(scorer, triples)
+    log(f"calibrating on {len(prepared)} triples ({calib or 'synthetic'}), {len(engine.decoder.layers)} decoder layers")
+
+    gptq = _GptqRun(engine, backend.pipeline, prepared, scheme, scorer.max_batch, log)
+    with torch.inference_mode():
+        losses = gptq.run()
+
+    modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
+    state = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()}
+    quant = scheme.to_dict()
+    with staged_output(out, source) as tmp:
+        save_file(state, str(tmp / "model.safetensors"))
+        ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
+        write_manifest(tmp, {
+            "runtime": "torch", "spec": ckpt.spec.to_dict(), "precision": str(dtype).replace("torch.", ""),
+            "compute_dtype": str(dtype).replace("torch.", ""), "weights": "model.safetensors", "graphs": {},
+            "tokenizer": "tokenizer.json", "chat_text": ckpt.chat_text, "templates": ckpt.templates.to_dict(),
+            "origin": ckpt.origin,
+            "quantization": {**quant, "source": source,
+                             "kernel": {"name": KERNEL, "layout": LAYOUT, "bits": 4, "gptqmodel": version("gptqmodel")},
+                             "calibration": {"triples": str(calib) if calib else f"synthetic:{calib_size}",
+                                             "count": len(prepared), "tokens": gptq.tokens},
+                             "mean_layer_loss": float(np.mean(losses)) if losses else None},
+        })
+    log(f"wrote {out}")
+    return out
+
+
+class _GptqRun:
+    """Layer-by-layer GPTQ over calibration passes of the fast pipeline.
+
+    A pass for decoder layer ``i`` runs the decoder with layers ``0..i-1`` replaced by ``_Skip``
+    (which only keeps the key/value cache shapes) and feeds layer ``i``, call by call, the input
+    recorded when layer ``i-1`` was done; its own key/value cache is computed in the pass, level
+    after level, as in scoring. The pipeline makes the same decoder calls in the same order on
+    every pass, so call ``c`` of one pass matches call ``c`` of the next."""
+
+    def __init__(self, engine, pipeline, prepared, scheme: GptqInt4, batch: int, log):
+        self.engine, self.pipeline, self.prepared = engine, pipeline, prepared
+        self.scheme, self.batch, self.log = scheme, batch, log
+        self.valid = None  # [B*S] bool: the positions of the current decoder call that hold tokens
+        self.call = 0  # decoder calls so far in this pass
+        self.inputs: list = []  # per decoder call: the input of the layer being quantized (layer 1 on)
+        self.tokens = 0
+
+    def run(self) -> list[float]:
+        from editreward_rt.quantized_gptq import quant_linear_class
+
+        quant_linear_class()  # a clear error before any work when GPTQModel is missing
+        decoder = self.engine.decoder
+        layers = decoder.layers
+        losses = []
+        self.engine.vision = _memo_vision(self.engine.vision)
+        call_hook = decoder.register_forward_pre_hook(self._next_call)
+        try:
+            for i, layer in enumerate(layers):
+                decoder.layers = type(layers)([_Skip() for _ in range(i)] + [layer])
+                feed = layer.register_forward_pre_hook(self._feed) if i else None
+                try:
+                    for group in GROUPS:
+                        losses.extend(self._quantize_group(i, layer, group))
+                    if i + 1 < len(layers):  # the next layer's inputs: this layer's outputs, quantized
+                        outputs = []
+                        record = layer.register_forward_hook(lambda m, a, out: outputs.append(_stash(out[0])))
+                        try:
+                            self._pass()
+                        finally:
+                            record.remove()
+                        self.inputs = outputs
+                finally:
+                    if feed is not None:
+                        feed.remove()
+                self.log(f"  layer {i + 1}/{len(layers)} quantized")
+        finally:
+            decoder.layers = layers
+            call_hook.remove()
+            del self.engine.vision
+            self.inputs = []
+        return losses
+
+    def _pass(self):
+        self.call = 0
+        for start in range(0, len(self.prepared), self.batch):
+            self.pipeline.run(self.prepared[start : start + self.batch])
+
+    def _next_call(self, module, args):
+        input_ids, attention_mask = args[0], args[4]
+        self.valid = (attention_mask[:, -input_ids.shape[1]:] > 0).reshape(-1)
+        self.call += 1
+
+    def _feed(self, module, args):
+        x = self.inputs[self.call - 1] if self.call <= len(self.inputs) else None
+        if x is None or x.shape != args[0].shape:
+            raise QuantizeError(f"calibration pass changed shape at decoder call {self.call}: "
+                                f"{None if x is None else tuple(x.shape)} recorded, {tuple(args[0].shape)} now")
+        return (x.to(device=args[0].device, dtype=args[0].dtype),) + tuple(args[1:])
+
+    def _quantize_group(self, index: int, layer, names) -> list[float]:
+        from gptqmodel.quantization.config import QuantizeConfig
+        from gptqmodel.quantization.gptq import GPTQ
+
+        s = self.scheme
+        targets = {name: _find(layer, name) for name in names}
+        tasks, hooks = {}, []
+        for name, (parent, linear) in targets.items():
+            qcfg = QuantizeConfig(bits=4, group_size=s.group_size, desc_act=s.desc_act, sym=s.sym,
+                                  act_group_aware=False, offload_to_disk=False)
+            task = GPTQ(linear, qcfg)
+            task.quantizer.configure(perchannel=True)
+            tasks[name] = task
+            hooks.append(linear.register_forward_hook(self._collector(task)))
+        try:
+            self._pass()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        losses = []
+        for name, task in tasks.items():
+            parent, linear = targets[name]
+            if task.nsamples == 0:
+                raise QuantizeError(f"decoder layer {index} {name} saw no calibration tokens")
+            if index == 0 and name == "q_proj":
+                self.tokens = int(task.nsamples)
+            q_weight, scale, zero, g_idx, _, loss, _, _ = task.quantize()
+            task.free()
+            setattr(parent, name, _pack(linear, q_weight, scale, zero, g_idx, self.scheme))
+            if isinstance(loss, (int, float)):
+                losses.append(float(loss))
+        return losses
+
+    def _collector(self, task):
+        def collect(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            if self.valid is not None and self.valid.numel() == x.shape[0]:
+                x = x[self.valid.to(x.device)]
+            if x.shape[0]:
+                task.add_batch(x, None)
+        return collect
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for an already quantized decoder layer during a later layer's pass: the input
+    passes through and the key/value cache keeps its shape (zeros: only the layer being
+    quantized reads its own cache, and its input is fed from the recording)."""
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        b, heads, p, d = past_k.shape
+        kv = past_k.new_zeros((b, heads, p + x.shape[1], d))
+        return x, kv, kv
+
+
+def _stash(x):
+    """A recorded layer output, kept in host memory between passes."""
+    return x.detach().to("cpu", copy=True)
+
+
+def _find(layer, name: str):
+    for parent in (layer.self_attn, layer.mlp):
+        if hasattr(parent, name):
+            return parent, getattr(parent, name)
+    raise QuantizeError(f"decoder layer has no linear {name!r}")
+
+
+def _pack(linear, q_weight, scale, zero, g_idx, scheme: GptqInt4):
+    """GPTQ's result (float32 weight on the 4-bit grid, scales, zero points, g_idx) -> a packed
+    TorchLinear on the linear's device, replacing ``linear`` (whose float weight is dropped)."""
+    from editreward_rt.quantized_gptq import finish, make_quant_linear
+
+    device = linear.weight.device
+    linear.to("cpu").float()
+    linear.weight.data = q_weight.detach().to("cpu", torch.float32)
+    layer = make_quant_linear(linear, {"group_size": scheme.group_size, "sym": scheme.sym, "desc_act": scheme.desc_act})
+    layer.pack_original(linear, scale.cpu().float(), zero.cpu(), g_idx.cpu())
+    return finish(layer, device)
+
+
+def _memo_vision(vision):
+    """The engine's vision call, run once per distinct image for the whole job."""
+    seen = {}
+
+    def memo(patches, cos, sin, window_segments, image_segments):
+        key = hashlib.blake2b(np.ascontiguousarray(patches).tobytes(), digest_size=16)
+        key.update(repr(np.shape(patches)).encode())
+        key.update(np.ascontiguousarray(image_segments).tobytes())
+        digest = key.hexdigest()
+        if digest not in seen:
+            seen[digest] = vision(patches, cos, sin, window_segments, image_segments)
+        return seen[digest]
+
+    return memo

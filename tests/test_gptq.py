@@ -1,0 +1,161 @@
+"""gptq-int4: GPTQ through GPTQModel on the tiny fixture, end to end on a CPU (quantize, save, load
+through Scorer.load, score, parity floors). The tests that quantize need gptqmodel and are skipped
+without it; the scheme's validation and the missing-library errors run everywhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from editreward_quant.cli import main as quantize_main
+from editreward_quant.schemes import QuantizeError, make_scheme, scheme_from_dict
+from editreward_rt import Scorer
+from editreward_rt.errors import BackendError
+from editreward_rt.parity import max_abs_diff, snr_db, tolerance
+
+from conftest import save
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _quantize(tiny, out, *extra):
+    assert quantize_main(["--ckpt", str(tiny.checkpoint), "--prompts-from", str(tiny.prompts),
+                          "--scheme", "gptq-int4", "--out", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def gptq_default(tiny, tmp_path_factory):
+    pytest.importorskip("gptqmodel")
+    return _quantize(tiny, tmp_path_factory.mktemp("gptq") / "default", "--calib-size", "8")
+
+
+@pytest.fixture(scope="module")
+def gptq_jsonl(tiny, images, tmp_path_factory):
+    """Calibration from a user's JSONL, with act-order and 32-column groups (two groups per row on tiny)."""
+    pytest.importorskip("gptqmodel")
+    root = tmp_path_factory.mktemp("gptq-jsonl")
+    names = [save(images[i], root, f"{i}.png").name for i in range(4)]
+    calib = root / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"instruction": text, "source": names[0], "edited": edited}) + "\n"
+                             for text, edited in (("Add a green bowl", names[1]), ("Make it snow", names[2]),
+                                                  ("Remove the lamp", names[3]))))
+    return _quantize(tiny, root / "out", "--calib", str(calib), "--option", "desc_act=true",
+                     "--option", "group_size=32")
+
+
+@pytest.fixture(scope="module")
+def triples(images):
+    return [("Add a green bowl", images[0], e) for e in images[1:4]] + [("Make it snow", images[4], images[5])]
+
+
+def hidden_at_reward(scorer, triples):
+    engine, seen = scorer.backend.engine, []
+    original = engine.heads
+    engine.heads = lambda h: (seen.append(np.array(h)), original(h))[1]
+    try:
+        scores = scorer.score_batch(triples)
+    finally:
+        engine.heads = original
+    return np.concatenate(seen), scores
+
+
+@pytest.mark.parametrize("which", ["gptq_default", "gptq_jsonl"])
+def test_gptq_meets_its_floors(which, request, fast, reference, triples):
+    folder = request.getfixturevalue(which)
+    scorer = Scorer.load(folder)
+    assert scorer.description["backend"] == "torch" and scorer.description["quantization"] == "gptq-int4"
+    tol = tolerance("torch", "gptq-int4")
+    hidden, scores = hidden_at_reward(scorer, triples)
+    expected_hidden, _ = hidden_at_reward(fast, triples)
+    assert snr_db(expected_hidden, hidden) >= tol.hidden_snr_db
+    assert snr_db(expected_hidden, hidden) < 60  # the decoder really runs quantized
+    expected = reference.backend.head_outputs([reference.prepare(*t) for t in triples])
+    actual = scorer.backend.head_outputs([scorer.prepare(*t) for t in triples])
+    diff = max_abs_diff(actual, expected)
+    assert diff["mu"] <= tol.mu and diff["log_sigma"] <= tol.log_sigma, diff
+    assert all(np.isfinite(s.mu) and np.isfinite(s.log_sigma) for s in scores)
+
+
+def test_folder_holds_packed_decoder_linears_only(gptq_default, tiny):
+    from safetensors.numpy import load_file
+
+    from editreward_rt.checkpoint import open_checkpoint
+    from editreward_rt.modeling import split_state_dict
+
+    manifest = json.loads((gptq_default / "manifest.json").read_text())
+    quant = manifest["quantization"]
+    assert manifest["runtime"] == "torch" and manifest["weights"] == "model.safetensors"
+    assert scheme_from_dict(quant) == make_scheme("gptq-int4")
+    assert quant["kernel"]["layout"] == "gptq_v2" and quant["kernel"]["bits"] == 4
+    assert quant["calibration"]["triples"] == "synthetic:8" and quant["calibration"]["count"] == 8
+    assert quant["calibration"]["tokens"] > 0
+    state = load_file(str(gptq_default / "model.safetensors"))
+    assert {k.split(".")[0] for k in state} == {"vision", "decoder", "heads"}
+    float_parts = split_state_dict(open_checkpoint(str(tiny.checkpoint), prompts_from=str(tiny.prompts)).state_dict())
+    packed = float_bytes = 0
+    for key, value in float_parts["decoder"].items():
+        linear = key.rsplit(".", 2)[-2] if key.endswith((".weight", ".bias")) else None
+        if linear in LINEARS:
+            prefix = f"decoder.{key.rsplit('.', 1)[0]}"
+            assert f"{prefix}.weight" not in state
+            assert state[f"{prefix}.qweight"].dtype == np.int32 and state[f"{prefix}.scales"].dtype == np.float16
+            if key.endswith(".weight"):
+                float_bytes += value.numel() * value.element_size()
+                packed += sum(state[f"{prefix}.{n}"].nbytes for n in ("qweight", "qzeros", "scales", "g_idx"))
+        else:  # embeddings and norms keep their values
+            assert np.array_equal(state[f"decoder.{key}"], value.numpy())
+    assert packed < 0.3 * float_bytes
+    for part in ("vision", "heads"):  # vision tower and reward heads are not quantized
+        for key, value in float_parts[part].items():
+            assert np.array_equal(state[f"{part}.{key}"], value.numpy()), key
+
+
+def test_packed_weights_stay_close_to_the_float_ones(gptq_jsonl, tiny):
+    from editreward_rt.checkpoint import open_checkpoint
+
+    scorer = Scorer.load(gptq_jsonl)
+    quant = scorer.backend.model.manifest["quantization"]
+    assert quant["config"]["desc_act"] is True and quant["config"]["group_size"] == 32
+    assert quant["calibration"]["count"] == 3 and quant["calibration"]["triples"].endswith("calib.jsonl")
+    float_state = open_checkpoint(str(tiny.checkpoint), prompts_from=str(tiny.prompts)).state_dict()
+    layer = scorer.backend.engine.decoder.layers[0]
+    for parent, name in ((layer.self_attn, "q_proj"), (layer.mlp, "down_proj")):
+        module = getattr(parent, name)
+        assert type(module).__name__ == "TorchLinear"
+        kind = "self_attn" if parent is layer.self_attn else "mlp"
+        original = float_state[f"model.language_model.layers.0.{kind}.{name}.weight"].float()
+        dequantized = module.dequantize_weight().T.float()
+        assert dequantized.shape == original.shape
+        error = ((dequantized - original).norm() / original.norm()).item()
+        assert 0 < error < 0.2, (name, error)
+        # 4-bit codes: at most 16 distinct values per row within a group
+        group = module.g_idx.long() == module.g_idx[0].long()
+        assert len(np.unique(dequantized[0, group].numpy())) <= 16
+
+
+def test_gptq_folder_runs_fast_mode_only(gptq_default):
+    with pytest.raises(BackendError, match="fast mode"):
+        Scorer.load(gptq_default, mode="reference")
+
+
+def test_gptq_options_validate():
+    scheme = make_scheme("gptq-int4", {"group_size": "64", "desc_act": "true", "sym": "false"})
+    assert scheme.to_dict() == {"scheme": "gptq-int4", "version": 1, "config": {
+        "include_vision": False, "include_heads": False, "group_size": 64, "desc_act": True, "sym": False}}
+    assert scheme_from_dict(scheme.to_dict()) == scheme
+    assert not scheme.needs_gpu_to_run and not scheme.needs_gpu_to_quantize and scheme.needs_calibration
+    for bad in ({"group_size": "2048"}, {"group_size": "100"}, {"include_vision": "true"}):
+        with pytest.raises(QuantizeError):
+            make_scheme("gptq-int4", bad)
+
+
+def test_loading_without_gptqmodel_names_the_extra(monkeypatch):
+    from editreward_rt.quantized_gptq import quant_linear_class
+
+    monkeypatch.setitem(sys.modules, "gptqmodel.nn_modules.qlinear.torch", None)
+    with pytest.raises(BackendError, match=r"editreward-deploy\[gptq\]"):
+        quant_linear_class()
