@@ -11,7 +11,9 @@ from .common import validate_document
 
 
 def _short(label: str) -> str:
-    return label if not label.startswith("onnx:") else "onnx:" + Path(label[5:]).name
+    """``model:some/dir/small-ort-int8`` -> ``small-ort-int8``."""
+    prefix, sep, path = label.partition(":")
+    return Path(path).name if sep and prefix in ("model", "onnx") else label
 
 
 def latency_table(doc: dict) -> str:

@@ -39,11 +39,12 @@ TOLERANCES = {
     ("tensorrt", "float32"): Tolerance(1e-3, 1e-3),
     ("tensorrt", "float16"): Tolerance(5e-2, 5e-2, 0.9),
     ("tensorrt", "bfloat16"): Tolerance(1e-1, 1e-1, 0.9),
-    # Quantized schemes: bounds measured on random-weight fixtures with margin (see the README).
-    ("onnxruntime", "ort-int8"): Tolerance(0.15, 0.15, 0.8, hidden_snr_db=28.0),
-    ("onnxruntime", "ort-int4"): Tolerance(0.5, 0.5, 0.7, hidden_snr_db=12.0),
+    # Quantized schemes: |d| bounds are the worst per-head drift measured on the tiny and small
+    # random-weight fixtures (benchmarks/cpu_suite.sh) times about 1.5; the SNR floors come from tiny.
+    ("onnxruntime", "ort-int8"): Tolerance(0.25, 0.25, 0.8, hidden_snr_db=28.0),
+    ("onnxruntime", "ort-int4"): Tolerance(0.75, 0.75, 0.7, hidden_snr_db=12.0),
     ("torch", "bnb-int8"): Tolerance(0.15, 0.15, 0.8, hidden_snr_db=34.0),
-    ("torch", "bnb-nf4"): Tolerance(0.5, 0.5, 0.7, hidden_snr_db=9.0),
+    ("torch", "bnb-nf4"): Tolerance(0.75, 0.75, 0.7, hidden_snr_db=9.0),
     # GPTQ through GPTQModel, run by its torch kernel: measured 17.9-19.3 dB, |d mu| <= 0.25 on tiny
     # (8-64 synthetic calibration triples; group size 32 or 128, desc_act, asymmetric) and 17.1 dB,
     # |d mu| <= 0.27 on small.
