@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from editreward_rt.checkpoint import open_checkpoint
-from editreward_rt.manifest import write_manifest
-
-from .output import staged_output
+from .output import write_torch_model
 from .schemes import BnbInt8, BnbNf4, Scheme
 
 
 def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str | None = None,
                             prompts_from: str | None = None, device: str = "cpu", log=print) -> Path:
     import torch
-    from safetensors.torch import save_file
 
     from editreward_rt.backends.torch_backend import TorchEngine, pick_device
     from editreward_rt.quantized_torch import swap_linears
@@ -31,15 +28,6 @@ def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str 
     quant = scheme.to_dict()
     log(f"quantizing decoder linear layers with {scheme.name}" + (" and the vision tower" if scheme.include_vision else ""))
     swap_linears(modules, quant, dev, load_float=True)
-    state = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()}
-    with staged_output(out, source) as tmp:
-        save_file(state, str(tmp / "model.safetensors"))
-        ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
-        write_manifest(tmp, {
-            "runtime": "torch", "spec": ckpt.spec.to_dict(), "precision": str(dtype).replace("torch.", ""),
-            "compute_dtype": str(dtype).replace("torch.", ""), "weights": "model.safetensors", "graphs": {},
-            "tokenizer": "tokenizer.json", "chat_text": ckpt.chat_text, "templates": ckpt.templates.to_dict(),
-            "origin": ckpt.origin, "quantization": {**quant, "source": source},
-        })
+    write_torch_model(out, source, ckpt, modules, dtype, quant)
     log(f"wrote {out}")
     return out

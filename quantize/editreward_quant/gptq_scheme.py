@@ -29,10 +29,9 @@ import numpy as np
 import torch
 
 from editreward_rt.checkpoint import open_checkpoint
-from editreward_rt.manifest import write_manifest
 
 from .calib import calibration_triples, prepare_all
-from .output import staged_output
+from .output import write_torch_model
 from .schemes import GptqInt4, QuantizeError
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -41,8 +40,6 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
 def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: str | None = None,
                              prompts_from: str | None = None, calib: str | None = None, calib_size: int = 64,
                              device: str = "cpu", log=print) -> Path:
-    from safetensors.torch import save_file
-
     from editreward_rt.backends.torch_backend import TorchBackend
     from editreward_rt.quantized_gptq import KERNEL, LAYOUT
     from editreward_rt.scorer import Scorer
@@ -64,22 +61,12 @@ def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: s
         losses = gptq.run()
 
     modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
-    state = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()}
-    quant = scheme.to_dict()
-    with staged_output(out, source) as tmp:
-        save_file(state, str(tmp / "model.safetensors"))
-        ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
-        write_manifest(tmp, {
-            "runtime": "torch", "spec": ckpt.spec.to_dict(), "precision": str(dtype).replace("torch.", ""),
-            "compute_dtype": str(dtype).replace("torch.", ""), "weights": "model.safetensors", "graphs": {},
-            "tokenizer": "tokenizer.json", "chat_text": ckpt.chat_text, "templates": ckpt.templates.to_dict(),
-            "origin": ckpt.origin,
-            "quantization": {**quant, "source": source,
-                             "kernel": {"name": KERNEL, "layout": LAYOUT, "bits": 4, "gptqmodel": version("gptqmodel")},
-                             "calibration": {"triples": str(calib) if calib else f"synthetic:{calib_size}",
-                                             "count": len(prepared), "tokens": gptq.tokens},
-                             "mean_layer_loss": float(np.mean(losses)) if losses else None},
-        })
+    quantization = {**scheme.to_dict(),
+                    "kernel": {"name": KERNEL, "layout": LAYOUT, "bits": 4, "gptqmodel": version("gptqmodel")},
+                    "calibration": {"triples": str(calib) if calib else f"synthetic:{calib_size}",
+                                    "count": len(prepared), "tokens": gptq.tokens},
+                    "mean_layer_loss": float(np.mean(losses)) if losses else None}
+    write_torch_model(out, source, ckpt, modules, dtype, quantization)
     log(f"wrote {out}")
     return out
 

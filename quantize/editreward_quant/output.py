@@ -42,3 +42,22 @@ def staged_output(out: Path, source_identity: dict):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_torch_model(out: Path, source: dict, ckpt, modules: dict, dtype, quantization: dict) -> Path:
+    """A pre-quantized torch model folder: the modules' state, tokenizer and manifest, staged."""
+    from safetensors.torch import save_file
+
+    from editreward_rt.manifest import write_manifest
+
+    state = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()}
+    dtype_name = str(dtype).replace("torch.", "")
+    with staged_output(out, source) as tmp:
+        save_file(state, str(tmp / "model.safetensors"))
+        ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
+        write_manifest(tmp, {
+            "runtime": "torch", "spec": ckpt.spec.to_dict(), "precision": dtype_name, "compute_dtype": dtype_name,
+            "weights": "model.safetensors", "graphs": {}, "tokenizer": "tokenizer.json", "chat_text": ckpt.chat_text,
+            "templates": ckpt.templates.to_dict(), "origin": ckpt.origin, "quantization": {**quantization, "source": source},
+        })
+    return out
