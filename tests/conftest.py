@@ -56,6 +56,24 @@ def images():
     return [random_image(i, h, w) for i, (h, w) in enumerate(SHAPES)]
 
 
+@pytest.fixture(scope="module")
+def triples(images):
+    """Three edits of one source and one unrelated triple, for quantized-variant parity."""
+    return [("Add a green bowl", images[0], e) for e in images[1:4]] + [("Make it snow", images[4], images[5])]
+
+
+def hidden_at_reward(scorer, triples):
+    """The decoder states the heads read, captured on the way in."""
+    engine, seen = scorer.backend.engine, []
+    original = engine.heads
+    engine.heads = lambda h: (seen.append(np.array(h)), original(h))[1]
+    try:
+        scores = scorer.score_batch(triples)
+    finally:
+        engine.heads = original
+    return np.concatenate(seen), scores
+
+
 def save(image: Image.Image, folder: Path, name: str) -> Path:
     path = folder / name
     image.save(path)

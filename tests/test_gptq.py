@@ -16,7 +16,7 @@ from editreward_rt import Scorer
 from editreward_rt.errors import BackendError
 from editreward_rt.parity import max_abs_diff, snr_db, tolerance
 
-from conftest import save
+from conftest import hidden_at_reward, save
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -45,22 +45,6 @@ def gptq_jsonl(tiny, images, tmp_path_factory):
                                                   ("Remove the lamp", names[3]))))
     return _quantize(tiny, root / "out", "--calib", str(calib), "--option", "desc_act=true",
                      "--option", "group_size=32")
-
-
-@pytest.fixture(scope="module")
-def triples(images):
-    return [("Add a green bowl", images[0], e) for e in images[1:4]] + [("Make it snow", images[4], images[5])]
-
-
-def hidden_at_reward(scorer, triples):
-    engine, seen = scorer.backend.engine, []
-    original = engine.heads
-    engine.heads = lambda h: (seen.append(np.array(h)), original(h))[1]
-    try:
-        scores = scorer.score_batch(triples)
-    finally:
-        engine.heads = original
-    return np.concatenate(seen), scores
 
 
 @pytest.mark.parametrize("which", ["gptq_default", "gptq_jsonl"])

@@ -15,7 +15,7 @@ from editreward_quant.schemes import SCHEMES, QuantizeError, check_available, ma
 from editreward_rt import Scorer
 from editreward_rt.parity import max_abs_diff, snr_db, tolerance
 
-from conftest import save
+from conftest import hidden_at_reward, save
 
 pytest.importorskip("bitsandbytes")
 
@@ -37,23 +37,6 @@ def quantized(tiny, tiny_onnx, tmp_path_factory):
         assert quantize_main(args) == 0
         out[label] = root / label
     return out
-
-
-@pytest.fixture(scope="module")
-def triples(images):
-    return [("Add a green bowl", images[0], e) for e in images[1:4]] + [("Make it snow", images[4], images[5])]
-
-
-def hidden_at_reward(scorer, triples):
-    """The decoder states the heads read, captured on the way in."""
-    engine, seen = scorer.backend.engine, []
-    original = engine.heads
-    engine.heads = lambda h: (seen.append(np.array(h)), original(h))[1]
-    try:
-        scores = scorer.score_batch(triples)
-    finally:
-        engine.heads = original
-    return np.concatenate(seen), scores
 
 
 @pytest.mark.parametrize("label", ["ort-int8", "ort-int8-weight_only", "ort-int4", "bnb-int8", "bnb-nf4"])

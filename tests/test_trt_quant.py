@@ -21,7 +21,7 @@ from editreward_rt import Scorer
 from editreward_rt.backends.ort_backend import OrtBackend
 from editreward_rt.parity import max_abs_diff, snr_db, tolerance
 
-from conftest import save
+from conftest import hidden_at_reward, save
 
 WINDOW = 8
 
@@ -229,18 +229,6 @@ def test_folder_manifest_and_qdq_structure(name, trt_folders, tiny_onnx, float_d
     assert WEIGHT_TYPE[name] in qdq["weight_bytes"] and "float" not in qdq["weight_bytes"]
     ratio = weight_bytes(folder) / weight_bytes(tiny_onnx)
     assert ratio < (0.3 if name == "trt-int4-awq" else 0.4), ratio
-
-
-def hidden_at_reward(scorer, triples):
-    """The decoder states the heads read, captured on the way in."""
-    engine, seen = scorer.backend.engine, []
-    heads = engine.heads
-    engine.heads = lambda h: (seen.append(np.array(h)), heads(h))[1]
-    try:
-        scores = scorer.score_batch(triples)
-    finally:
-        engine.heads = heads
-    return np.concatenate(seen), scores
 
 
 def _ort_scorer(folder):

@@ -125,31 +125,37 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_backend(scorer, triples, reps: int, batch_sizes) -> dict:
-    import torch
-
-    prepared = [scorer.prepare(*t) for t in triples]
-    scorer.backend.head_outputs(prepared[:1])
+def timings(backend, prepared, reps: int, batch_sizes) -> dict:
+    """Batch-1 latency percentiles and throughput per batch size of a backend on prepared triples."""
+    backend.head_outputs(prepared[:1])  # warm-up: first-use allocations
     seconds = []
     for _ in range(reps):
         _sync()
         t0 = time.perf_counter()
-        scorer.backend.head_outputs(prepared[:1])
+        backend.head_outputs(prepared[:1])
         _sync()
         seconds.append(time.perf_counter() - t0)
     ms = 1000 * np.asarray(seconds)
     throughput = {}
     for size in batch_sizes:
         if size <= len(prepared):
+            backend.head_outputs(prepared[:size])
             _sync()
             t0 = time.perf_counter()
-            scorer.backend.head_outputs(prepared[:size])
+            backend.head_outputs(prepared[:size])
             _sync()
             throughput[str(size)] = size / (time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"batch1": {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
                        "p99_ms": float(np.percentile(ms, 99)), "n": reps},
-            "throughput": throughput, "peak_gpu_mb": peak}
+            "throughput": throughput}
+
+
+def time_backend(scorer, triples, reps: int, batch_sizes) -> dict:
+    import torch
+
+    result = timings(scorer.backend, [scorer.prepare(*t) for t in triples], reps, batch_sizes)
+    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return result
 
 
 def run(args) -> dict:

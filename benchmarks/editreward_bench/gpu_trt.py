@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import ensure_fixture, results_document, synthetic_groups
-from .gpu_matrix import InMemoryCheckpoint, full_config, full_spec, random_state
+from .gpu_matrix import InMemoryCheckpoint, full_config, full_spec, random_state, timings
 
 # Tolerance keys: ("tensorrt", dtype) for float engines, ("tensorrt", scheme) for quantized ones.
 TOLERANCE_KEYS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
@@ -69,35 +69,6 @@ def reference_outputs(ckpt, triples, dtype: str):
     gc.collect()
     torch.cuda.empty_cache()
     return prepared, outputs
-
-
-def _sync():
-    import torch
-
-    torch.cuda.synchronize()
-
-
-def timings(backend, prepared, reps: int, batch_sizes) -> dict:
-    backend.head_outputs(prepared[:1])  # warm-up: first-use allocations
-    seconds = []
-    for _ in range(reps):
-        _sync()
-        t0 = time.perf_counter()
-        backend.head_outputs(prepared[:1])
-        _sync()
-        seconds.append(time.perf_counter() - t0)
-    ms = 1000 * np.asarray(seconds)
-    throughput = {}
-    for size in batch_sizes:
-        if size <= len(prepared):
-            backend.head_outputs(prepared[:size])
-            _sync()
-            t0 = time.perf_counter()
-            backend.head_outputs(prepared[:size])
-            _sync()
-            throughput[str(size)] = size / (time.perf_counter() - t0)
-    return {"batch1": {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "n": reps},
-            "throughput": throughput}
 
 
 def _tolerance(precision: str, reference_dtype: str):
