@@ -7,24 +7,19 @@ out=${1:-results}
 work=$out/work
 fixture=$work/fixture-small
 python benchmarks/parity.py --fixture small --workdir "$work" --variant torch-fast --groups 1 --edits 2 --out "$out/warmup-parity.json"
-quant() {  # scheme, source flag(s), name
-    [ -f "$work/$3/manifest.json" ] || python quantize/quantize.py --scheme "$1" $2 --out "$work/$3"
+quant() {  # scheme, source flag(s), name; always redone (seconds), so a scheme change is never stale
+    python quantize/quantize.py --scheme "$1" $2 --out "$work/$3"
 }
 quant ort-int8 "--model-dir $fixture/onnx-fp32" small-ort-int8
 quant ort-int4 "--model-dir $fixture/onnx-fp32" small-ort-int4
+quant ort-int4 "--model-dir $fixture/onnx-fp32 --option block_size=128" small-ort-int4-b128
 quant bnb-int8 "--ckpt $fixture/checkpoint --prompts-from $fixture/bench-prompts" small-bnb-int8
 quant bnb-nf4 "--ckpt $fixture/checkpoint --prompts-from $fixture/bench-prompts" small-bnb-nf4
 variants=(--variant torch-fast --variant "model:$fixture/onnx-fp32" --variant "model:$work/small-ort-int8"
-          --variant "model:$work/small-ort-int4" --variant "model:$work/small-bnb-int8" --variant "model:$work/small-bnb-nf4")
+          --variant "model:$work/small-ort-int4" --variant "model:$work/small-ort-int4-b128"
+          --variant "model:$work/small-bnb-int8" --variant "model:$work/small-bnb-nf4")
 python benchmarks/parity.py --fixture small --workdir "$work" "${variants[@]}" --groups 4 --edits 4 --out "$out/parity-small.json" || true
 python benchmarks/latency.py --fixture small --workdir "$work" "${variants[@]}" --reps 6 --out "$out/latency-small.json"
 python benchmarks/report.py "$out/latency-small.json" "$out/parity-small.json" --out "$out/report"
-python - "$out" <<'PY'
-import json, sys
-from pathlib import Path
-from editreward_quant.ort_schemes import weight_bytes
-work = Path(sys.argv[1]) / "work"
-fp32 = weight_bytes(work / "fixture-small" / "onnx-fp32")
-for name in ("small-ort-int8", "small-ort-int4"):
-    print(f"{name}: decoder weight bytes {weight_bytes(work / name)} = {weight_bytes(work / name) / (fp32 / 2):.3f} x bf16")
-PY
+python -m editreward_quant.sizes "$fixture/onnx-fp32" "$work/small-ort-int8" "$work/small-ort-int4" \
+    "$work/small-ort-int4-b128" "$work/small-bnb-int8" "$work/small-bnb-nf4" --json "$out/sizes-small.json"

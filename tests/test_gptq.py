@@ -90,7 +90,16 @@ def test_folder_holds_packed_decoder_linears_only(gptq_default, tiny):
             if key.endswith(".weight"):
                 float_bytes += value.numel() * value.element_size()
                 packed += sum(state[f"{prefix}.{n}"].nbytes for n in ("qweight", "qzeros", "scales", "g_idx"))
-        else:  # embeddings and norms keep their values
+        elif key == "embed_tokens.weight":  # 4-bit codes, two per byte, a float scale per 32 columns
+            rows, width = value.shape
+            assert f"decoder.{key}" not in state
+            assert state["decoder.embed_tokens.qweight"].dtype == np.uint8
+            assert state["decoder.embed_tokens.qweight"].shape == (rows, width // 2)
+            assert state["decoder.embed_tokens.scales"].shape == (rows, -(-width // 32))
+            assert quant["embedding"] == {"bits": 4, "block_size": 32, "shape": [rows, width]}
+            float_bytes += value.numel() * value.element_size()
+            packed += sum(state[f"decoder.embed_tokens.{n}"].nbytes for n in ("qweight", "scales"))
+        else:  # norms keep their values
             assert np.array_equal(state[f"decoder.{key}"], value.numpy())
     assert packed < 0.3 * float_bytes
     for part in ("vision", "heads"):  # vision tower and reward heads are not quantized
@@ -128,11 +137,12 @@ def test_gptq_folder_runs_fast_mode_only(gptq_default):
 
 def test_gptq_options_validate():
     scheme = make_scheme("gptq-int4", {"group_size": "64", "desc_act": "true", "sym": "false"})
-    assert scheme.to_dict() == {"scheme": "gptq-int4", "version": 1, "config": {
-        "include_vision": False, "include_heads": False, "group_size": 64, "desc_act": True, "sym": False}}
+    assert scheme.to_dict() == {"scheme": "gptq-int4", "version": 2, "config": {
+        "include_vision": False, "include_heads": False, "group_size": 64, "desc_act": True, "sym": False,
+        "embedding_bits": 4}}
     assert scheme_from_dict(scheme.to_dict()) == scheme
     assert not scheme.needs_gpu_to_run and not scheme.needs_gpu_to_quantize and scheme.needs_calibration
-    for bad in ({"group_size": "2048"}, {"group_size": "100"}, {"include_vision": "true"}):
+    for bad in ({"group_size": "2048"}, {"group_size": "100"}, {"include_vision": "true"}, {"embedding_bits": "2"}):
         with pytest.raises(QuantizeError):
             make_scheme("gptq-int4", bad)
 
@@ -143,3 +153,26 @@ def test_loading_without_gptqmodel_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "gptqmodel.nn_modules.qlinear.torch", None)
     with pytest.raises(BackendError, match=r"editreward-deploy\[gptq\]"):
         quant_linear_class()
+
+
+def test_gpu_matrix_script_covers_gptq(tmp_path):
+    """benchmarks/gpu_check.py's matrix includes gptq-int4, quantized in the run and parity-checked
+    before it is timed; where gptqmodel is missing the row says so instead of the script failing.
+    Dry run of the same code on the tiny fixture on the CPU."""
+    import importlib.util
+
+    from editreward_bench.gpu_matrix import main as gpu_check
+
+    out = tmp_path / "gpu-check.json"
+    assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--gptq-calib", "4", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["torch-fast"]["status"] == "ok"
+    row = rows["gptq-int4"]
+    if importlib.util.find_spec("gptqmodel") is None:
+        assert row["status"] == "skipped" and "gptqmodel" in row["reason"]
+        return
+    assert row["status"] == "ok", row
+    assert row["backend"]["quantization"] == "gptq-int4" and row["backend"]["gptq"]["calibration"]["count"] == 4
+    tol = tolerance("torch", "gptq-int4")
+    assert row["parity"]["max_abs_diff"]["mu"] <= tol.mu
+    assert row["batch1"]["p50_ms"] > 0

@@ -2,7 +2,8 @@
 of the real architecture (Qwen2.5-VL-7B body + EditReward heads), generated on the GPU in memory.
 
 Variants: PyTorch bf16 reference (two full passes per triple, as upstream), PyTorch bf16 fast
-path, bitsandbytes LLM.int8 and NF4 on the fast path, and ONNX Runtime when its CUDA provider
+path, bitsandbytes LLM.int8 and NF4 on the fast path, GPTQ 4-bit (GPTQModel; quantized in the
+run, its time reported; skipped with the reason where gptqmodel is not installed), and ONNX Runtime when its CUDA provider
 is present (the lent machines' onnxruntime is CPU-only: reported as skipped). Each variant is
 parity-checked against the reference before it is timed. ``--size tiny --device cpu`` runs the
 same code on the tiny fixture for a dry run.
@@ -96,8 +97,9 @@ def build(size: str, device: str, workdir: Path):
     return InMemoryCheckpoint(base, spec, full_config(base.config, spec), random_state(spec, device, dtype)), dtype
 
 
-def variants(ckpt, device: str, dtype_name: str):
-    """(label, factory) in the order they run; the reference first."""
+def variants(ckpt, device: str, dtype_name: str, gptq_calib: int = 16):
+    """(label, factory) in the order they run; the reference first. ``gptq-int4`` is quantized
+    here, in memory, calibrated on ``gptq_calib`` synthetic triples (skipped without gptqmodel)."""
     from editreward_rt.backends.torch_backend import TorchBackend
 
     def bnb(scheme):
@@ -107,15 +109,32 @@ def variants(ckpt, device: str, dtype_name: str):
             backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
             engine = backend.engine
             modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
-            config = {"threshold": 6.0} if scheme == "bnb-int8" else {"double_quant": True, "compute_dtype": "bfloat16"}
-            swap_linears(modules, {"scheme": scheme, "config": config}, engine.device, load_float=True)
+            from editreward_quant.embedding import quantize_torch_embedding
+            from editreward_quant.schemes import EMBEDDING_BLOCK, make_scheme
+
+            config = make_scheme(scheme)
+            swap_linears(modules, config.to_dict(), engine.device, load_float=True)
+            quantize_torch_embedding(engine.decoder, config.embedding_bits, EMBEDDING_BLOCK)
             backend.description["quantization"] = scheme
             return backend
         return make
 
+    def gptq():
+        from editreward_quant.calib import synthetic_triples
+        from editreward_quant.gptq_scheme import quantize_backend
+        from editreward_quant.schemes import GptqInt4
+        from editreward_rt.scorer import Scorer
+
+        backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
+        t0 = time.perf_counter()
+        info = quantize_backend(backend, Scorer(backend, ckpt), synthetic_triples(gptq_calib, seed=1), GptqInt4(),
+                                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        backend.description.update(quantization="gptq-int4", quantize_s=time.perf_counter() - t0, gptq=info)
+        return backend
+
     return [("torch-reference", lambda: TorchBackend(ckpt, mode="reference", device=device, dtype=dtype_name)),
             ("torch-fast", lambda: TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)),
-            ("bnb-int8", bnb("bnb-int8")), ("bnb-nf4", bnb("bnb-nf4"))]
+            ("bnb-int8", bnb("bnb-int8")), ("bnb-nf4", bnb("bnb-nf4")), ("gptq-int4", gptq)]
 
 
 def _sync():
@@ -172,7 +191,7 @@ def run(args) -> dict:
     groups = synthetic_groups(2, 4, seed=0)
     triples = [(g[0], g[1], e) for g in groups for e in g[2]]
     results, reference = [], None
-    for label, make in variants(ckpt, args.device, dtype_name):
+    for label, make in variants(ckpt, args.device, dtype_name, args.gptq_calib):
         print(f"== {label}", file=sys.stderr, flush=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -213,6 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--gptq-calib", type=int, default=16, help="synthetic calibration triples for gptq-int4")
     parser.add_argument("--out", default="results/gpu-check.json")
     args = parser.parse_args(argv)
     doc = run(args)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from editreward_rt.checkpoint import open_checkpoint
+from .embedding import quantize_torch_embedding
 from .output import write_torch_model
-from .schemes import BnbInt8, BnbNf4, Scheme
+from .schemes import EMBEDDING_BLOCK, BnbInt8, BnbNf4, Scheme
 
 
 def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str | None = None,
@@ -28,6 +29,7 @@ def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str 
     quant = scheme.to_dict()
     log(f"quantizing decoder linear layers with {scheme.name}" + (" and the vision tower" if scheme.include_vision else ""))
     swap_linears(modules, quant, dev, load_float=True)
+    quant["embedding"] = quantize_torch_embedding(engine.decoder, scheme.embedding_bits, EMBEDDING_BLOCK)
     write_torch_model(out, source, ckpt, modules, dtype, quant)
     log(f"wrote {out}")
     return out

@@ -16,7 +16,8 @@ per image for the whole job. Cost: about 5 decoder-layer passes over the calibra
 
 Each quantized linear is packed at once into GPTQModel's ``TorchLinear`` (see
 ``editreward_rt.quantized_gptq``), so later passes run the runtime's exact arithmetic. The
-vision tower, embeddings, norms and the float32 reward heads keep their precision.
+token embedding is rounded to 4 bits before calibration starts (``embedding_bits``; a lookup has
+no activations for GPTQ to use); the vision tower, norms and float32 reward heads keep their precision.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import torch
 from editreward_rt.checkpoint import open_checkpoint
 
 from .calib import calibration_triples, prepare_all
+from .embedding import quantize_torch_embedding
 from .output import write_torch_model
-from .schemes import GptqInt4, QuantizeError
+from .schemes import EMBEDDING_BLOCK, GptqInt4, QuantizeError
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -50,25 +52,33 @@ def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: s
     # Non-quantized parts (and the calibration passes) run in bf16 on a GPU, float32 on a CPU.
     log(f"loading {ckpt_arg}")
     backend = TorchBackend(ckpt, mode="fast", device=device)
-    engine, dtype = backend.engine, backend.engine.dtype
-    scorer = Scorer(backend, ckpt)
-    triples = calibration_triples(calib, calib_size)
-    prepared = prepare_all(scorer, triples)
-    log(f"calibrating on {len(prepared)} triples ({calib or 'synthetic'}), {len(engine.decoder.layers)} decoder layers")
-
-    gptq = _GptqRun(engine, backend.pipeline, prepared, scheme, scorer.max_batch, log)
-    with torch.inference_mode():
-        losses = gptq.run()
+    engine = backend.engine
+    info = quantize_backend(backend, Scorer(backend, ckpt), calibration_triples(calib, calib_size), scheme, log)
 
     modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
     quantization = {**scheme.to_dict(),
                     "kernel": {"name": KERNEL, "layout": LAYOUT, "bits": 4, "gptqmodel": version("gptqmodel")},
-                    "calibration": {"triples": str(calib) if calib else f"synthetic:{calib_size}",
-                                    "count": len(prepared), "tokens": gptq.tokens},
-                    "mean_layer_loss": float(np.mean(losses)) if losses else None}
-    write_torch_model(out, source, ckpt, modules, dtype, quantization)
+                    "calibration": {"triples": str(calib) if calib else f"synthetic:{calib_size}", **info["calibration"]},
+                    "mean_layer_loss": info["mean_layer_loss"], "embedding": info["embedding"]}
+    write_torch_model(out, source, ckpt, modules, engine.dtype, quantization)
     log(f"wrote {out}")
     return out
+
+
+def quantize_backend(backend, scorer, triples, scheme: GptqInt4, log=print) -> dict:
+    """GPTQ the decoder of a loaded fast-mode torch ``backend`` in place, calibrated on ``triples``
+    through ``scorer`` (its preprocessing and prompts). Used by the CLI above and, without any
+    file round trip, by the GPU matrix check."""
+    engine = backend.engine
+    # First, so that calibration sees the embedding the folder will hold.
+    embedding = quantize_torch_embedding(engine.decoder, scheme.embedding_bits, EMBEDDING_BLOCK)
+    prepared = prepare_all(scorer, triples)
+    log(f"calibrating on {len(prepared)} triples, {len(engine.decoder.layers)} decoder layers")
+    gptq = _GptqRun(engine, backend.pipeline, prepared, scheme, scorer.max_batch, log)
+    with torch.inference_mode():
+        losses = gptq.run()
+    return {"calibration": {"count": len(prepared), "tokens": gptq.tokens}, "embedding": embedding,
+            "mean_layer_loss": float(np.mean(losses)) if losses else None}
 
 
 class _GptqRun:

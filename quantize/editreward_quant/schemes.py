@@ -48,17 +48,20 @@ class OrtInt8(Scheme):
     at run time: the fast CPU path) or ``weight_only`` (MatMulNBits with 8 bits, for CPU and CUDA)."""
 
     name: ClassVar[str] = "ort-int8"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
     target: ClassVar[str] = "onnx"
     extra: ClassVar[str] = "onnx"
     modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
     mode: str = "dynamic"
     block_size: int = 128  # weight_only only
+    embedding_bits: int = 8  # token embedding: 8 (int8 rows, a float scale each) or 0 (float32)
 
     def __post_init__(self):
         super().__post_init__()
         if self.mode not in ("dynamic", "weight_only"):
             raise QuantizeError(f"ort-int8 mode must be dynamic or weight_only, not {self.mode!r}")
         _check_block(self.block_size)
+        _check_embedding_bits(self.embedding_bits, (0, 8))
 
 
 @dataclass(frozen=True)
@@ -67,16 +70,19 @@ class OrtInt4(Scheme):
     the only level that is faster than float32 there; 0 keeps float compute."""
 
     name: ClassVar[str] = "ort-int4"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
     target: ClassVar[str] = "onnx"
     extra: ClassVar[str] = "onnx"
     modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4
+    embedding_bits: int = 4  # token embedding: 4 (GatherBlockQuantized, same block size), 8 or 0 (float32)
 
     def __post_init__(self):
         super().__post_init__()
         _check_block(self.block_size)
+        _check_embedding_bits(self.embedding_bits, (0, 4, 8))
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise QuantizeError(f"accuracy_level must be 0-4, not {self.accuracy_level}")
 
@@ -86,13 +92,16 @@ class BnbInt8(Scheme):
     """bitsandbytes LLM.int8 on the decoder's linear layers (outlier threshold 6.0)."""
 
     name: ClassVar[str] = "bnb-int8"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
     target: ClassVar[str] = "torch"
     extra: ClassVar[str] = "quant"
     modules: ClassVar[tuple[str, ...]] = ("bitsandbytes", "torch")
     threshold: float = 6.0
+    embedding_bits: int = 8  # token embedding: 8 (int8 rows) or 0 (compute dtype)
 
     def __post_init__(self):
         super().__post_init__()
+        _check_embedding_bits(self.embedding_bits, (0, 8))
         if self.threshold < 0:
             raise QuantizeError("threshold must be >= 0")
 
@@ -102,15 +111,18 @@ class BnbNf4(Scheme):
     """bitsandbytes NF4 with double quantization and bf16 compute on the decoder's linear layers."""
 
     name: ClassVar[str] = "bnb-nf4"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
     target: ClassVar[str] = "torch"
     extra: ClassVar[str] = "quant"
     modules: ClassVar[tuple[str, ...]] = ("bitsandbytes", "torch")
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
     block_size: int = 64
+    embedding_bits: int = 4  # token embedding: 4 (blocks of EMBEDDING_BLOCK), 8 or 0 (compute dtype)
 
     def __post_init__(self):
         super().__post_init__()
+        _check_embedding_bits(self.embedding_bits, (0, 4, 8))
         if self.compute_dtype not in ("bfloat16", "float16", "float32"):
             raise QuantizeError(f"compute_dtype {self.compute_dtype!r} is not bfloat16, float16 or float32")
         if self.block_size not in (64, 128, 256):
@@ -124,6 +136,7 @@ class GptqInt4(Scheme):
     symmetric 4-bit codes; ``desc_act``: quantize columns by decreasing activation energy."""
 
     name: ClassVar[str] = "gptq-int4"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
     target: ClassVar[str] = "torch"
     extra: ClassVar[str] = "gptq"
     modules: ClassVar[tuple[str, ...]] = ("gptqmodel", "torch")
@@ -132,9 +145,11 @@ class GptqInt4(Scheme):
     group_size: int = 128
     desc_act: bool = False
     sym: bool = True
+    embedding_bits: int = 4  # token embedding (round to nearest: a lookup has nothing to calibrate): 4, 8 or 0
 
     def __post_init__(self):
         super().__post_init__()
+        _check_embedding_bits(self.embedding_bits, (0, 4, 8))
         _check_block(self.group_size)
         if self.group_size > 1024:
             raise QuantizeError(f"gptq-int4 group_size must be at most 1024 (GPTQModel's torch kernel), not {self.group_size}")
@@ -202,6 +217,14 @@ class TrtInt4Awq(_TrtScheme):
     def __post_init__(self):
         super().__post_init__()
         _check_block(self.block_size)
+
+
+EMBEDDING_BLOCK = 32  # columns per scale of the torch schemes' 4-bit token embedding
+
+
+def _check_embedding_bits(bits: int, allowed: tuple[int, ...]) -> None:
+    if bits not in allowed:
+        raise QuantizeError(f"embedding_bits must be one of {', '.join(map(str, allowed))} (0 keeps float32), not {bits}")
 
 
 def _check_block(size: int) -> None:

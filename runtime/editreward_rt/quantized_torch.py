@@ -2,8 +2,8 @@
 
 The quantize tool swaps the decoder's linear layers (and the vision tower's, when opted in)
 for bitsandbytes layers and saves their quantized state; the runtime rebuilds the same layers
-from the manifest's scheme config and loads that state. Embeddings, norms and the float32
-reward heads are never quantized.
+from the manifest's scheme config and loads that state. The decoder's token embedding is
+quantized separately (``quantized_embedding``); norms and the float32 reward heads never are.
 """
 
 from __future__ import annotations

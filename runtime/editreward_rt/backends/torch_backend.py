@@ -160,6 +160,7 @@ class TorchBackend:
     @classmethod
     def from_quantized(cls, model, mode: str = "fast", device: str = "cpu", threads: int | None = None):
         """A bitsandbytes- or GPTQ-quantized model folder written by ``quantize/quantize.py``."""
+        from ..quantized_embedding import swap_empty_embedding
         from ..quantized_gptq import GPTQ_SCHEMES
         from ..quantized_torch import BNB_SCHEMES, load_quantized_state, swap_linears
 
@@ -180,6 +181,7 @@ class TorchBackend:
         from safetensors.torch import load_file
 
         state = load_file(str(model.root / model.manifest["weights"]))
+        swap_empty_embedding(modules["decoder"], quant.get("embedding"), dt)
         if quant["scheme"] in GPTQ_SCHEMES:
             from ..quantized_gptq import load_gptq_modules
 
