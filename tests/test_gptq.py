@@ -35,7 +35,8 @@ def gptq_default(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gptq_jsonl(tiny, images, tmp_path_factory):
-    """Calibration from a user's JSONL, with act-order and 32-column groups (two groups per row on tiny)."""
+    """Calibration from a user's JSONL, with act-order, 32-column groups (two groups per row on tiny)
+    and a 4-bit token embedding."""
     pytest.importorskip("gptqmodel")
     root = tmp_path_factory.mktemp("gptq-jsonl")
     names = [save(images[i], root, f"{i}.png").name for i in range(4)]
@@ -44,7 +45,7 @@ def gptq_jsonl(tiny, images, tmp_path_factory):
                              for text, edited in (("Add a green bowl", names[1]), ("Make it snow", names[2]),
                                                   ("Remove the lamp", names[3]))))
     return _quantize(tiny, root / "out", "--calib", str(calib), "--option", "desc_act=true",
-                     "--option", "group_size=32")
+                     "--option", "group_size=32", "--option", "embedding_bits=4")
 
 
 @pytest.mark.parametrize("which", ["gptq_default", "gptq_jsonl"])
@@ -90,13 +91,13 @@ def test_folder_holds_packed_decoder_linears_only(gptq_default, tiny):
             if key.endswith(".weight"):
                 float_bytes += value.numel() * value.element_size()
                 packed += sum(state[f"{prefix}.{n}"].nbytes for n in ("qweight", "qzeros", "scales", "g_idx"))
-        elif key == "embed_tokens.weight":  # 4-bit codes, two per byte, a float scale per 32 columns
+        elif key == "embed_tokens.weight":  # int8 rows, a float scale each
             rows, width = value.shape
             assert f"decoder.{key}" not in state
-            assert state["decoder.embed_tokens.qweight"].dtype == np.uint8
-            assert state["decoder.embed_tokens.qweight"].shape == (rows, width // 2)
-            assert state["decoder.embed_tokens.scales"].shape == (rows, -(-width // 32))
-            assert quant["embedding"] == {"bits": 4, "block_size": 32, "shape": [rows, width]}
+            assert state["decoder.embed_tokens.qweight"].dtype == np.int8
+            assert state["decoder.embed_tokens.qweight"].shape == (rows, width)
+            assert state["decoder.embed_tokens.scales"].shape == (rows, 1)
+            assert quant["embedding"] == {"bits": 8, "block_size": width, "shape": [rows, width]}
             float_bytes += value.numel() * value.element_size()
             packed += sum(state[f"decoder.embed_tokens.{n}"].nbytes for n in ("qweight", "scales"))
         else:  # norms keep their values
@@ -139,7 +140,7 @@ def test_gptq_options_validate():
     scheme = make_scheme("gptq-int4", {"group_size": "64", "desc_act": "true", "sym": "false"})
     assert scheme.to_dict() == {"scheme": "gptq-int4", "version": 2, "config": {
         "include_vision": False, "include_heads": False, "group_size": 64, "desc_act": True, "sym": False,
-        "embedding_bits": 4}}
+        "embedding_bits": 8}}
     assert scheme_from_dict(scheme.to_dict()) == scheme
     assert not scheme.needs_gpu_to_run and not scheme.needs_gpu_to_quantize and scheme.needs_calibration
     for bad in ({"group_size": "2048"}, {"group_size": "100"}, {"include_vision": "true"}, {"embedding_bits": "2"}):
@@ -164,8 +165,10 @@ def test_gpu_matrix_script_covers_gptq(tmp_path):
     from editreward_bench.gpu_matrix import main as gpu_check
 
     out = tmp_path / "gpu-check.json"
-    assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--gptq-calib", "4", "--out", str(out)]) == 0
+    assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--gptq-calib", "4",
+                      "--only", "torch-fast", "gptq-int4", "--out", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["torch-reference", "torch-fast", "gptq-int4", "onnxruntime-cuda"]
     assert rows["torch-fast"]["status"] == "ok"
     row = rows["gptq-int4"]
     if importlib.util.find_spec("gptqmodel") is None:

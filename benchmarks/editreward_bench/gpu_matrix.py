@@ -3,9 +3,11 @@ of the real architecture (Qwen2.5-VL-7B body + EditReward heads), generated on t
 
 Variants: PyTorch bf16 reference (two full passes per triple, as upstream), PyTorch bf16 fast
 path, bitsandbytes LLM.int8 and NF4 on the fast path, GPTQ 4-bit (GPTQModel; quantized in the
-run, its time reported; skipped with the reason where gptqmodel is not installed), and ONNX Runtime when its CUDA provider
-is present (the lent machines' onnxruntime is CPU-only: reported as skipped). Each variant is
-parity-checked against the reference before it is timed. ``--size tiny --device cpu`` runs the
+run on synthetic triples, its time reported; skipped with the reason where gptqmodel is not
+installed). ONNX Runtime on CUDA is not run here (the model exists only in this process, and
+the lent machines' onnxruntime is CPU-only): its row says how to measure an exported folder with
+``latency.py --device cuda``. Each variant is parity-checked against the reference before it is
+timed. ``--size tiny --device cpu`` runs the
 same code on the tiny fixture for a dry run.
 """
 
@@ -191,7 +193,13 @@ def run(args) -> dict:
     groups = synthetic_groups(2, 4, seed=0)
     triples = [(g[0], g[1], e) for g in groups for e in g[2]]
     results, reference = [], None
-    for label, make in variants(ckpt, args.device, dtype_name, args.gptq_calib):
+    chosen = variants(ckpt, args.device, dtype_name, args.gptq_calib)
+    if args.only:
+        unknown = set(args.only) - {label for label, _ in chosen}
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {[label for label, _ in chosen]}")
+        chosen = [(label, make) for label, make in chosen if label == "torch-reference" or label in args.only]
+    for label, make in chosen:
         print(f"== {label}", file=sys.stderr, flush=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -218,10 +226,18 @@ def run(args) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    import onnxruntime
+    try:
+        import onnxruntime
 
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        results.append({"variant": "onnxruntime-cuda", "status": "skipped", "reason": "onnxruntime has no CUDA provider here"})
+        providers = onnxruntime.get_available_providers()
+    except ImportError:
+        providers = []
+    # The random model lives only in this process; exporting a 7B to ONNX here would take most of
+    # a GPU session. ONNX Runtime on CUDA is measured on an exported folder instead.
+    how = ("measure an exported folder with: python benchmarks/latency.py --ckpt CKPT "
+           "--variant model:EXPORTED_DIR --device cuda")
+    reason = how if "CUDAExecutionProvider" in providers else f"onnxruntime has no CUDA provider here; {how}"
+    results.append({"variant": "onnxruntime-cuda", "status": "skipped", "reason": reason})
     return results_document("latency", {"size": args.size, "dtype": dtype_name, "triples": len(triples),
                                         "reps": args.reps, "model": "random weights, real architecture" if args.size == "full" else "tiny fixture"},
                             results, args.device)
@@ -233,6 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gptq-calib", type=int, default=16, help="synthetic calibration triples for gptq-int4")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT",
+                        help="run only these variants (the reference always runs): torch-fast bnb-int8 bnb-nf4 gptq-int4")
     parser.add_argument("--out", default="results/gpu-check.json")
     args = parser.parse_args(argv)
     doc = run(args)

@@ -16,8 +16,8 @@ per image for the whole job. Cost: about 5 decoder-layer passes over the calibra
 
 Each quantized linear is packed at once into GPTQModel's ``TorchLinear`` (see
 ``editreward_rt.quantized_gptq``), so later passes run the runtime's exact arithmetic. The
-token embedding is rounded to 4 bits before calibration starts (``embedding_bits``; a lookup has
-no activations for GPTQ to use); the vision tower, norms and float32 reward heads keep their precision.
+token embedding is rounded to 8 bits (``embedding_bits``; a lookup has no activations for GPTQ
+to use) before calibration starts; the vision tower, norms and float32 reward heads keep their precision.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class OrtInt4(Scheme):
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4
-    embedding_bits: int = 4  # token embedding: 4 (GatherBlockQuantized, same block size), 8 or 0 (float32)
+    embedding_bits: int = 8  # token embedding: 8 (int8 rows), 4 (GatherBlockQuantized, same block size) or 0 (float32)
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,7 +118,7 @@ class BnbNf4(Scheme):
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
     block_size: int = 64
-    embedding_bits: int = 4  # token embedding: 4 (blocks of EMBEDDING_BLOCK), 8 or 0 (compute dtype)
+    embedding_bits: int = 8  # token embedding: 8 (int8 rows), 4 (blocks of EMBEDDING_BLOCK) or 0 (compute dtype)
 
     def __post_init__(self):
         super().__post_init__()
@@ -145,7 +145,7 @@ class GptqInt4(Scheme):
     group_size: int = 128
     desc_act: bool = False
     sym: bool = True
-    embedding_bits: int = 4  # token embedding (round to nearest: a lookup has nothing to calibrate): 4, 8 or 0
+    embedding_bits: int = 8  # token embedding (round to nearest: a lookup has nothing to calibrate): 8, 4 or 0
 
     def __post_init__(self):
         super().__post_init__()
