@@ -116,15 +116,21 @@ def _export_graph(module, args, gspec: GraphSpec, path: Path, opset: int) -> Non
     import onnx
     import torch
 
+    before = set(path.parent.iterdir())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                           input_names=[n for n, _, _ in gspec.inputs], output_names=[n for n, _, _ in gspec.outputs],
                           dynamic_axes=gspec.dynamic_axes(), do_constant_folding=True)
-    if path.stat().st_size > EXTERNAL_DATA_BYTES or any(path.parent.glob("onnx__*")):
+    # Over 2 GB the exporter writes one file per tensor, named after the parameter or "onnx__*":
+    # gather them into one ``<graph>.onnx.data`` and remove every file the export left beside it.
+    strays = set(path.parent.iterdir()) - before - {path}
+    if strays or path.stat().st_size > EXTERNAL_DATA_BYTES:
         model = onnx.load(str(path))
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
-        for stray in path.parent.glob("onnx__*"):
+        data = path.with_name(path.name + ".data")
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+        del model
+        for stray in strays - {data}:
             stray.unlink()
     onnx.checker.check_model(str(path))
 
