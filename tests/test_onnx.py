@@ -27,6 +27,9 @@ def test_exported_folder_is_self_describing(tiny_onnx):
     assert "<|Reward|>" in manifest["templates"]["reward_suffix"]
     decoder_inputs = {i["name"]: i["shape"] for i in manifest["graphs"]["decoder"]["inputs"]}
     assert decoder_inputs["input_ids"] == ["batch", "seq"] and decoder_inputs["past"][4] == "past"
+    # Readable by other users (a serving account), not mkdtemp's 0700.
+    assert tiny_onnx.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tiny_onnx.iterdir())
 
 
 def test_graphs_use_standard_onnx_ops_only(tiny_onnx):

@@ -237,6 +237,9 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
         log(f"[4/4] writing {out}")
         if out.exists():
             shutil.rmtree(out)
+        tmp.chmod(0o755)  # mkdtemp's 0700 and onnx's 0600 data files would hide the model from a serving user
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         tmp.rename(out)
     finally:
         if tmp.exists():
