@@ -24,7 +24,7 @@ import numpy as np
 
 from editreward_rt.checkpoint import Checkpoint, open_checkpoint
 from editreward_rt.errors import ExportError
-from editreward_rt.manifest import MANIFEST, write_manifest
+from editreward_rt.manifest import MANIFEST, publish_folder, write_manifest
 from editreward_rt.parity import max_abs_diff, tolerance, within
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -235,12 +235,7 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
             manifest["validation"] = validate(tmp, ckpt, state, precision, log)
             write_manifest(tmp, manifest)
         log(f"[4/4] writing {out}")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.chmod(0o755)  # mkdtemp's 0700 and onnx's 0600 data files would hide the model from a serving user
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        tmp.rename(out)
+        publish_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

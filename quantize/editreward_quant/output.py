@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from editreward_rt.manifest import MANIFEST
+from editreward_rt.manifest import MANIFEST, publish_folder
 
 from .schemes import QuantizeError
 
@@ -33,12 +33,7 @@ def staged_output(out: Path, source_identity: dict):
     tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        tmp.rename(out)
+        publish_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -96,3 +96,17 @@ def write_manifest(root: Path, manifest: dict) -> None:
     manifest = {"format": FORMAT, "manifest_version": MANIFEST_VERSION, **manifest}
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def publish_folder(staged: Path, out: Path) -> None:
+    """Move a fully written model folder from its staging place (a ``mkdtemp`` folder beside
+    ``out``) into place, replacing ``out``. Permissions become 0755/0644: mkdtemp's 0700 and the
+    0600 data files onnx writes would hide the model from a serving account."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    staged.chmod(0o755)
+    for path in staged.iterdir():
+        path.chmod(0o644)
+    staged.rename(out)
