@@ -24,11 +24,10 @@ import numpy as np
 
 from editreward_rt.checkpoint import Checkpoint, open_checkpoint
 from editreward_rt.errors import ExportError
-from editreward_rt.manifest import MANIFEST, publish_folder, write_manifest
+from editreward_rt.manifest import EXTERNAL_DATA_BYTES, MANIFEST, publish_folder, write_manifest
 from editreward_rt.parity import max_abs_diff, tolerance, within
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB cap, with margin
 BF16_NOT_VALIDATED = ("ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Gemm, ...), so bf16 graphs "
                       "cannot be self-validated here; validate the built TensorRT engines (benchmarks/gpu_trt_check.py)")
 

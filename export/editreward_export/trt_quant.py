@@ -36,10 +36,8 @@ import numpy as np
 from editreward_quant.calib import calibration_triples, prepare_all
 from editreward_quant.output import staged_output
 from editreward_quant.schemes import QuantizeError, Scheme, TrtFp8, TrtInt4Awq, TrtInt8Sq, make_scheme
-from editreward_rt.manifest import open_exported, write_manifest
+from editreward_rt.manifest import EXTERNAL_DATA_BYTES, open_exported, write_manifest
 from editreward_rt.parity import snr_db
-
-from .onnx_export import EXTERNAL_DATA_BYTES
 
 PRECISIONS = {"fp8": "trt-fp8", "int8": "trt-int8-sq", "int4": "trt-int4-awq"}
 DECODER_INPUTS = ("input_ids", "image_embeds", "image_index", "position_ids", "attention_mask", "past")

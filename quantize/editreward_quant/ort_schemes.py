@@ -4,12 +4,12 @@ exported model folder; the result is a new exported model folder the same backen
 Two passes per graph: ONNX Runtime's own quantizers turn the weight MatMuls into int8
 (``MatMulInteger`` via dynamic quantization, or ``MatMulNBits``) or int4 (``MatMulNBits``);
 then the token-embedding ``Gather`` (545M of the 7B's 7.1B decoder parameters) becomes a
-quantized lookup with the same number of bits:
+quantized lookup, with ``embedding_bits`` bits:
 
-- 8 bits: an int8 table with one float scale per row, read with plain ONNX ops
-  (``Gather`` -> ``Cast`` -> ``Mul``), which every execution provider implements;
-- 4 bits: ``com.microsoft.GatherBlockQuantized`` over a packed uint8 table with the scheme's
-  block size (ONNX Runtime has it on the CPU and CUDA providers).
+- 8 (every scheme's default): an int8 table with one float scale per row, read with plain ONNX
+  ops (``Gather`` -> ``Cast`` -> ``Mul``), which every execution provider implements;
+- 4 (``ort-int4`` on request): ``com.microsoft.GatherBlockQuantized`` over a packed uint8 table
+  with the scheme's block size (ONNX Runtime has it on the CPU and CUDA providers).
 
 Without the second pass the float32 table alone would be 0.15x of the whole decoder in bf16.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from editreward_rt.manifest import MANIFEST, open_exported, write_manifest
+from editreward_rt.manifest import EXTERNAL_DATA_BYTES, MANIFEST, open_exported, write_manifest
 
 from .embedding import blockwise_uint4, rowwise_int8, table_bits
 from .output import staged_output
@@ -31,7 +31,6 @@ from .schemes import OrtInt4, OrtInt8, QuantizeError, Scheme
 # ONNX Runtime's quantizers handle the weight MatMuls; the embedding Gather gets its own pass
 # (below), and norms, biases and rotary math stay float.
 OP_TYPES = ("MatMul",)
-EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB cap, with margin (the exporter's threshold)
 
 
 def _bits(scheme: Scheme) -> int:

@@ -21,6 +21,7 @@ MANIFEST = "manifest.json"
 FORMAT = "editreward-exported-model"
 MANIFEST_VERSION = 1
 KNOWN_VERSIONS = (1,)
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB cap, with margin: larger graphs keep their weights in <graph>.onnx.data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
