@@ -7,8 +7,7 @@ run on synthetic triples, its time reported; skipped with the reason where gptqm
 installed). ONNX Runtime on CUDA is not run here (the model exists only in this process, and
 the lent machines' onnxruntime is CPU-only): its row says how to measure an exported folder with
 ``latency.py --device cuda``. Each variant is parity-checked against the reference before it is
-timed. ``--size tiny --device cpu`` runs the
-same code on the tiny fixture for a dry run.
+timed. ``--size tiny --device cpu`` runs the same code on the tiny fixture for a dry run.
 """
 
 from __future__ import annotations
