@@ -3,7 +3,7 @@ exported model folder; the result is a new exported model folder the same backen
 
 Two passes per graph: ONNX Runtime's own quantizers turn the weight MatMuls into int8
 (``MatMulInteger`` via dynamic quantization, or ``MatMulNBits``) or int4 (``MatMulNBits``);
-then the token-embedding ``Gather`` (545M of the 7B's 7.1B decoder parameters) becomes a
+then the token-embedding ``Gather`` (544M of the 7B's 7.1B decoder parameters) becomes a
 quantized lookup, with ``embedding_bits`` bits:
 
 - 8 (every scheme's default): an int8 table with one float scale per row, read with plain ONNX

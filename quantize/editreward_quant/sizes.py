@@ -2,7 +2,7 @@
 size figure every scheme reports, whatever it writes (an ONNX graph, or a torch folder).
 
 The decoder is the text model: token embedding, layers, final norm (Qwen2.5-VL-7B: 7.07B
-parameters, 545M of them the embedding). Bytes are counted as stored: quantized codes, their
+parameters, 544M of them the embedding). Bytes are counted as stored: quantized codes, their
 scales and zero points, and whatever stays float (norms, biases; float32 on a CPU export).
 """
 
