@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -14,6 +15,8 @@ from .errors import BackendError, EditRewardError
 from .pipeline import PreparedTriple, fuse
 from .preprocess import PreprocessedImage, preprocess_image
 from .prompts import PromptBuilder
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MANIFEST = "manifest.json"
@@ -134,6 +137,26 @@ class Scorer:
                 per_head = self.backend.head_outputs(chunk)
             scores.extend(self._scores(per_head))
         return scores
+
+    def score_prepared_isolated(self, triples: list[PreparedTriple], wrap) -> list:
+        """Score a batch; if it fails as a whole, score triple by triple so one bad triple costs
+        only its own result. A failure is returned in its place: an ``EditRewardError`` as is,
+        anything else as ``wrap(exc)`` (called inside the ``except``, so it may log the traceback)."""
+        if not triples:
+            return []
+        try:
+            return self.score_prepared(triples)
+        except Exception:
+            log.warning("a batch of %d failed; scoring its triples one by one", len(triples), exc_info=True)
+        out = []
+        for triple in triples:
+            try:
+                out.append(self.score_prepared([triple])[0])
+            except EditRewardError as exc:
+                out.append(exc)
+            except Exception as exc:
+                out.append(wrap(exc))
+        return out
 
     def _scores(self, per_head: np.ndarray) -> list[Score]:
         fused = fuse(per_head, self.spec.heads.fusion)

@@ -193,19 +193,8 @@ class ScoreActor:
         return cache[key]
 
     def _score(self, prepared: list) -> list:
-        try:
-            return self.scorer.score_prepared(prepared)
-        except Exception:  # one triple broke the batch: score them one at a time
-            pass
-        out = []
-        for p in prepared:
-            try:
-                out.append(self.scorer.score_prepared([p])[0])
-            except EditRewardError as exc:
-                out.append(exc)
-            except Exception as exc:
-                out.append(InputError(f"scoring failed: {type(exc).__name__}: {exc}"))
-        return out
+        return self.scorer.score_prepared_isolated(
+            prepared, lambda exc: InputError(f"scoring failed: {type(exc).__name__}: {exc}"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, cache, todo = batch.to_pylist(), {}, []

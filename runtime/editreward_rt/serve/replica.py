@@ -94,22 +94,11 @@ class ScorerReplica:
 
     def _score_safely(self, triples: list) -> list:
         """Score a merged batch; if the batch fails as a whole, score triple by triple."""
-        if not triples:
-            return []
-        try:
-            return self.scorer.score_prepared(triples)
-        except Exception:
-            log.warning("a batch of %d failed; scoring its triples one by one", len(triples), exc_info=True)
-        out = []
-        for t in triples:
-            try:
-                out.append(self.scorer.score_prepared([t])[0])
-            except EditRewardError as exc:
-                out.append(exc)
-            except Exception as exc:
-                log.exception("scoring failed")
-                out.append(ServiceError(f"scoring failed: {type(exc).__name__}: {exc}"))
-        return out
+        def wrap(exc):
+            log.exception("scoring failed")
+            return ServiceError(f"scoring failed: {type(exc).__name__}: {exc}")
+
+        return self.scorer.score_prepared_isolated(triples, wrap)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2, batch_size_fn=_triple_count)
     async def _batch(self, chunks: list[list]) -> list[tuple[list, dict | None]]:
