@@ -36,6 +36,9 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+TIGHT_EDITS = 256  # edits in the rank request that must outlast the tight app's timeout
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -73,7 +76,7 @@ def server(tiny_onnx):
     main = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, batch_wait_ms=20, limits=limits)
     serve.run(build_app(main), name="editreward", route_prefix="/")
     tight = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=1, batch_wait_ms=0, max_ongoing=1, max_queued=1,
-                        limits=Limits(request_timeout_s=2.0, max_triples=64))
+                        limits=Limits(request_timeout_s=2.0, max_triples=TIGHT_EDITS))
     serve.run(build_app(tight), name="tight", route_prefix="/tight")
     try:
         yield f"http://127.0.0.1:{port}"
@@ -273,8 +276,9 @@ def test_queue_bound_gives_429_and_slow_requests_504(server, pictures):
     assert 429 in statuses and 200 in statuses, statuses
     assert all(b["error"]["type"] == "overloaded" for s, b in answers if s == 429)
 
-    # 64 edits at max_batch 1 take well over the tight app's 2 s limit.
-    edits = [_b64(_png(random_image(300 + i, 40, 50))) for i in range(64)]
+    # TIGHT_EDITS edits at max_batch 1 take well over the tight app's 2 s limit on any CPU: one
+    # tiny-model triple costs >= ~25 ms on a fast core (measured), so 256 of them take >= ~6 s.
+    edits = [_b64(_png(random_image(300 + i, 40, 50))) for i in range(TIGHT_EDITS)]
     rank = {"instruction": "x", "source": payload["source"], "edits": edits}
     assert error_of(requests.post(server + "/tight/v1/rank", json=rank, timeout=TIMEOUT), 504) == "timeout"
     deadline = time.monotonic() + 30
