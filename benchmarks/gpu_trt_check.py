@@ -13,11 +13,11 @@ output 3584; random weights drawn on the GPU, embedding rows = the fixture token
    synthetic triples (2 sources x 4 edits), in float32 (bfloat16 for the full model when the GPU
    has under 60 GiB), before any engine takes memory;
 2. per precision (tiny: fp32, fp16, bf16; full: bf16, fp16 - fp32 needs ~62 GB of disk and a
-   40+ GB GPU; fp8/int8/int4 when ``editreward_export.trt_quant`` is installed): exports ONNX,
+   40+ GB GPU; fp8/int8/int4 when ModelOpt is installed): exports ONNX,
    runs the static op-support check (expects no violation), builds the three engines with
    ``--max-batch`` and the default profiles (timing cache shared across builds), loads them;
 3. checks parity of the per-head (mu, log_sigma) against the reference, within
-   ``editreward_rt.parity`` tolerance ("tensorrt", precision) (widened to the bf16 torch tolerance
+   ``editreward_rt.tolerances`` tolerance ("tensorrt", precision) (widened to the bf16 torch tolerance
    when the reference itself is bf16), and that every output is finite;
 4. times ``head_outputs``: batch-1 p50/p90 over ``--reps`` calls after a warm-up, and triples/s
    at batch 2, 4, 8; and reports the GPU memory the backend holds (device-wide free-memory drop

@@ -3,12 +3,12 @@
     [--base BASE] [--prompts-from PATH]
 
 Exports the checkpoint to ONNX, writes the TensorRT profiles into the manifest, then builds
-one engine per graph (needs TensorRT and an NVIDIA GPU). See editreward_export.trt_build.
+one engine per graph (needs TensorRT and an NVIDIA GPU). See editreward_trt.build.
 """
 
 import sys
 
-from editreward_export.trt_build import main
+from editreward_trt.build import main
 
 if __name__ == "__main__":
     sys.exit(main())

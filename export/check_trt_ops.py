@@ -6,7 +6,7 @@ Lists every node of the TensorRT-bound graphs that TensorRT's ONNX parser does n
 
 import sys
 
-from editreward_export.trt_ops import main
+from editreward_trt.ops import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,9 @@
-"""Shared fixtures: one tiny random checkpoint and its ONNX export per test session."""
+"""Shared fixtures: one tiny random checkpoint and its ONNX export per test session.
+
+The tests mirror the source packages: ``tests/runtime/`` tests ``runtime/editreward_rt/``,
+``tests/runtime/families/qwen2_5_vl/`` the family folder, ``tests/export/trt/``
+``export/editreward_trt/``, and so on (folders named without the ``editreward_`` prefix, so that
+none shadows a package)."""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from editreward_families.qwen2_5_vl.fixture import write_fixture
 from PIL import Image
 
-from editreward_rt.fixtures import write_fixture
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 @pytest.fixture(scope="session")

@@ -84,10 +84,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def checkpoint_variants() -> dict[str, tuple[str, str]]:
+    """``BACKEND-MODE`` labels of the registry's backends that read checkpoints -> (backend, mode):
+    ``torch-reference`` and ``torch-fast`` today."""
+    from editreward_rt.backends import BACKENDS
+
+    return {f"{e.name}-{m}": (e.name, m) for e in BACKENDS.values() if "checkpoint" in e.reads for m in e.modes}
+
+
 @dataclass(frozen=True)
 class Variant:
-    """``torch-reference``, ``torch-fast``, or ``model:PATH`` / ``onnx:PATH``: an exported model folder
-    (float, quantized ONNX, or bitsandbytes-quantized torch), run by the backend its manifest names."""
+    """A ``checkpoint_variants`` label (``torch-reference``, ``torch-fast``), or ``model:PATH`` /
+    ``onnx:PATH``: an exported model folder (float, quantized ONNX, or bitsandbytes-quantized torch),
+    run by the backend its manifest names."""
 
     label: str
 
@@ -100,16 +109,17 @@ class Variant:
         from editreward_rt import Scorer
 
         dtype = "float32" if device == "cpu" else None
-        if self.label in (REFERENCE, "torch-fast"):
-            mode = "reference" if self.label == REFERENCE else "fast"
-            return Scorer.load(ckpt, backend="torch", mode=mode, base=base, prompts_from=prompts_from,
+        known = checkpoint_variants()
+        if self.label in known:
+            backend, mode = known[self.label]
+            return Scorer.load(ckpt, backend=backend, mode=mode, base=base, prompts_from=prompts_from,
                                device=device, threads=threads, dtype=dtype)
         if self.path:
             return Scorer.load(self.path, device=device, threads=threads)
-        raise ValueError(f"unknown variant {self.label!r}: use torch-reference, torch-fast or model:PATH")
+        raise ValueError(f"unknown variant {self.label!r}: use {', '.join(known)} or model:PATH")
 
     def tolerance_key(self, scorer) -> tuple[str, str]:
-        """(backend, precision or quantization scheme): the row of editreward_rt.parity.TOLERANCES."""
+        """(backend, precision or quantization scheme): the row of editreward_rt.tolerances.TOLERANCES."""
         if not self.path:
             return ("torch-fast", "float32")
         manifest = scorer.backend.model.manifest
@@ -190,12 +200,12 @@ def resolve_model_args(args) -> None:
 
 def ensure_fixture(workdir: Path, size: str, export: bool = True) -> dict:
     """A generated checkpoint (and its fp32 ONNX export) with realistic-length prompts, reused across runs."""
-    from editreward_rt.fixtures import write_fixture
+    from editreward_rt.families import DEFAULT_FAMILY, family
 
     root = workdir / f"fixture-{size}"
     prompts = root / "bench-prompts"
     if not (root / "checkpoint").is_dir():
-        write_fixture(root, size=size, seed=0)
+        family(DEFAULT_FAMILY).write_fixture(root, size=size, seed=0)
     if not prompts.is_dir():
         write_benchmark_prompts(prompts)
     paths = {"ckpt": str(root / "checkpoint"), "prompts_from": str(prompts), "onnx": str(root / "onnx-fp32")}

@@ -13,7 +13,6 @@ timed. ``--size tiny --device cpu`` runs the same code on the tiny fixture for a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -21,13 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import environment, results_document, synthetic_groups, write_document
-
-# Qwen2.5-VL-7B-Instruct's published sizes.
-FULL_TEXT = dict(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, intermediate_size=18944)
-FULL_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
-                   fullatt_block_indexes=(7, 15, 23, 31))
-FULL_VOCAB = 151666  # Qwen2.5 tokenizer (151665) plus <|Reward|>
+from .common import environment, results_document, synthetic_groups
 
 
 class InMemoryCheckpoint:
@@ -41,61 +34,20 @@ class InMemoryCheckpoint:
         return self._state
 
 
-def full_spec(spec):
-    text = dataclasses.replace(spec.text, vocab_size=FULL_VOCAB, **FULL_TEXT)
-    vision = dataclasses.replace(spec.vision, **FULL_VISION)
-    heads = dataclasses.replace(spec.heads, layer_sizes=(FULL_TEXT["hidden_size"],) + spec.heads.layer_sizes[1:])
-    return dataclasses.replace(spec, text=text, vision=vision, heads=heads)
-
-
-def full_config(config: dict, spec) -> dict:
-    t, v = spec.text, spec.vision
-    out = {k: val for k, val in config.items() if k != "text_config"}
-    out.update(hidden_size=t.hidden_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-               num_key_value_heads=t.num_kv_heads, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
-               rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
-    out["vision_config"] = {**config["vision_config"], "depth": v.depth, "hidden_size": v.hidden_size,
-                            "num_heads": v.num_heads, "intermediate_size": v.intermediate_size,
-                            "out_hidden_size": v.out_hidden_size, "fullatt_block_indexes": list(v.fullatt_block_indexes)}
-    return out
-
-
-def random_state(spec, device, dtype, seed: int = 0) -> dict:
-    """Random weights with the checkpoint's names and shapes; heads in float32 as upstream."""
-    import torch
-
-    from editreward_rt.checkpoint import expected_shapes
-
-    gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, shape in expected_shapes(spec).items():
-        head = name.startswith("rm_heads.")
-        if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
-                or name.endswith("layernorm.weight") or name.endswith("ln_q.weight"):
-            tensor = torch.ones(shape, device=device)
-        elif name.endswith(".bias"):
-            tensor = torch.zeros(shape, device=device)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
-            std = 1.0 if "embed_tokens" in name else fan_in**-0.5
-            tensor = torch.randn(shape, device=device, generator=gen) * std
-        state[name] = tensor.float() if head else tensor.to(dtype)
-    return state
-
-
 def build(size: str, device: str, workdir: Path):
     import torch
-
     from editreward_rt.checkpoint import open_checkpoint
-    from editreward_rt.fixtures import write_fixture
+    from editreward_rt.families import DEFAULT_FAMILY, family
 
-    paths = write_fixture(workdir / "tiny", size="tiny")
+    fam = family(DEFAULT_FAMILY)
+    paths = fam.write_fixture(workdir / "tiny", size="tiny")
     base = open_checkpoint(paths.checkpoint, prompts_from=paths.prompts)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if size == "tiny":
         return InMemoryCheckpoint(base, base.spec, base.config, base.state_dict()), dtype
-    spec = full_spec(base.spec)
-    return InMemoryCheckpoint(base, spec, full_config(base.config, spec), random_state(spec, device, dtype)), dtype
+    full = fam.PUBLISHED
+    spec = full.full_spec(base.spec)
+    return InMemoryCheckpoint(base, spec, full.full_config(base.config, spec), full.random_state(spec, device, dtype)), dtype
 
 
 def variants(ckpt, device: str, dtype_name: str, gptq_calib: int = 16):
@@ -105,13 +57,13 @@ def variants(ckpt, device: str, dtype_name: str, gptq_calib: int = 16):
 
     def bnb(scheme):
         def make():
-            from editreward_rt.quantized_torch import swap_linears
+            from editreward_quant.layers.bnb import swap_linears
 
             backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
             engine = backend.engine
             modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
             from editreward_quant.embedding import quantize_torch_embedding
-            from editreward_quant.schemes import EMBEDDING_BLOCK, make_scheme
+            from editreward_rt.schemes import EMBEDDING_BLOCK, make_scheme
 
             config = make_scheme(scheme)
             swap_linears(modules, config.to_dict(), engine.device, load_float=True)
@@ -123,7 +75,7 @@ def variants(ckpt, device: str, dtype_name: str, gptq_calib: int = 16):
     def gptq():
         from editreward_quant.calib import synthetic_triples
         from editreward_quant.gptq_scheme import quantize_backend
-        from editreward_quant.schemes import GptqInt4
+        from editreward_rt.schemes import GptqInt4
         from editreward_rt.scorer import Scorer
 
         backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
@@ -182,9 +134,8 @@ def run(args) -> dict:
     import gc
 
     import torch
-
-    from editreward_rt.parity import max_abs_diff, tolerance
     from editreward_rt.scorer import Scorer
+    from editreward_rt.tolerances import max_abs_diff, tolerance
 
     workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     ckpt, dtype = build(args.size, args.device, workdir)

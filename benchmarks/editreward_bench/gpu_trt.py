@@ -10,7 +10,6 @@ batch 1 and throughput at larger batches, and the GPU memory the backend holds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import ensure_fixture, results_document, synthetic_groups
-from .gpu_matrix import InMemoryCheckpoint, full_config, full_spec, random_state, timings
+from .gpu_matrix import InMemoryCheckpoint, timings
 
 # Tolerance keys: ("tensorrt", dtype) for float engines, ("tensorrt", scheme) for quantized ones.
 TOLERANCE_KEYS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
@@ -40,24 +39,22 @@ def make_checkpoint(size: str, workdir: Path):
     The full model's embedding has the fixture tokenizer's rows (a few hundred), not Qwen's 151666:
     the exported folder checks tokenizer and embedding agree. That leaves out ~1 GiB (bf16) of weights."""
     import torch
-
     from editreward_rt.checkpoint import open_checkpoint
 
     paths = ensure_fixture(workdir, "tiny", export=False)  # realistic-length rubric prompts
     base = open_checkpoint(paths["ckpt"], prompts_from=paths["prompts_from"])
     if size == "tiny":
         return base
-    spec = full_spec(base.spec)
-    spec = dataclasses.replace(spec, text=dataclasses.replace(spec.text, vocab_size=base.spec.text.vocab_size))
-    state = {k: v.cpu() for k, v in random_state(spec, "cuda", torch.bfloat16).items()}
+    full = base.family.PUBLISHED
+    spec = full.full_spec(base.spec, vocab_size=base.spec.text.vocab_size)
+    state = {k: v.cpu() for k, v in full.random_state(spec, "cuda", torch.bfloat16).items()}
     torch.cuda.empty_cache()
-    return InMemoryCheckpoint(base, spec, full_config(base.config, spec), state)
+    return InMemoryCheckpoint(base, spec, full.full_config(base.config, spec), state)
 
 
 def reference_outputs(ckpt, triples, dtype: str):
     """Prepared triples and the PyTorch reference's per-head outputs (two full passes per triple)."""
     import torch
-
     from editreward_rt.backends.torch_backend import TorchBackend
     from editreward_rt.scorer import Scorer
 
@@ -72,7 +69,7 @@ def reference_outputs(ckpt, triples, dtype: str):
 
 
 def _tolerance(precision: str, reference_dtype: str):
-    from editreward_rt.parity import Tolerance, tolerance
+    from editreward_rt.tolerances import Tolerance, tolerance
 
     tol = tolerance("tensorrt", TOLERANCE_KEYS[precision])
     if reference_dtype != "float32":  # a bf16 reference carries its own rounding
@@ -83,11 +80,10 @@ def _tolerance(precision: str, reference_dtype: str):
 
 def check_precision(ckpt, size: str, precision: str, prepared, expected, reference_dtype: str, args, workdir: Path) -> dict:
     import torch
-
-    from editreward_export.trt_build import PRECISIONS, build_engines, configure, prepare_onnx
-    from editreward_export.trt_ops import check_exported
     from editreward_rt.backends.trt_backend import TrtBackend
-    from editreward_rt.parity import max_abs_diff
+    from editreward_rt.tolerances import max_abs_diff
+    from editreward_trt.build import PRECISIONS, build_engines, configure, prepare_onnx
+    from editreward_trt.ops import check_exported
 
     result = {"variant": f"tensorrt-{precision}", "size": size, "precision": precision}
     folder = workdir / f"{size}-{precision}"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from editreward_rt.parity import max_abs_diff, tolerance, within
+from editreward_rt.tolerances import max_abs_diff, tolerance, within
 
 from .common import REFERENCE, Variant, peak_rss_mb
 

@@ -65,13 +65,10 @@ def environment_line(doc: dict) -> str:
 
 
 def plots(doc: dict, out: Path, stem: str) -> list[Path]:
-    try:
-        import matplotlib
+    from editreward_rt.extras import require
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit("plots need matplotlib: pip install 'editreward-deploy[bench]'") from exc
+    require("matplotlib", "bench", "plots").use("Agg")
+    plt = require("matplotlib.pyplot", "bench", "plots")
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
     if doc["kind"] == "latency":

@@ -1,9 +1,7 @@
 """Export an EditReward checkpoint to an exported model folder of three ONNX graphs.
 
-Graphs (one export spec each: names, dynamic axes, dummy inputs):
-- ``vision``: one image's window-ordered patches + host-computed rotary/segment tables -> embeddings
-- ``decoder``: token ids + image-embedding rows (+ key/value cache) -> hidden states + new cache
-- ``heads``: hidden states at each <|Reward|> -> per-head (mu, log_sigma), float32
+The model family declares the graphs (``vision``, ``decoder``, ``heads``: I/O names, dynamic
+axes), the torch wrappers to trace and their dummy inputs (``editreward_families.<name>.graphs``).
 
 The graphs use only standard ONNX ops. The export validates itself: the fast path on ONNX
 Runtime is compared with the PyTorch reference on triples of two different image shapes.
@@ -12,103 +10,21 @@ Runtime is compared with the PyTorch reference on triples of two different image
 from __future__ import annotations
 
 import platform
-import shutil
 import sys
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from editreward_rt.checkpoint import Checkpoint, open_checkpoint
 from editreward_rt.errors import ExportError
-from editreward_rt.manifest import EXTERNAL_DATA_BYTES, MANIFEST, publish_folder, write_manifest
-from editreward_rt.parity import max_abs_diff, tolerance, within
+from editreward_rt.families import GraphSpec, family
+from editreward_rt.manifest import EXTERNAL_DATA_BYTES, MANIFEST, staged_folder, write_manifest
+from editreward_rt.tolerances import max_abs_diff, tolerance, within
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 BF16_NOT_VALIDATED = ("ONNX Runtime's CPU provider has no bfloat16 kernels (MatMul, Gemm, ...), so bf16 graphs "
                       "cannot be self-validated here; validate the built TensorRT engines (benchmarks/gpu_trt_check.py)")
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    name: str
-    inputs: tuple[tuple[str, str, tuple], ...]  # (name, dtype, axes: int or axis name)
-    outputs: tuple[tuple[str, str, tuple], ...]
-
-    def dynamic_axes(self) -> dict:
-        return {n: {i: a for i, a in enumerate(axes) if isinstance(a, str)} for n, _, axes in self.inputs + self.outputs}
-
-    def io(self) -> dict:
-        as_list = lambda items: [{"name": n, "dtype": d, "shape": list(a)} for n, d, a in items]
-        return {"inputs": as_list(self.inputs), "outputs": as_list(self.outputs)}
-
-
-def graph_specs(spec, kv_dtype: str) -> dict[str, GraphSpec]:
-    t, v = spec.text, spec.vision
-    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
-    return {
-        "vision": GraphSpec("vision", (
-            ("patches", "float32", ("patches", patch)), ("cos", "float32", ("patches", v.head_dim)),
-            ("sin", "float32", ("patches", v.head_dim)), ("window_segments", "int64", ("patches",)),
-            ("image_segments", "int64", ("patches",)),
-        ), (("image_embeds", "float32", ("tokens", v.out_hidden_size)),)),
-        "decoder": GraphSpec("decoder", (
-            ("input_ids", "int64", ("batch", "seq")), ("image_embeds", "float32", ("rows", t.hidden_size)),
-            ("image_index", "int64", ("batch", "seq")), ("position_ids", "int64", ("batch", "seq")),
-            ("attention_mask", "int64", ("batch", "total")),
-            ("past", kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "past", t.head_dim)),
-        ), (("hidden", "float32", ("batch", "seq", t.hidden_size)),
-            ("present", kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "total", t.head_dim)))),
-        "heads": GraphSpec("heads", (("hidden", "float32", ("batch", spec.heads.num_heads, t.hidden_size)),),
-                           (("rewards", "float32", ("batch", spec.heads.num_heads, 2)),)),
-    }
-
-
-def _wrappers(engine, kv_dtype):
-    """Graph I/O stays float32 (the cache in ``kv_dtype``); compute runs in the engine's dtype."""
-    import torch
-    from torch import nn
-
-    dtype, kv = engine.dtype, getattr(torch, kv_dtype)
-
-    class Vision(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = engine.vision_module
-
-        def forward(self, patches, cos, sin, window_segments, image_segments):
-            return self.inner(patches.to(dtype), cos, sin, window_segments, image_segments).float()
-
-    class Decoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = engine.decoder
-
-        def forward(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
-            hidden, present = self.inner(input_ids, image_embeds, image_index, position_ids, attention_mask, past.to(dtype))
-            return hidden.float(), present.to(kv)
-
-    return {"vision": Vision(), "decoder": Decoder(), "heads": engine.head_module}
-
-
-def _dummy_inputs(spec, kv_dtype):
-    import torch
-
-    t, v = spec.text, spec.vision
-    n = 4 * v.spatial_merge_size**2
-    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
-    b, s, p = 2, 5, 3
-    return {
-        "vision": (torch.zeros(n, patch), torch.ones(n, v.head_dim), torch.zeros(n, v.head_dim),
-                   torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)),
-        "decoder": (torch.zeros(b, s, dtype=torch.long), torch.zeros(3, t.hidden_size), torch.full((b, s), -1),
-                    torch.arange(s).repeat(b, 1) + p, torch.ones(b, p + s, dtype=torch.long),
-                    torch.zeros(t.num_layers, 2, b, t.num_kv_heads, p, t.head_dim, dtype=getattr(torch, kv_dtype))),
-        "heads": (torch.zeros(b, spec.heads.num_heads, t.hidden_size),),
-    }
 
 
 def _export_graph(module, args, gspec: GraphSpec, path: Path, opset: int) -> None:
@@ -138,7 +54,6 @@ def _versions() -> dict:
     import onnx
     import torch
     import transformers
-
     from editreward_rt import __version__
 
     return {"editreward_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
@@ -158,13 +73,12 @@ def validation_triples(scorer, seed: int = 0) -> list:
 def validate(out_dir: Path, ckpt: Checkpoint, reference_state: dict, precision: str, log) -> dict:
     """Run the exported graphs on ONNX Runtime against the torch reference; raise beyond tolerance."""
     import torch
-
-    from editreward_rt.backends.torch_backend import ReferenceRunner
     from editreward_rt.scorer import Scorer
 
     exported = Scorer.load(out_dir, backend="onnxruntime")
     triples = validation_triples(exported)
-    reference = ReferenceRunner(ckpt.spec, ckpt.config, reference_state, torch.device("cpu"), torch.float32)
+    reference = family(ckpt.spec.family).reference_runner(ckpt.spec, ckpt.config, reference_state,
+                                                          torch.device("cpu"), torch.float32)
     expected = reference.run(triples)
     actual = exported.backend.head_outputs(triples)
     diff = max_abs_diff(actual, expected)
@@ -186,7 +100,6 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
     ``kv_dtype`` overrides the key/value cache I/O type (default: float16 for fp16, else float32);
     the TensorRT build keeps a bf16 cache for bf16 graphs, which never leaves the GPU."""
     import torch
-
     from editreward_rt.backends.torch_backend import TorchEngine
 
     if dtype not in DTYPES:
@@ -205,15 +118,16 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
     ckpt = ckpt_arg if in_memory else open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
     state = ckpt.state_dict()
     engine = TorchEngine(ckpt.spec, state, torch.device("cpu"), getattr(torch, precision))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    try:
-        specs, wrappers, dummies = graph_specs(ckpt.spec, kv_dtype), _wrappers(engine, kv_dtype), _dummy_inputs(ckpt.spec, kv_dtype)
+    fam = family(ckpt.spec.family)
+    with staged_folder(out, ".export-") as tmp:
+        specs = fam.graph_specs(ckpt.spec, kv_dtype)
+        wrappers, dummies = fam.export_wrappers(engine, kv_dtype), fam.dummy_inputs(ckpt.spec, kv_dtype)
         for i, name in enumerate(specs, start=1):
             log(f"[2/4] exporting graph {name} ({i}/{len(specs)})")
             _export_graph(wrappers[name], dummies[name], specs[name], tmp / f"{name}.onnx", opset)
         ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
         manifest = {
+            "family": ckpt.spec.family,
             "spec": ckpt.spec.to_dict(),
             "precision": precision,
             "kv_dtype": kv_dtype,
@@ -234,10 +148,6 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
             manifest["validation"] = validate(tmp, ckpt, state, precision, log)
             write_manifest(tmp, manifest)
         log(f"[4/4] writing {out}")
-        publish_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.iterdir())
     log(f"exported {out} ({size / 1e6:.1f} MB, {precision}) in {time.perf_counter() - start:.1f}s")
     return out

@@ -5,17 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from editreward_rt.checkpoint import open_checkpoint
+from editreward_rt.schemes import EMBEDDING_BLOCK, BnbInt8, BnbNf4, QuantizeRequest, Scheme
+
 from .embedding import quantize_torch_embedding
 from .output import write_torch_model
-from .schemes import EMBEDDING_BLOCK, BnbInt8, BnbNf4, Scheme
 
 
 def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str | None = None,
                             prompts_from: str | None = None, device: str = "cpu", log=print) -> Path:
     import torch
-
     from editreward_rt.backends.torch_backend import TorchEngine, pick_device
-    from editreward_rt.quantized_torch import swap_linears
+
+    from .layers.bnb import swap_linears
 
     assert isinstance(scheme, (BnbInt8, BnbNf4))
     ckpt = open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
@@ -33,3 +34,9 @@ def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str 
     write_torch_model(out, source, ckpt, modules, dtype, quant)
     log(f"wrote {out}")
     return out
+
+
+def quantize(request: QuantizeRequest) -> Path:
+    """Registry entry of ``bnb-int8`` and ``bnb-nf4``."""
+    return quantize_checkpoint_bnb(request.source, request.scheme, Path(request.out), base=request.base,
+                                   prompts_from=request.prompts_from, device=request.device)

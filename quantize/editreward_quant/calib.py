@@ -3,12 +3,10 @@ by exactly the preprocessing and prompts used for scoring."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-
-from .schemes import QuantizeError
+from editreward_rt.schemes import QuantizeError
 
 INSTRUCTIONS = ["Add a red hat to the person", "Make the sky look stormy", "Remove the car on the left",
                 "Turn the photo into a pencil sketch", "Replace the dog with a cat", "Change the season to winter",
@@ -35,20 +33,18 @@ def synthetic_triples(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.n
 
 def load_triples(path: str | Path, limit: int | None = None) -> list[tuple[str, Path, Path]]:
     """JSONL of {instruction, source, edited}, paths relative to the file."""
+    from editreward_rt.jsonl import read_triples, resolve
+
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        records = read_triples(path)
+    except OSError as exc:
         raise QuantizeError(f"cannot read calibration file {path}: {exc}") from exc
     triples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            triples.append((record["instruction"], path.parent / record["source"], path.parent / record["edited"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise QuantizeError(f"{path}:{number} is not a {{instruction, source, edited}} record: {exc}") from exc
+    for index, record in records:
+        if isinstance(record, Exception):
+            raise QuantizeError(f"{path}:{index + 1} is not a {{instruction, source, edited}} record: {record}")
+        triples.append(resolve(record, path.parent))
         if limit and len(triples) >= limit:
             break
     if not triples:

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from editreward_rt.errors import EditRewardError
-
-from .schemes import SCHEMES, QuantizeError, check_available, make_scheme
+from editreward_rt.schemes import SCHEMES, QuantizeError, QuantizeRequest, check_available, entry, make_scheme
 
 
 def _options(pairs: list[str]) -> dict:
@@ -24,46 +22,27 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
-def _exported_quantizer(scheme, args, out: Path):
-    """Exported float32 folder -> quantized folder, for the schemes that rewrite ONNX graphs."""
-    if scheme.target == "trt":
-        from editreward_export.trt_quant import quantize_for_trt
-
-        return lambda model_dir: quantize_for_trt(model_dir, scheme, out, calib=args.calib, calib_size=args.calib_size)
-    from .ort_schemes import quantize_exported
-
-    return lambda model_dir: quantize_exported(model_dir, scheme, out)
-
-
 def run(args) -> Path:
     options = _options(args.option or [])
     if args.include_vision:
         options["include_vision"] = True
     scheme = make_scheme(args.scheme, options)
-    check_available(scheme, args.device)
+    check_available(scheme)
     out = Path(args.out)
-    if scheme.target in ("onnx", "trt"):
-        quantize = _exported_quantizer(scheme, args, out)
-        if args.model_dir:
-            return quantize(Path(args.model_dir))
-        from editreward_export.onnx_export import export_onnx
+    quantize = entry(scheme.name).function("quantize")
+    request = lambda source: QuantizeRequest(str(source), scheme, out, args.base, args.prompts_from, args.calib,
+                                             args.calib_size, args.device)
+    if scheme.target == "torch":
+        if not args.ckpt:
+            raise QuantizeError(f"{scheme.name} quantizes a checkpoint: pass --ckpt, not --model-dir")
+        return quantize(request(args.ckpt))
+    if args.model_dir:
+        return quantize(request(args.model_dir))
+    # A checkpoint for a graph scheme: export it to float32 ONNX first, into a folder removed afterwards.
+    from editreward_export.onnx_export import export_onnx
 
-        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-            return quantize(export_onnx(args.ckpt, Path(tmp) / "fp32", base=args.base, prompts_from=args.prompts_from))
-    if args.model_dir and not args.ckpt:
-        raise QuantizeError(f"{scheme.name} quantizes a checkpoint: pass --ckpt, not --model-dir")
-    if scheme.target == "torch" and scheme.name.startswith("bnb-"):
-        from .bnb_schemes import quantize_checkpoint_bnb
-
-        return quantize_checkpoint_bnb(args.ckpt, scheme, out, base=args.base, prompts_from=args.prompts_from,
-                                       device=args.device)
-    if scheme.name == "gptq-int4":
-        from .gptq_scheme import quantize_checkpoint_gptq
-
-        return quantize_checkpoint_gptq(args.ckpt, scheme, out, base=args.base, prompts_from=args.prompts_from,
-                                        calib=args.calib, calib_size=args.calib_size, device=args.device)
-    raise QuantizeError(f"{scheme.name} is defined but its quantizer is not part of this build; "
-                        "see the README's quantization table for the schemes that run here")
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        return quantize(request(export_onnx(args.ckpt, Path(tmp) / "fp32", base=args.base, prompts_from=args.prompts_from)))
 
 
 def main(argv=None) -> int:

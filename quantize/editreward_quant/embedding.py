@@ -1,5 +1,5 @@
 """Symmetric round-to-nearest quantization of a token-embedding table, shared by the ONNX
-schemes (a rewritten ``Gather``) and the torch schemes (``editreward_rt.quantized_embedding``).
+schemes (a rewritten ``Gather``) and the torch schemes (``editreward_quant.layers.embedding``).
 
 A lookup is not a matrix product, so there is nothing for GPTQ or activation-aware methods to
 calibrate: every scheme quantizes its embedding this way. The tables use the same layouts as
@@ -12,8 +12,7 @@ per ``block_size`` columns (the last block of a row may be short). A table of od
 from __future__ import annotations
 
 import numpy as np
-
-from .schemes import QuantizeError
+from editreward_rt.schemes import QuantizeError
 
 
 def table_bits(width: int, bits: int) -> int:
@@ -53,7 +52,7 @@ def quantize_torch_embedding(decoder, bits: int, block_size: int) -> dict | None
         return None
     import torch
 
-    from editreward_rt.quantized_embedding import QuantizedEmbedding
+    from .layers.embedding import QuantizedEmbedding
 
     table = decoder.embed_tokens.weight.detach().float().cpu().numpy()
     bits = table_bits(table.shape[1], bits)

@@ -15,7 +15,7 @@ hidden state per calibration token) when layer ``i - 1`` was done; the vision to
 per image for the whole job. Cost: about 5 decoder-layer passes over the calibration set per layer.
 
 Each quantized linear is packed at once into GPTQModel's ``TorchLinear`` (see
-``editreward_rt.quantized_gptq``), so later passes run the runtime's exact arithmetic. The
+``editreward_quant.layers.gptq``), so later passes run the runtime's exact arithmetic. The
 token embedding is rounded to 8 bits (``embedding_bits``; a lookup has no activations for GPTQ
 to use) before calibration starts; the vision tower, norms and float32 reward heads keep their precision.
 """
@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from editreward_rt.checkpoint import open_checkpoint
+from editreward_rt.schemes import EMBEDDING_BLOCK, GptqInt4, QuantizeError, QuantizeRequest
 
 from .calib import calibration_triples, prepare_all
 from .embedding import quantize_torch_embedding
 from .output import write_torch_model
-from .schemes import EMBEDDING_BLOCK, GptqInt4, QuantizeError
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -43,8 +42,9 @@ def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: s
                              prompts_from: str | None = None, calib: str | None = None, calib_size: int = 64,
                              device: str = "cpu", log=print) -> Path:
     from editreward_rt.backends.torch_backend import TorchBackend
-    from editreward_rt.quantized_gptq import KERNEL, LAYOUT
     from editreward_rt.scorer import Scorer
+
+    from .layers.gptq import KERNEL, LAYOUT
 
     assert isinstance(scheme, GptqInt4)
     ckpt = open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
@@ -99,7 +99,7 @@ class _GptqRun:
         self.tokens = 0
 
     def run(self) -> list[float]:
-        from editreward_rt.quantized_gptq import quant_linear_class
+        from .layers.gptq import quant_linear_class
 
         quant_linear_class()  # a clear error before any work when GPTQModel is missing
         decoder = self.engine.decoder
@@ -219,7 +219,7 @@ def _find(layer, name: str):
 def _pack(linear, q_weight, scale, zero, g_idx, scheme: GptqInt4):
     """GPTQ's result (float32 weight on the 4-bit grid, scales, zero points, g_idx) -> a packed
     TorchLinear on the linear's device, replacing ``linear`` (whose float weight is dropped)."""
-    from editreward_rt.quantized_gptq import finish, make_quant_linear
+    from .layers.gptq import finish, make_quant_linear
 
     device = linear.weight.device
     linear.to("cpu").float()
@@ -243,3 +243,10 @@ def _memo_vision(vision):
         return seen[digest]
 
     return memo
+
+
+def quantize(request: QuantizeRequest) -> Path:
+    """Registry entry of ``gptq-int4``."""
+    return quantize_checkpoint_gptq(request.source, request.scheme, Path(request.out), base=request.base,
+                                    prompts_from=request.prompts_from, calib=request.calib,
+                                    calib_size=request.calib_size, device=request.device)

@@ -21,12 +21,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from editreward_rt.manifest import EXTERNAL_DATA_BYTES, MANIFEST, open_exported, write_manifest
+from editreward_rt.schemes import OrtInt4, OrtInt8, QuantizeError, QuantizeRequest, Scheme
 
 from .embedding import blockwise_uint4, rowwise_int8, table_bits
 from .output import staged_output
-from .schemes import OrtInt4, OrtInt8, QuantizeError, Scheme
 
 # ONNX Runtime's quantizers handle the weight MatMuls; the embedding Gather gets its own pass
 # (below), and norms, biases and rotary math stay float.
@@ -163,6 +162,11 @@ def quantize_exported(model_dir: Path, scheme: Scheme, out: Path, log=print) -> 
         write_manifest(tmp, manifest)
     log(f"wrote {out}")
     return out
+
+
+def quantize(request: QuantizeRequest) -> Path:
+    """Registry entry of ``ort-int8`` and ``ort-int4``: an exported float32 folder -> a quantized one."""
+    return quantize_exported(Path(request.source), request.scheme, Path(request.out))
 
 
 def _initializer_bytes(tensor) -> int:

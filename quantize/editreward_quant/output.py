@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from editreward_rt.manifest import MANIFEST, publish_folder
-
-from .schemes import QuantizeError
+from editreward_rt.manifest import MANIFEST, staged_folder
+from editreward_rt.schemes import QuantizeError
 
 
 def _same_model(out: Path, source_identity: dict) -> bool:
@@ -29,21 +26,14 @@ def staged_output(out: Path, source_identity: dict):
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not _same_model(out, source_identity):
         raise QuantizeError(f"{out} already holds something else (a different model, or other files); "
                             "choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent))
-    try:
+    with staged_folder(out, ".quantize-") as tmp:
         yield tmp
-        publish_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_torch_model(out: Path, source: dict, ckpt, modules: dict, dtype, quantization: dict) -> Path:
     """A pre-quantized torch model folder: the modules' state, tokenizer and manifest, staged."""
-    from safetensors.torch import save_file
-
     from editreward_rt.manifest import write_manifest
+    from safetensors.torch import save_file
 
     state = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()}
     dtype_name = str(dtype).replace("torch.", "")

@@ -14,24 +14,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
+from editreward_rt.families import family, family_of_manifest
 from editreward_rt.manifest import MANIFEST, read_manifest
 
 
 def decoder_parameters(spec) -> int:
-    from editreward_rt.checkpoint import expected_shapes
-
-    return sum(int(np.prod(shape)) for name, shape in expected_shapes(spec).items() if name.startswith("model.language_model."))
+    return family(spec.family).decoder_parameters(spec)
 
 
 def decoder_weight_bytes(folder) -> dict:
     """{"bytes", "parameters", "bf16_ratio", "format"} for an exported ONNX folder (its decoder
     graph) or a quantized torch folder (its ``decoder.*`` tensors)."""
-    from editreward_rt.spec import ModelSpec
-
     folder = Path(folder)
     manifest = read_manifest(folder)
-    params = decoder_parameters(ModelSpec.from_dict(manifest["spec"]))
+    params = decoder_parameters(family_of_manifest(manifest).spec_from_dict(manifest["spec"]))
     if manifest.get("graphs", {}).get("decoder"):
         from .ort_schemes import weight_bytes
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError, WeightMismatchError
-from .prompts import load_tokenizer, read_chat_template, render_chat_template
-from .spec import ModelSpec, TokenSpec, build_spec
+from .extras import require
+from .families import family
+from .prompts import load_tokenizer, read_chat_template
 from .templates import Templates, resolve_templates
 
 # The paper's name is not a repository; it resolves to the checkpoint with the best
@@ -61,7 +62,7 @@ def resolve_folder(name_or_path: str | os.PathLike, patterns: list[str]) -> Path
 
 
 def _read_yaml(folder: Path) -> tuple[dict, Path | None]:
-    import yaml
+    yaml = require("yaml", "torch", "reading the upstream yaml")
 
     found = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
     if not found:
@@ -91,15 +92,6 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json or model.pth")
 
 
-def normalise_key(key: str) -> str:
-    """Map pre-4.52 transformers names (``visual.``, ``model.layers.``) to the current layout."""
-    if key.startswith("visual."):
-        return "model." + key
-    if key.startswith("model.") and not key.startswith(("model.visual.", "model.language_model.")):
-        return "model.language_model." + key[len("model."):]
-    return key
-
-
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         with open(path, "rb") as f:
@@ -110,9 +102,10 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
-def load_state_dict(files: list[Path]) -> dict:
-    """Full state dict as torch tensors. ``.pth`` is read with ``weights_only=True`` (no code runs)."""
-    import torch
+def load_state_dict(files: list[Path], normalise_key=lambda key: key) -> dict:
+    """Full state dict as torch tensors, keys through ``normalise_key``. ``.pth`` is read with
+    ``weights_only=True`` (no code runs)."""
+    torch = require("torch", "torch", "reading checkpoint weights")
 
     state = {}
     for path in files:
@@ -125,7 +118,7 @@ def load_state_dict(files: list[Path]) -> dict:
             if not isinstance(loaded, dict):
                 raise CheckpointError(f"{path} does not hold a state dict")
         else:
-            from safetensors.torch import load_file
+            load_file = require("safetensors.torch", "torch", "reading checkpoint weights").load_file
 
             try:
                 loaded = load_file(str(path), device="cpu")
@@ -139,7 +132,7 @@ def load_state_dict(files: list[Path]) -> dict:
 class Checkpoint:
     """Everything needed to build a backend from a checkpoint."""
 
-    spec: ModelSpec
+    spec: object  # the family's ModelSpec
     files: list[Path]
     tokenizer: object
     chat_text: str
@@ -147,9 +140,14 @@ class Checkpoint:
     config: dict
     origin: dict = field(default_factory=dict)
 
+    @property
+    def family(self):
+        return family(self.spec.family)
+
     def state_dict(self) -> dict:
-        state = load_state_dict(self.files)
-        check_state(state, expected_shapes(self.spec))
+        fam = self.family
+        state = load_state_dict(self.files, fam.normalise_key)
+        check_state(state, fam.expected_shapes(self.spec), fam.UNUSED)
         return state
 
 
@@ -174,19 +172,18 @@ def open_checkpoint(name_or_path: str | os.PathLike, base: str | None = None,
     yaml_cfg = {**UPSTREAM_DEFAULTS, **KNOWN.get(ckpt_id, {}), **yaml_cfg}
     base_dir = _base_folder(base, yaml_cfg, yaml_path, folder, ckpt_id)
     files = weight_files(folder)
+    config = _read_json(base_dir / "config.json")
+    fam = family(config.get("model_type"))
     shapes = {}
     for path in files:
         if path.suffix == ".safetensors":
-            shapes.update({normalise_key(k): v for k, v in _safetensors_shapes(path).items()})
+            shapes.update({fam.normalise_key(k): v for k, v in _safetensors_shapes(path).items()})
     if not shapes:  # model.pth: shapes only come from loading it
-        shapes = {k: tuple(v.shape) for k, v in load_state_dict(files).items()}
-    config = _read_json(base_dir / "config.json")
-    embed_rows = shapes.get("model.language_model.embed_tokens.weight", (None,))[0]
-    tokenizer = load_tokenizer(base_dir / "tokenizer.json", expected_size=embed_rows)
-    tokens = _token_spec(tokenizer, config, base_dir)
-    spec = build_spec(config, shapes, tokens, yaml_cfg)
-    check_state(shapes, expected_shapes(spec))
-    chat_text = render_chat_template(read_chat_template(base_dir))
+        shapes = {k: tuple(v.shape) for k, v in load_state_dict(files, fam.normalise_key).items()}
+    tokenizer = load_tokenizer(base_dir / "tokenizer.json", expected_size=fam.embedding_rows(shapes))
+    spec = fam.build_spec(config, shapes, tokenizer, base_dir, yaml_cfg)
+    check_state(shapes, fam.expected_shapes(spec), fam.UNUSED)
+    chat_text = fam.render_chat_template(read_chat_template(base_dir))
     templates = resolve_templates(prompts_from, folder)
     origin = {"checkpoint": ckpt_id, "base": str(base or yaml_cfg.get("model_name_or_path") or base_dir),
               "yaml": yaml_path.name if yaml_path else None}
@@ -202,73 +199,11 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def _token_spec(tokenizer, config: dict, base_dir: Path) -> TokenSpec:
-    def token_id(text: str, config_key: str | None = None) -> int:
-        value = tokenizer.token_to_id(text)
-        if value is None:
-            raise CheckpointError(f"tokenizer in {base_dir} lacks {text}")
-        if config_key and config.get(config_key) not in (None, value):
-            raise CheckpointError(f"{config_key}={config[config_key]} in config.json but the tokenizer has {text}={value}")
-        return value
-
-    pad_text = "<|endoftext|>"
-    tok_cfg = base_dir / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        pad = json.loads(tok_cfg.read_text(encoding="utf-8")).get("pad_token")
-        pad_text = pad.get("content") if isinstance(pad, dict) else (pad or pad_text)
-    return TokenSpec(
-        image_pad=token_id("<|image_pad|>", "image_token_id"),
-        vision_start=token_id("<|vision_start|>", "vision_start_token_id"),
-        vision_end=token_id("<|vision_end|>", "vision_end_token_id"),
-        reward=token_id("<|Reward|>"),
-        pad=token_id(pad_text),
-    )
-
-
-def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor the reward model reads, with its shape (``lm_head`` is optional: never read)."""
-    t, v, h = spec.text, spec.vision, spec.heads
-    out = {
-        "model.visual.patch_embed.proj.weight": (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
-        "model.visual.merger.ln_q.weight": (v.hidden_size,),
-        "model.visual.merger.mlp.0.weight": (4 * v.hidden_size, 4 * v.hidden_size),
-        "model.visual.merger.mlp.0.bias": (4 * v.hidden_size,),
-        "model.visual.merger.mlp.2.weight": (v.out_hidden_size, 4 * v.hidden_size),
-        "model.visual.merger.mlp.2.bias": (v.out_hidden_size,),
-        "model.language_model.embed_tokens.weight": (t.vocab_size, t.hidden_size),
-        "model.language_model.norm.weight": (t.hidden_size,),
-    }
-    for i in range(v.depth):
-        p = f"model.visual.blocks.{i}."
-        out |= {p + "norm1.weight": (v.hidden_size,), p + "norm2.weight": (v.hidden_size,),
-                p + "attn.qkv.weight": (3 * v.hidden_size, v.hidden_size), p + "attn.qkv.bias": (3 * v.hidden_size,),
-                p + "attn.proj.weight": (v.hidden_size, v.hidden_size), p + "attn.proj.bias": (v.hidden_size,)}
-        for name, shape in (("gate_proj", (v.intermediate_size, v.hidden_size)), ("up_proj", (v.intermediate_size, v.hidden_size)),
-                            ("down_proj", (v.hidden_size, v.intermediate_size))):
-            out |= {p + f"mlp.{name}.weight": shape, p + f"mlp.{name}.bias": (shape[0],)}
-    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    for i in range(t.num_layers):
-        p = f"model.language_model.layers.{i}."
-        out |= {p + "self_attn.q_proj.weight": (q, t.hidden_size), p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.weight": (kv, t.hidden_size), p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.weight": (kv, t.hidden_size), p + "self_attn.v_proj.bias": (kv,),
-                p + "self_attn.o_proj.weight": (t.hidden_size, q),
-                p + "mlp.gate_proj.weight": (t.intermediate_size, t.hidden_size),
-                p + "mlp.up_proj.weight": (t.intermediate_size, t.hidden_size),
-                p + "mlp.down_proj.weight": (t.hidden_size, t.intermediate_size),
-                p + "input_layernorm.weight": (t.hidden_size,), p + "post_attention_layernorm.weight": (t.hidden_size,)}
-    sizes = h.layer_sizes
-    for k in range(h.num_heads):
-        for idx, (fan_in, fan_out) in zip((0, 3, 5), zip(sizes, sizes[1:])):
-            out |= {f"rm_heads.head_{k}.{idx}.weight": (fan_out, fan_in), f"rm_heads.head_{k}.{idx}.bias": (fan_out,)}
-    return out
-
-
-def check_state(state: dict, expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise on missing, unexpected or mis-shaped tensors (``lm_head.weight`` may be present or not)."""
+def check_state(state: dict, expected: dict[str, tuple[int, ...]], optional: tuple[str, ...] = ()) -> None:
+    """Raise on missing, unexpected or mis-shaped tensors (``optional`` ones may be present or not)."""
     shape_of = lambda v: tuple(v) if isinstance(v, tuple) else tuple(v.shape)
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
+    unexpected = sorted(set(state) - set(expected) - set(optional))
     wrong = [f"{k}: {shape_of(state[k])} != {expected[k]}" for k in sorted(set(expected) & set(state))
              if shape_of(state[k]) != expected[k]]
     if missing or unexpected or wrong:

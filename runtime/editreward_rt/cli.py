@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import EditRewardError, InputError
-
-TRIPLE_FIELDS = ("instruction", "source", "edited")
+from . import backends
+from .errors import EditRewardError
+from .extras import require
+from .families import DEFAULT_FAMILY, family
+from .jsonl import TRIPLE_FIELDS, is_blank, parse_triple, read_lines, resolve
 
 
 def _progress(total: int | None, initial: int):
@@ -38,26 +40,6 @@ def _done_indices(output: Path) -> set[int]:
     return done
 
 
-def _parse_line(line: str, base: Path) -> dict:
-    try:
-        record = json.loads(line)
-    except ValueError as exc:
-        raise InputError(f"line is not valid JSON: {exc}") from exc
-    if not isinstance(record, dict):
-        raise InputError("line is not a JSON object")
-    missing = [f for f in TRIPLE_FIELDS if f not in record]
-    if missing:
-        raise InputError(f"line lacks {', '.join(missing)}")
-    for field in ("source", "edited"):
-        if not isinstance(record[field], str):
-            raise InputError(f"{field} must be a path string")
-    return record
-
-
-def _resolve(record: dict, base: Path) -> tuple:
-    return record["instruction"], base / record["source"], base / record["edited"]
-
-
 def _result(index: int, record: dict | None, outcome) -> dict:
     if isinstance(outcome, EditRewardError):
         return {"index": index, "error": outcome.to_dict()}
@@ -67,9 +49,9 @@ def _result(index: int, record: dict | None, outcome) -> dict:
 
 def score_file(scorer, input_path: Path, output_path: Path, chunk: int = 8) -> dict:
     """Score every line of a JSONL file; resumable; one error record per bad line."""
-    lines = input_path.read_text(encoding="utf-8").splitlines()
+    lines = read_lines(input_path)
     done = _done_indices(output_path)
-    todo = [i for i, line in enumerate(lines) if i not in done and line.strip()]
+    todo = [i for i, line in enumerate(lines) if i not in done and not is_blank(line)]
     bar = _progress(len(todo) + len(done), len(done))
     counts = {"scored": 0, "errors": 0, "skipped": len(done)}
     with open(output_path, "a", encoding="utf-8") as out:
@@ -78,8 +60,8 @@ def score_file(scorer, input_path: Path, output_path: Path, chunk: int = 8) -> d
             records, triples, outcomes = {}, [], {}
             for i in batch:
                 try:
-                    records[i] = _parse_line(lines[i], input_path.parent)
-                    triples.append((i, _resolve(records[i], input_path.parent)))
+                    records[i] = parse_triple(lines[i])
+                    triples.append((i, resolve(records[i], input_path.parent)))
                 except EditRewardError as exc:
                     outcomes[i] = exc
             for (i, _), res in zip(triples, scorer.score_batch([t for _, t in triples], errors="return")):
@@ -123,18 +105,43 @@ def cmd_score(args) -> int:
 
 
 def cmd_make_fixture(args) -> int:
-    from .fixtures import write_fixture
-
-    paths = write_fixture(args.out, size=args.size, seed=args.seed, weight_format=args.format, dtype=args.dtype)
+    for module in ("safetensors", *(("ml_dtypes",) if args.dtype == "bfloat16" else ())):
+        require(module, "dev" if module == "ml_dtypes" else "torch", "editreward make-fixture")
+    paths = family(DEFAULT_FAMILY).write_fixture(args.out, size=args.size, seed=args.seed, weight_format=args.format,
+                                                 dtype=args.dtype)
     print(json.dumps({k: str(v) for k, v in paths.__dict__.items()}, indent=1))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
+    run_demo = require("editreward_export.demo", "export", "editreward demo").run_demo
     run_demo(Path(args.workdir), size=args.size)
     return 0
+
+
+# The build-time tools, each a subcommand too: (module with ``main(argv)``, extra, what it does).
+TOOLS = {
+    "export": {
+        "onnx": ("editreward_export.onnx_export", "export", "export a checkpoint to ONNX graphs (export/build_onnx.py)"),
+        "trt": ("editreward_trt.build", "export", "export and build TensorRT engines (export/build_trt.py)"),
+        "check-trt-ops": ("editreward_trt.ops", "export", "check graphs against TensorRT's ONNX parser (export/check_trt_ops.py)"),
+    },
+    "quantize": ("editreward_quant.cli", "quant", "quantize a checkpoint or exported folder (quantize/quantize.py)"),
+    "bench": {
+        "latency": ("editreward_bench.latency", "bench", "latency with a parity gate (benchmarks/latency.py)"),
+        "parity": ("editreward_bench.parity_bench", "bench", "accuracy parity (benchmarks/parity.py)"),
+        "report": ("editreward_bench.report", "bench", "tables and plots from result files (benchmarks/report.py)"),
+        "serve": ("editreward_bench.serve_bench", "serve", "HTTP serving throughput (benchmarks/serve_bench.py)"),
+        "sizes-7b": ("editreward_bench.sizes_7b", "quant", "quantized sizes at the 7B's shapes (benchmarks/sizes_7b.py)"),
+        "gpu": ("editreward_bench.gpu_matrix", "torch", "the GPU matrix (benchmarks/gpu_check.py)"),
+        "gpu-trt": ("editreward_bench.gpu_trt", "trt", "the TensorRT GPU check (benchmarks/gpu_trt_check.py)"),
+    },
+}
+
+
+def cmd_tool(args) -> int:
+    module, extra, what = args.tool
+    return require(module, extra, f"editreward {args.command}").main(args.argv)
 
 
 def _serve_commands():
@@ -161,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("score", help="score one triple or a JSONL file of triples")
     score.add_argument("--model", required=True, help="checkpoint (hub id or folder) or exported model folder")
-    score.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"),
+    score.add_argument("--backend", choices=backends.names(),
                        help="default: onnxruntime for an exported folder, torch for a checkpoint")
-    score.add_argument("--mode", choices=("fast", "reference"), default="fast")
+    score.add_argument("--mode", choices=backends.MODES, default="fast")
     score.add_argument("--base", help="base model hub id or folder (torch backend)")
     score.add_argument("--prompts-from", help="local clone of the upstream repository (torch backend)")
     score.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -178,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fixture = sub.add_parser("make-fixture", help="write a random-weight checkpoint in the upstream layout")
     fixture.add_argument("--out", required=True)
-    fixture.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    fixture.add_argument("--size", choices=family(DEFAULT_FAMILY).FIXTURE_SIZES, default="tiny")
     fixture.add_argument("--seed", type=int, default=0)
     fixture.add_argument("--format", choices=("safetensors", "sharded"), default="safetensors")
     fixture.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -186,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a random checkpoint, export it to ONNX and score a triple")
     demo.add_argument("--workdir", default="editreward-demo")
-    demo.add_argument("--size", choices=("tiny", "small"), default="small")
+    demo.add_argument("--size", choices=family(DEFAULT_FAMILY).FIXTURE_SIZES, default="small")
     demo.set_defaults(func=cmd_demo)
 
     from .serve.args import add_batch_arguments, add_serve_arguments
@@ -198,11 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="score a JSONL/Parquet file of triples with Ray Data (needs the serve extra)")
     add_batch_arguments(batch)
     batch.set_defaults(func=cmd_batch)
+
+    for name, tool in TOOLS.items():
+        if isinstance(tool, tuple):
+            p = sub.add_parser(name, help=tool[2], add_help=False)
+            p.set_defaults(func=cmd_tool, tool=tool)
+        else:
+            p = sub.add_parser(name, help=f"{name} tools: {', '.join(tool)}")
+            tools = p.add_subparsers(dest="tool_name", required=True)
+            for sub_name, entry in tool.items():
+                tools.add_parser(sub_name, help=entry[2], add_help=False).set_defaults(func=cmd_tool, tool=entry)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.func is not cmd_tool and rest:
+        build_parser().parse_args(argv)  # the usual error for unknown arguments
+    args.argv = rest
     try:
         return args.func(args)
     except EditRewardError as exc:

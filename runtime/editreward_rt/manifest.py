@@ -7,14 +7,15 @@ tool versions). Nothing is inferred from file names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ManifestError
+from .families import family_of_manifest
 from .prompts import load_tokenizer
-from .spec import ModelSpec
 from .templates import Templates
 
 MANIFEST = "manifest.json"
@@ -38,7 +39,7 @@ class ExportedModel:
 
     root: Path
     manifest: dict
-    spec: ModelSpec
+    spec: object  # the family's ModelSpec
     tokenizer: object
     chat_text: str
     templates: Templates
@@ -84,19 +85,51 @@ def open_exported(root, verify: bool = True) -> ExportedModel:
     if verify:
         verify_files(root, manifest)
     try:
-        spec = ModelSpec.from_dict(manifest["spec"])
+        spec = family_of_manifest(manifest).spec_from_dict(manifest["spec"])
         templates = Templates.from_dict(manifest["templates"])
         chat_text = manifest["chat_text"]
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"{root / MANIFEST} lacks {exc}") from exc
+    check_quantization(root, manifest)
     tokenizer = load_tokenizer(root / manifest.get("tokenizer", "tokenizer.json"), expected_size=spec.text.vocab_size)
     return ExportedModel(root, manifest, spec, tokenizer, chat_text, templates)
+
+
+def check_quantization(root: Path, manifest: dict) -> None:
+    """A quantized folder's scheme must be one this build registers, at the version it writes
+    (``editreward_rt.schemes``: configs only, no quantization library is imported)."""
+    if not manifest.get("quantization"):
+        return
+    from .schemes import QuantizeError, scheme_from_dict
+
+    try:
+        scheme_from_dict(manifest["quantization"])
+    except (QuantizeError, TypeError) as exc:
+        raise ManifestError(f"{root / MANIFEST}: {exc}") from exc
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
     manifest = {"format": FORMAT, "manifest_version": MANIFEST_VERSION, **manifest}
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, prefix: str):
+    """Yield an empty folder beside ``out`` to write a model folder into; when the block ends
+    without an error it replaces ``out`` (``publish_folder``), otherwise it is removed."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    try:
+        yield tmp
+        publish_folder(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish_folder(staged: Path, out: Path) -> None:

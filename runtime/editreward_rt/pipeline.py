@@ -16,19 +16,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .families import family
 from .preprocess import PreprocessedImage
 from .prompts import Prompt
-from .spec import ModelSpec
-from .vision_prep import vision_inputs
 
 
 class Engine(Protocol):
-    """What a backend provides to run the fast path. Caches are opaque to the pipeline."""
+    """What a backend provides to run the fast path. Caches are opaque to the pipeline; the
+    vision inputs are whatever the model family's ``vision_feeds`` makes, in its graph's order."""
 
-    spec: ModelSpec
+    spec: object  # the family's ModelSpec
 
-    def vision(self, patches: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-               window_segments: np.ndarray, image_segments: np.ndarray) -> np.ndarray: ...
+    def vision(self, *inputs: np.ndarray) -> np.ndarray: ...
 
     def decode(self, input_ids: np.ndarray, image_embeds: np.ndarray, image_index: np.ndarray,
                position_ids: np.ndarray, attention_mask: np.ndarray, past: Any) -> tuple[np.ndarray, Any]: ...
@@ -83,18 +82,16 @@ class FastPipeline:
 
         self.engine = engine
         self.spec = engine.spec
+        self.family = family(engine.spec.family)
         self.clock = clock or time.perf_counter
         self.times = StageTimes()
 
     def encode_images(self, images: dict[str, PreprocessedImage]) -> dict[str, np.ndarray]:
         """Each distinct image once -> merged embeddings [n_tokens, H] in the processor's order."""
-        v = self.spec.vision
         out = {}
         for key, image in images.items():
-            prep = vision_inputs(tuple(image.grid_thw), v.head_dim, v.spatial_merge_size, v.window_size, v.patch_size)
-            embeds = self.engine.vision(prep.permute_patches(image.pixel_values), prep.cos, prep.sin,
-                                        prep.window_segments, prep.image_segments)
-            out[key] = np.asarray(embeds, dtype=np.float32)[prep.reverse_index]
+            feeds, order = self.family.vision_feeds(image, self.spec)
+            out[key] = np.asarray(self.engine.vision(*feeds), dtype=np.float32)[order]
         return out
 
     def run(self, triples: list[PreparedTriple]) -> np.ndarray:
@@ -126,14 +123,7 @@ class FastPipeline:
 
     def _rows(self, prompt: Prompt, src_offset: int, edit_offset: int) -> tuple[np.ndarray, np.ndarray]:
         ids = prompt.scored_ids
-        rows = np.full(len(ids), -1, dtype=np.int64)
-        pads = np.flatnonzero(ids == self.spec.tokens.image_pad)
-        # Image pads come in two runs, source then edited, split where the positions jump.
-        gaps = np.flatnonzero(np.diff(pads) > 1)
-        n_src = int(gaps[0]) + 1 if len(gaps) else len(pads)
-        rows[pads[:n_src]] = src_offset + np.arange(n_src)
-        rows[pads[n_src:]] = edit_offset + np.arange(len(pads) - n_src)
-        return ids, rows
+        return ids, self.family.image_rows(ids, self.spec, src_offset, edit_offset)
 
     def _decode_levels(self, seqs, owner, n_triples, table) -> np.ndarray:
         """Decode shared prefix, per-triple prefixes and suffixes; -> hidden at each <|Reward|> [2T, H]."""

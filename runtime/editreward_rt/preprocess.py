@@ -1,4 +1,7 @@
-"""Image preprocessing for Qwen2.5-VL, matching EditReward's reference pipeline.
+"""Image preprocessing of the Qwen-VL processors, matching EditReward's reference pipeline. Its
+geometry (patch, temporal patch and merge sizes, pixel bounds, mean/std) comes from the model
+family's ``ImageSpec``, so families built on the same processor (Qwen2.5-VL, MiMo-VL; Qwen3-VL
+with 16-pixel patches) share it.
 
 Reference (modified qwen-vl-utils, then transformers' Qwen2-VL image processor):
 
@@ -9,7 +12,7 @@ Reference (modified qwen-vl-utils, then transformers' Qwen2-VL image processor):
    ``temporal_patch_size`` times and cut 14x14 patches grouped 2x2 for merging.
 
 This module reproduces that with numpy and Pillow only; ``pixel_values`` match
-transformers' ``Qwen2VLImageProcessorPil`` bit for bit (the same float64 rescale,
+transformers' Qwen2-VL image processor (its PIL backend) bit for bit (the same float64 rescale,
 float32 cast and float32 normalise, done through a 256-entry lookup table).
 
 Deliberate differences from the reference:

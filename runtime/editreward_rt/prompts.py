@@ -1,9 +1,9 @@
-"""Prompt assembly and tokenization with the ``tokenizers`` library alone.
+"""Tokenizer, chat-template and prompt pieces every model family shares, with the
+``tokenizers`` library alone (jinja2 only to render a chat template, at load or export time).
 
-The base model's chat template is rendered once (at load or export time) for one user
-message [image, image, text]; what the runtime keeps is that rendering with a sentinel
-where the text goes. Scoring then only formats the rubric, expands each ``<|image_pad|>``
-to the image's token count (as the Qwen2.5-VL processor does) and tokenizes.
+A family renders its base chat template once for one user message [image, image, text],
+with ``TEXT_SENTINEL`` where the text goes; its prompt builder then formats the rubric,
+expands the image placeholders and tokenizes (``editreward_families.<name>.chat``).
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
-from .errors import CheckpointError, InstructionError, PromptTooLongError
-from .spec import ModelSpec
-from .templates import Templates
+from .errors import CheckpointError, InstructionError
 
 TEXT_SENTINEL = "\u0000EDITREWARD_TEXT\u0000"
-IMAGE_PAD = "<|image_pad|>"
 REWARD_TOKEN = "<|Reward|>"
 
 
-def render_chat_template(template: str) -> str:
-    """Render the base chat template for [image, image, text] with the generation prompt."""
+def render_messages(template: str, messages: list[dict]) -> str:
+    """Render a chat template for ``messages`` with the generation prompt, in jinja's sandbox."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -35,11 +32,7 @@ def render_chat_template(template: str) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     env.filters["tojson"] = lambda value, **kw: json.dumps(value, **kw)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": TEXT_SENTINEL}]}]
-    rendered = env.from_string(template).render(messages=messages, add_generation_prompt=True)
-    if rendered.count(TEXT_SENTINEL) != 1 or rendered.split(TEXT_SENTINEL)[0].count(IMAGE_PAD) != 2:
-        raise CheckpointError("the chat template does not render one text part and two image placeholders")
-    return rendered
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
 
 
 def read_chat_template(base: Path) -> str:
@@ -85,39 +78,17 @@ class Prompt:
         return self.ids[: self.reward_pos + 1]
 
 
-class PromptBuilder:
-    def __init__(self, tokenizer: Tokenizer, chat_text: str, templates: Templates, spec: ModelSpec):
-        self.tokenizer = tokenizer
-        self.templates = templates
-        self.spec = spec
-        self.before, self.after = chat_text.split(TEXT_SENTINEL)
-        self.reserved = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+def check_instruction(instruction, reserved: list[str]) -> str:
+    """The instruction as given, or an ``InstructionError``: not a string, empty, or holding a reserved token."""
+    if not isinstance(instruction, str):
+        raise InstructionError(f"instruction must be a string, got {type(instruction).__name__}")
+    if not instruction.strip():
+        raise InstructionError("instruction is empty")
+    for token in reserved:
+        if token in instruction:
+            raise InstructionError(f"instruction contains the reserved token {token!r}")
+    return instruction
 
-    def check_instruction(self, instruction) -> str:
-        if not isinstance(instruction, str):
-            raise InstructionError(f"instruction must be a string, got {type(instruction).__name__}")
-        if not instruction.strip():
-            raise InstructionError("instruction is empty")
-        for token in self.reserved:
-            if token in instruction:
-                raise InstructionError(f"instruction contains the reserved token {token!r}")
-        return instruction
 
-    def build(self, instruction: str, n_source: int, n_edited: int) -> list[Prompt]:
-        """One prompt per head; ``n_source``/``n_edited`` are the images' merged token counts."""
-        instruction = self.check_instruction(instruction)
-        start, middle, end = self.before.split(IMAGE_PAD)
-        head = start + IMAGE_PAD * n_source + middle + IMAGE_PAD * n_edited + end
-        prompts = []
-        for k in range(len(self.templates.rubrics)):
-            text = head + self.templates.rubric_text(k, instruction) + self.after
-            ids = np.asarray(self.tokenizer.encode(text).ids, dtype=np.int64)
-            reward = np.flatnonzero(ids == self.spec.tokens.reward)
-            if len(reward) != 1:
-                raise InstructionError(f"prompt for head {k} holds {len(reward)} <|Reward|> tokens, expected 1")
-            if len(ids) > self.spec.max_prompt_tokens:
-                raise PromptTooLongError(
-                    f"prompt for head {k} is {len(ids)} tokens, over the limit of {self.spec.max_prompt_tokens}"
-                )
-            prompts.append(Prompt(ids, int(reward[0])))
-        return prompts
+def reserved_tokens(tokenizer: Tokenizer) -> list[str]:
+    return [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BackendError, EditRewardError
+from . import backends
+from .errors import EditRewardError
+from .families import family
+from .manifest import MANIFEST
 from .pipeline import PreparedTriple, fuse
 from .preprocess import PreprocessedImage, preprocess_image
-from .prompts import PromptBuilder
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-MANIFEST = "manifest.json"
-
 
 @dataclass(frozen=True)
 class HeadScore:
@@ -52,47 +50,21 @@ def preference(a: Score, b: Score) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads, dtype):
-    exported = Path(str(path_or_id)).is_dir() and (Path(str(path_or_id)) / MANIFEST).is_file()
-    runtime = _manifest_runtime(Path(str(path_or_id))) if exported else "torch"
-    backend = backend or runtime
-    if backend == "torch" and exported:
-        from .backends.torch_backend import TorchBackend
-        from .manifest import open_exported
-
-        model = open_exported(path_or_id)
-        return TorchBackend.from_quantized(model, mode=mode, device=device, threads=threads), model
-    if backend == "torch":
-        from .backends.torch_backend import TorchBackend
-        from .checkpoint import open_checkpoint
-
-        ckpt = open_checkpoint(path_or_id, base=base, prompts_from=prompts_from)
-        return TorchBackend(ckpt, mode=mode, device=device, dtype=dtype, threads=threads), ckpt
-    if backend == "onnxruntime":
-        from .backends.ort_backend import OrtBackend
-
-        if mode != "fast":
-            raise BackendError("the onnxruntime backend runs the fast path only; mode 'reference' is the torch backend's")
-        ort = OrtBackend(path_or_id, device=device, threads=threads)
-        return ort, ort.model
-    if backend == "tensorrt":
-        from .backends.trt_backend import TrtBackend
-
-        if mode != "fast":
-            raise BackendError("the tensorrt backend runs the fast path only; mode 'reference' is the torch backend's")
-        trt = TrtBackend(path_or_id, device=device)
-        return trt, trt.model
-    raise BackendError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+def _load_backend(path_or_id, backend, mode, **kwargs):
+    folder = Path(str(path_or_id))
+    exported = folder.is_dir() and (folder / MANIFEST).is_file()
+    name = backend or (_manifest_runtime(folder) if exported else backends.DEFAULT_CHECKPOINT)
+    return backends.backend(name).load(path_or_id, mode=mode, **kwargs)
 
 
 def _manifest_runtime(folder: Path) -> str:
-    """The backend an exported folder is made for (ONNX graphs unless the manifest says torch)."""
+    """The backend an exported folder is made for (ONNX graphs unless the manifest says otherwise)."""
     import json
 
     try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("runtime", "onnxruntime")
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("runtime", backends.DEFAULT_EXPORTED)
     except (OSError, ValueError):
-        return "onnxruntime"  # the backend's own loader reports the broken manifest
+        return backends.DEFAULT_EXPORTED  # the backend's own loader reports the broken manifest
 
 
 class Scorer:
@@ -104,7 +76,7 @@ class Scorer:
         self.image_spec = model.spec.image
         if max_input_pixels is not None:
             self.image_spec = replace(self.image_spec, max_input_pixels=int(max_input_pixels))
-        self.builder = PromptBuilder(model.tokenizer, model.chat_text, model.templates, model.spec)
+        self.builder = family(model.spec.family).prompt_builder(model.tokenizer, model.chat_text, model.templates, model.spec)
         self.max_batch = max_batch
         self._lock = threading.Lock()
 
@@ -114,7 +86,8 @@ class Scorer:
              dtype: str | None = None, max_batch: int = 8, max_input_pixels: int | None = None) -> "Scorer":
         """``path_or_id``: a checkpoint (hub id or folder; torch backend) or an exported model folder.
         ``max_input_pixels`` caps decoded image size (decompression-bomb guard)."""
-        impl, model = _load_backend(path_or_id, backend, mode, base, prompts_from, device, threads, dtype)
+        impl, model = _load_backend(path_or_id, backend, mode, base=base, prompts_from=prompts_from, device=device,
+                                    threads=threads, dtype=dtype)
         return cls(impl, model, max_batch=max_batch, max_input_pixels=max_input_pixels)
 
     @property

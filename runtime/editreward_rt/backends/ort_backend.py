@@ -7,18 +7,22 @@ import os
 import numpy as np
 
 from ..errors import BackendError
+from ..extras import require
 from ..manifest import open_exported
 from ..pipeline import FastPipeline, PreparedTriple
+from . import onnx_proto
 
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise BackendError("the onnxruntime backend needs ONNX Runtime: pip install 'editreward-deploy[onnx]'") from exc
-    return onnxruntime
+    return require("onnxruntime", "onnx", "the onnxruntime backend")
+
+
+def load(path_or_id, *, mode: str = "fast", device: str = "cpu", threads=None, **_ignored):
+    """Registry entry: an exported model folder (float or ``ort-*``-quantized graphs)."""
+    ort = OrtBackend(path_or_id, device=device, threads=threads)
+    return ort, ort.model
 
 
 def providers_for(device: str) -> list[str]:
@@ -38,16 +42,15 @@ def providers_for(device: str) -> list[str]:
 
 
 def _select_graph(kv_dtype: np.dtype) -> bytes:
-    """A one-node graph that gathers cache rows on the session's device (used with I/O binding)."""
-    from onnx import TensorProto, helper
-
-    elem = TensorProto.FLOAT16 if kv_dtype == np.float16 else TensorProto.FLOAT
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["cache", "rows"], ["selected"], axis=2)], "select_rows",
-        [helper.make_tensor_value_info("cache", elem, ["L", 2, "B", "H", "T", "D"]),
-         helper.make_tensor_value_info("rows", TensorProto.INT64, ["R"])],
-        [helper.make_tensor_value_info("selected", elem, ["L", 2, "R", "H", "T", "D"])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    """A one-node ONNX model, Gather(cache, rows, axis=2), that gathers cache rows on the session's
+    device (used with I/O binding). Serialised by hand (``onnx_proto``) so that the CUDA path needs
+    onnxruntime alone."""
+    elem = onnx_proto.FLOAT16 if kv_dtype == np.float16 else onnx_proto.FLOAT
+    return onnx_proto.model(
+        onnx_proto.node("Gather", ["cache", "rows"], ["selected"], axis=2), "select_rows",
+        [onnx_proto.value_info("cache", elem, ["L", 2, "B", "H", "T", "D"]),
+         onnx_proto.value_info("rows", onnx_proto.INT64, ["R"])],
+        [onnx_proto.value_info("selected", elem, ["L", 2, "R", "H", "T", "D"])], opset=17)
 
 
 class OrtEngine:
@@ -71,6 +74,8 @@ class OrtEngine:
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception classes
                 raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        self.inputs = {n: [i.name for i in sess.get_inputs()] for n, sess in self.sessions.items()}
+        self.outputs = {n: [o.name for o in sess.get_outputs()] for n, sess in self.sessions.items()}
         self.providers = self.sessions["decoder"].get_providers()
         on_gpu = self.providers[0] == "CUDAExecutionProvider"
         # With I/O binding the key/value cache stays on the device between decoder calls.
@@ -79,29 +84,34 @@ class OrtEngine:
         if self.binding:
             self.sessions["select"] = ort.InferenceSession(_select_graph(self.kv_dtype), options, providers=providers)
 
-    def vision(self, patches, cos, sin, window_segments, image_segments):
-        return self.sessions["vision"].run(None, {
-            "patches": patches.astype(np.float32, copy=False), "cos": cos, "sin": sin,
-            "window_segments": window_segments, "image_segments": image_segments})[0]
+    def _feeds(self, graph: str, arrays) -> dict:
+        """Arrays in the graph's input order -> {input name: array}; float inputs as float32."""
+        return {name: (a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a)
+                for name, a in zip(self.inputs[graph], arrays)}
+
+    def vision(self, *inputs):
+        return self.sessions["vision"].run(None, self._feeds("vision", inputs))[0]
 
     def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
-        feeds = {"input_ids": input_ids, "image_embeds": image_embeds.astype(np.float32, copy=False),
-                 "image_index": image_index, "position_ids": position_ids, "attention_mask": attention_mask}
+        # The cache is the decoder's last input and its second output (the first is the hidden states).
+        feeds = self._feeds("decoder", (input_ids, image_embeds, image_index, position_ids, attention_mask))
+        cache_in = self.inputs["decoder"][-1]
         if not self.binding:
-            hidden, present = self.sessions["decoder"].run(None, {**feeds, "past": past})
+            hidden, present = self.sessions["decoder"].run(None, {**feeds, cache_in: past})
             return hidden, present
         binding = self.sessions["decoder"].io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        binding.bind_ortvalue_input("past", past)
-        binding.bind_output("hidden", "cpu")
-        binding.bind_output("present", self.cache_device)
+        binding.bind_ortvalue_input(cache_in, past)
+        hidden_out, cache_out = self.outputs["decoder"]
+        binding.bind_output(hidden_out, "cpu")
+        binding.bind_output(cache_out, self.cache_device)
         self.sessions["decoder"].run_with_iobinding(binding)
         hidden, present = binding.get_outputs()
         return hidden.numpy(), present
 
     def heads(self, hidden):
-        return self.sessions["heads"].run(None, {"hidden": hidden.astype(np.float32, copy=False)})[0]
+        return self.sessions["heads"].run(None, self._feeds("heads", (hidden,)))[0]
 
     def empty_cache(self, batch: int = 1):
         t = self.spec.text

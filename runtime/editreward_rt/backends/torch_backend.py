@@ -1,21 +1,36 @@
 """PyTorch backend: ``reference`` (two full transformers passes per triple, as upstream) and
-``fast`` (this project's modules on the shared fast path). Needs the ``torch`` extra."""
+``fast`` (the model family's torch modules on the shared fast path), from a checkpoint or from a
+torch-quantized model folder (whose layers its scheme's ``load`` rebuilds). Needs the ``torch`` extra."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import BackendError
+from ..extras import require
+from ..families import family
+from ..manifest import MANIFEST
 from ..pipeline import FastPipeline, PreparedTriple
-from ..spec import ModelSpec
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:
-        raise BackendError("the torch backend needs PyTorch: pip install 'editreward-deploy[torch]'") from exc
-    return torch
+    return require("torch", "torch", "the torch backend")
+
+
+def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device: str = "cpu", threads=None, dtype=None):
+    """Registry entry: a checkpoint (hub id or folder), or a quantized model folder written by the quantize tool."""
+    folder = Path(str(path_or_id))
+    if folder.is_dir() and (folder / MANIFEST).is_file():
+        from ..manifest import open_exported
+
+        model = open_exported(folder)
+        return TorchBackend.from_quantized(model, mode=mode, device=device, threads=threads), model
+    from ..checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path_or_id, base=base, prompts_from=prompts_from)
+    return TorchBackend(ckpt, mode=mode, device=device, dtype=dtype, threads=threads), ckpt
 
 
 def pick_device(device: str):
@@ -39,17 +54,15 @@ def pick_dtype(dtype: str | None, device) :
 class TorchEngine:
     """The fast-path primitives on this project's torch modules (also what ONNX export traces)."""
 
-    def __init__(self, spec: ModelSpec, state: dict | None, device, dtype):
-        from ..modeling import build_modules
-
+    def __init__(self, spec, state: dict | None, device, dtype):
         torch = _torch()
         self.torch, self.spec, self.device, self.dtype = torch, spec, device, dtype
         with torch.device(device):  # initialise on the target device: a 7B model's CPU init takes minutes
-            modules = build_modules(spec, state, dtype)
+            modules = family(spec.family).torch_modules(spec, state, dtype)
         self.vision_module, self.decoder, self.head_module = (m.to(device) for m in modules)
 
     @classmethod
-    def empty(cls, spec: ModelSpec, device, dtype) -> "TorchEngine":
+    def empty(cls, spec, device, dtype) -> "TorchEngine":
         """Modules with uninitialised weights, to be filled from a quantized state."""
         return cls(spec, None, device, dtype)
 
@@ -80,61 +93,6 @@ class TorchEngine:
         return cache[:, :, self._t(rows)]
 
 
-class ReferenceRunner:
-    """Upstream's computation: per head, one full pass of transformers' Qwen2.5-VL over the whole
-    prompt (vision tower included), with the plain 1-D positions upstream's call produces."""
-
-    def __init__(self, spec: ModelSpec, config: dict, state: dict, device, dtype):
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
-
-        from ..modeling import RewardHeads, split_state_dict
-
-        torch = _torch()
-        self.torch, self.spec, self.device, self.dtype = torch, spec, device, dtype
-        hf_config = Qwen2_5_VLConfig.from_dict(config)
-        hf_config.text_config.vocab_size = spec.text.vocab_size
-        hf_config.vocab_size = spec.text.vocab_size
-        with torch.device(device):
-            self.model = Qwen2_5_VLModel._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
-        body = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        self.model.load_state_dict(body, strict=True)
-        self.model.to(device=device, dtype=dtype).eval()
-        self.heads = RewardHeads(spec.heads)
-        self.heads.load_state_dict(split_state_dict(state)["heads"], strict=True)
-        self.heads.to(device).float().eval()
-
-    def _image_embeds(self, pixel_values, grid):
-        out = self.model.visual(pixel_values, grid_thw=grid)
-        return getattr(out, "pooler_output", out)  # transformers >= 5 returns a model output
-
-    def run(self, triples: list[PreparedTriple]) -> np.ndarray:
-        torch = self.torch
-        images = [im for t in triples for im in (t.source, t.edited)]
-        pixel_values = torch.as_tensor(np.concatenate([im.pixel_values for im in images]), device=self.device, dtype=self.dtype)
-        grid = torch.as_tensor([im.grid_thw for im in images], device=self.device)
-        outputs = []
-        with torch.inference_mode():
-            for k in range(self.spec.heads.num_heads):
-                seqs = [t.prompts[k].ids for t in triples]
-                length = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), length), self.spec.tokens.pad, dtype=torch.long)
-                mask = torch.zeros((len(seqs), length), dtype=torch.long)
-                for i, s in enumerate(seqs):  # right padding, as upstream's processor
-                    ids[i, : len(s)], mask[i, : len(s)] = torch.as_tensor(s), 1
-                ids, mask = ids.to(self.device), mask.to(self.device)
-                embeds = self.model.language_model.embed_tokens(ids)
-                image_embeds = self._image_embeds(pixel_values, grid).to(embeds.dtype)
-                image_mask = (ids == self.spec.tokens.image_pad).unsqueeze(-1).expand_as(embeds)
-                embeds = embeds.masked_scatter(image_mask, image_embeds)
-                positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-                hidden = self.model.language_model(
-                    inputs_embeds=embeds, attention_mask=mask, position_ids=positions.unsqueeze(0).expand(3, -1, -1)
-                ).last_hidden_state
-                per_position = self.heads.heads[f"head_{k}"](hidden.float())  # [B, L, 2]
-                outputs.append(per_position[ids == self.spec.tokens.reward].view(len(seqs), -1))
-        return torch.stack(outputs, dim=1).cpu().numpy()
-
-
 class TorchBackend:
     name = "torch"
 
@@ -150,7 +108,7 @@ class TorchBackend:
         dt = pick_dtype(dtype, dev)
         state = checkpoint.state_dict()
         if mode == "reference":
-            self.runner = ReferenceRunner(self.spec, checkpoint.config, state, dev, dt)
+            self.runner = family(self.spec.family).reference_runner(self.spec, checkpoint.config, state, dev, dt)
             self.pipeline = None
         else:
             self.engine = TorchEngine(self.spec, state, dev, dt)
@@ -159,14 +117,14 @@ class TorchBackend:
 
     @classmethod
     def from_quantized(cls, model, mode: str = "fast", device: str = "cpu", threads: int | None = None):
-        """A bitsandbytes- or GPTQ-quantized model folder written by ``quantize/quantize.py``."""
-        from ..quantized_embedding import swap_empty_embedding
-        from ..quantized_gptq import GPTQ_SCHEMES
-        from ..quantized_torch import BNB_SCHEMES, load_quantized_state, swap_linears
+        """A torch-quantized model folder (its scheme's name and version were checked when it was
+        opened): the scheme's registered ``load`` rebuilds the quantized layers and loads the saved state."""
+        from ..schemes import SCHEMES, entry
 
         torch = _torch()
         quant = model.manifest.get("quantization") or {}
-        if quant.get("scheme") not in BNB_SCHEMES + GPTQ_SCHEMES:
+        known = quant.get("scheme") in SCHEMES
+        if not known or entry(quant["scheme"]).load is None:
             raise BackendError(f"{model.root} is not a torch-quantized model folder (scheme {quant.get('scheme')!r})")
         if mode != "fast":
             raise BackendError("a quantized model runs in fast mode; the reference is the float checkpoint")
@@ -178,17 +136,9 @@ class TorchBackend:
         dt = getattr(torch, model.manifest.get("compute_dtype", "float32"))
         self.engine = TorchEngine.empty(self.spec, dev, dt)
         modules = {"vision": self.engine.vision_module, "decoder": self.engine.decoder, "heads": self.engine.head_module}
-        from safetensors.torch import load_file
-
+        load_file = require("safetensors.torch", "torch", "a torch-quantized model folder").load_file
         state = load_file(str(model.root / model.manifest["weights"]))
-        swap_empty_embedding(modules["decoder"], quant.get("embedding"), dt)
-        if quant["scheme"] in GPTQ_SCHEMES:
-            from ..quantized_gptq import load_gptq_modules
-
-            load_gptq_modules(modules, quant, state, dev)
-        else:
-            swap_linears(modules, quant, dev, load_float=False)
-            load_quantized_state(modules, quant, state, dev)
+        entry(quant["scheme"]).function("load")(modules, quant, state, dev, dt)
         self.pipeline = FastPipeline(self.engine)
         self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
                             "quantization": quant["scheme"]}

@@ -14,7 +14,7 @@ whose shapes and buffers repeat is replayed from a captured CUDA graph.
 
 Engines are tied to the TensorRT version and the GPU they were built for: the manifest's
 ``trt.build`` records both, and loading elsewhere is refused with the reason.
-Device memory goes through cuda-python (see ``trt_cuda`` for why not torch).
+Device memory goes through cuda-python (see ``cuda_memory`` for why not torch).
 """
 
 from __future__ import annotations
@@ -25,25 +25,28 @@ from collections import OrderedDict
 import numpy as np
 
 from ..errors import BackendError, InputError, ManifestError, PromptTooLongError
+from ..extras import require
 from ..manifest import open_exported
 from ..pipeline import FastPipeline, PreparedTriple
-from . import trt_cuda
-from .trt_cuda import DeviceBuffer, DeviceTensor, gather_batch, place_batch
+from . import cuda_memory
+from .cuda_memory import DeviceBuffer, DeviceTensor, gather_batch, place_batch
 
 GRAPHS = ("vision", "decoder", "heads")
 CACHE_KEYS = (("cache", 0), ("cache", 1))  # ping-pong: a select or decode never writes the cache it reads
 MAX_CUDA_GRAPHS = 64
-TRT_MISSING = ("the tensorrt backend needs TensorRT: pip install 'editreward-deploy[trt]' (the tensorrt wheel fetches "
-               "its libraries from NVIDIA's package index, https://pypi.nvidia.com), on a machine with an NVIDIA GPU")
+TRT_NOTE = ("(the tensorrt wheel fetches its libraries from NVIDIA's package index, https://pypi.nvidia.com), "
+            "on a machine with an NVIDIA GPU")
 REBUILD = "rebuild the engines on this machine: python export/build_trt.py --ckpt CKPT --precision P --out DIR"
 
 
 def _trt():
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise BackendError(TRT_MISSING) from exc
-    return tensorrt
+    return require("tensorrt", "trt", "the tensorrt backend", TRT_NOTE)
+
+
+def load(path_or_id, *, mode: str = "fast", device: str = "cuda", **_ignored):
+    """Registry entry: an exported model folder whose engines ``export/build_trt.py`` built."""
+    trt = TrtBackend(path_or_id, device=device)
+    return trt, trt.model
 
 
 def parse_device(device: str) -> int:
@@ -100,9 +103,9 @@ def check_inputs(triples: list[PreparedTriple], spec, limits: dict) -> None:
                                  f"{limits['max_image_tokens']} (rebuild with a larger --max-image-tokens)")
 
 
-def plan(profiles: list[dict], batch: int | None, dims: dict) -> tuple[int, int] | None:
+def plan(profiles: list[dict], batch: int | None, dims: dict, batch_axis: str = "batch") -> tuple[int, int] | None:
     """(profile index, batch chunk size) of the profile that takes ``dims`` with the largest batch; None if none."""
-    fits = [(i, p["axes"]["batch"][2] if batch is not None else 1) for i, p in enumerate(profiles)
+    fits = [(i, p["axes"][batch_axis][2] if batch is not None else 1) for i, p in enumerate(profiles)
             if all(p["axes"][a][0] <= v <= p["axes"][a][2] for a, v in dims.items())]
     return max(fits, key=lambda f: (f[1], -f[0])) if fits else None
 
@@ -229,8 +232,8 @@ class TrtEngine:
     def __init__(self, model, section: dict, device: int = 0, cuda_graphs: bool = False):
         trt = _trt()
         self.spec, self.profiles = model.spec, section["profiles"]
-        self.mem = trt_cuda.CudaMemory(device)
-        self.pool = trt_cuda.BufferPool(self.mem)
+        self.mem = cuda_memory.CudaMemory(device)
+        self.pool = cuda_memory.BufferPool(self.mem)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = runtime = trt.Runtime(self.logger)  # outlives the engines it deserialized
         self.runners = {name: EngineRunner(trt, runtime, model.root / section["engines"][name]["file"], name,
@@ -240,7 +243,14 @@ class TrtEngine:
             expected = {i["name"] for i in declared["inputs"] + declared["outputs"]}
             if set(runner.io) != expected:
                 raise BackendError(f"the {name} engine's tensors {sorted(runner.io)} differ from the manifest's {sorted(expected)}")
-        self.kv_itemsize = self.runners["decoder"].io["past"][1]
+        # I/O names and shapes in the graphs' role order (the manifest's): the cache is the decoder's last
+        # input and its second output, after the hidden states; its batch axis is the first dimension of
+        # the token ids, its image-row axis the first of the image rows.
+        self.declared = {n: model.manifest["graphs"][n]["inputs"] for n in GRAPHS}
+        self.inputs = {n: [i["name"] for i in self.declared[n]] for n in GRAPHS}
+        self.outputs = {n: [o["name"] for o in model.manifest["graphs"][n]["outputs"]] for n in GRAPHS}
+        self.batch_axis, self.rows_axis = (self.declared["decoder"][i]["shape"][0] for i in (0, 1))
+        self.kv_itemsize = self.runners["decoder"].io[self.inputs["decoder"][-1]][1]
         self.empty = DeviceBuffer(self.mem.malloc(256), 256)  # bound for zero-length caches
 
     def _host(self, tensor: DeviceTensor, out: np.ndarray | None = None) -> np.ndarray:
@@ -249,25 +259,35 @@ class TrtEngine:
             self.mem.d2h(out, tensor.ptr)
         return out
 
-    def vision(self, patches, cos, sin, window_segments, image_segments):
-        chosen = plan(self.profiles["vision"], None, {"patches": len(patches)})
+    def dims(self, graph: str, arrays) -> dict[str, int]:
+        """Each named dynamic axis of ``graph``'s inputs -> its size in ``arrays``."""
+        out = {}
+        for item, array in zip(self.declared[graph], arrays):
+            out.update({d: int(n) for d, n in zip(item["shape"], array.shape) if isinstance(d, str)})
+        return out
+
+    def vision(self, *inputs):
+        dims = self.dims("vision", inputs)
+        chosen = plan(self.profiles["vision"], None, dims, self.batch_axis)
         if chosen is None:
-            raise InputError(f"an image of {len(patches)} patches is outside the vision engine's profile")
-        out = self.runners["vision"].run(chosen[0], {"patches": patches, "cos": cos, "sin": sin,
-                                                     "window_segments": window_segments, "image_segments": image_segments})
-        result = self._host(out["image_embeds"])
+            raise InputError(f"an image of {len(inputs[0])} patches ({dims}) is outside the vision engine's profile")
+        out = self.runners["vision"].run(chosen[0], dict(zip(self.inputs["vision"], inputs)))
+        result = self._host(out[self.outputs["vision"][0]])
         self.mem.synchronize()
         return result
 
     def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
         b, s = input_ids.shape
         total = attention_mask.shape[1]
-        chosen = plan(self.profiles["decoder"], b, {"seq": s, "past": past.shape[4], "total": total})
+        # Batch and image rows are split into chunks below; every other axis must fit a profile.
+        dims = self.dims("decoder", (input_ids, image_embeds, image_index, position_ids, attention_mask, past))
+        fixed = {a: v for a, v in dims.items() if a not in (self.batch_axis, self.rows_axis)}
+        chosen = plan(self.profiles["decoder"], b, fixed, self.batch_axis)
         if chosen is None:
             raise PromptTooLongError(f"a decoder step of {s} new tokens over {past.shape[4]} cached ones fits none of the "
                                      "engine's profiles (rebuild with a larger --max-seq)")
         index, size = chosen
-        max_rows = self.profiles["decoder"][index]["axes"]["rows"][2]
+        max_rows = self.profiles["decoder"][index]["axes"][self.rows_axis][2]
         present = self.pool.tensor(self.pool.other(CACHE_KEYS, past.buffer), past.shape[:2] + (b,) + past.shape[3:4]
                                    + (total,) + past.shape[5:], self.kv_itemsize)
         hidden = np.empty((b, s, self.spec.text.hidden_size), np.float32)
@@ -281,21 +301,22 @@ class TrtEngine:
                 table = image_embeds[used] if len(used) else np.zeros((1, image_embeds.shape[1]), np.float32)
                 chunk_past = gather_batch(self.mem, past, np.arange(sl.start, sl.stop), self.pool.tensor(
                     ("decoder", "past-chunk"), past.shape[:2] + (sl.stop - sl.start,) + past.shape[3:], self.kv_itemsize))
-            out = runner.run(index, {"input_ids": input_ids[sl], "image_embeds": table, "image_index": rows,
-                                     "position_ids": position_ids[sl], "attention_mask": attention_mask[sl],
-                                     "past": chunk_past}, {"present": present} if whole else None)
+            feeds = (input_ids[sl], table, rows, position_ids[sl], attention_mask[sl], chunk_past)
+            hidden_out, cache_out = self.outputs["decoder"]
+            out = runner.run(index, dict(zip(self.inputs["decoder"], feeds)), {cache_out: present} if whole else None)
             if not whole:
-                place_batch(self.mem, out["present"], present, sl.start)
-            self._host(out["hidden"], hidden[sl])
+                place_batch(self.mem, out[cache_out], present, sl.start)
+            self._host(out[hidden_out], hidden[sl])
         self.mem.synchronize()
         return hidden, present
 
     def heads(self, hidden):
-        chosen = plan(self.profiles["heads"], len(hidden), {})
+        chosen = plan(self.profiles["heads"], len(hidden), {}, self.batch_axis)
         out = np.empty((len(hidden), self.spec.heads.num_heads, 2), np.float32)
         for lo in range(0, len(hidden), chosen[1]):
             sl = slice(lo, lo + chosen[1])
-            self._host(self.runners["heads"].run(chosen[0], {"hidden": hidden[sl]})["rewards"], out[sl])
+            feeds = dict(zip(self.inputs["heads"], (hidden[sl],)))
+            self._host(self.runners["heads"].run(chosen[0], feeds)[self.outputs["heads"][0]], out[sl])
         self.mem.synchronize()
         return out
 
@@ -324,7 +345,7 @@ class TrtBackend:
         self.spec = self.model.spec
         self.section = trt_section(self.model)
         trt = _trt()
-        gpu = trt_cuda.gpu_properties(index)
+        gpu = cuda_memory.gpu_properties(index)
         check_compatible(self.section, trt.__version__, gpu)
         self.engine = TrtEngine(self.model, self.section, index, cuda_graphs)
         self.pipeline = FastPipeline(self.engine)

@@ -6,23 +6,16 @@ install into a ``BackendError`` that names the extra to install.
 
 from __future__ import annotations
 
-from ..errors import BackendError
+from ..extras import require
 
-EXTRA = "editreward-deploy[serve]"
+EXTRA = "serve"
 
 
 def require_ray():
     """Import and return ``ray`` (with Serve and Data), or raise a BackendError naming the pip extra."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-        import ray.serve  # noqa: F401
-    except ImportError as exc:
-        raise BackendError(
-            f"serving and batch scoring need Ray Serve and Ray Data ({exc}); install them with "
-            f"pip install '{EXTRA}'"
-        ) from None
-    return ray
+    for module in ("ray.data", "ray.serve"):
+        require(module, EXTRA, "serving and batch scoring")
+    return require("ray", EXTRA, "serving and batch scoring")
 
 
 __all__ = ["EXTRA", "require_ray"]

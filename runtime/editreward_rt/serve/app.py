@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import EditRewardError, InputError
 from . import schemas as S
-from .metrics import ServeMetrics
+from .prometheus import ServeMetrics
 from .replica import ScorerReplica
 
 log = logging.getLogger("ray.serve")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+from ..backends import names as backend_names
 
 
 def add_serve_arguments(p) -> None:
     p.add_argument("--model", required=True, help="exported model folder (or checkpoint for --backend torch)")
-    p.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime for an exported folder")
+    p.add_argument("--backend", choices=backend_names(), help="default: onnxruntime for an exported folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda; with cuda each replica takes one GPU")
     p.add_argument("--replicas", type=int, help="default: one per GPU, or one per --threads CPU cores")
     p.add_argument("--threads", type=int,
@@ -34,7 +34,7 @@ def add_batch_arguments(p) -> None:
     p.add_argument("--input", required=True, help="JSONL or Parquet of instruction/source/edited; paths relative to it")
     p.add_argument("--output", required=True, help="Parquet folder of results; an existing one is resumed")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--backend", choices=BACKENDS)
+    p.add_argument("--backend", choices=backend_names())
     p.add_argument("--device", default="cpu", help="cpu or cuda; with cuda each scoring actor takes one GPU")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (and Ray CPUs) per scoring actor")
     p.add_argument("--max-batch", type=int, default=8)

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import EditRewardError, InputError
+from ..jsonl import read_triples
 from ..preprocess import ImageSpec, load_image, patchify, resize_for_model
 
 ROW_SCHEMA = pa.schema([("index", pa.int64()), ("instruction", pa.string()), ("source", pa.string()),
@@ -93,16 +94,11 @@ def read_rows(path: Path) -> list[dict]:
     if suffix not in (".jsonl", ".json", ".ndjson"):
         raise InputError(f"{path}: input must be .jsonl or .parquet")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            bad = {"error_type": "input_error", "error_message": f"line is not valid JSON: {exc}"}
-            rows.append(_row(i, None, base) | bad)
-            continue
-        rows.append(_row(i, record, base))
+    for i, record in read_triples(path):
+        if isinstance(record, InputError):
+            rows.append(_row(i, None, base) | {"error_type": record.kind, "error_message": str(record)})
+        else:
+            rows.append(_row(i, record, base))
     return rows
 
 

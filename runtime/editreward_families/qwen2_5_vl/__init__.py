@@ -1,0 +1,81 @@
+"""Qwen2.5-VL (and MiMo-VL, the same architecture) with EditReward's two reward heads.
+
+The family interface (``editreward_rt.families.ModelFamily``). Importing this package loads
+numpy, pillow and tokenizers only; the torch parts (``modeling``, ``reference``, the
+exporter's wrappers) are imported when a torch-side caller asks for them.
+"""
+
+from __future__ import annotations
+
+from . import published as PUBLISHED
+from .chat import PromptBuilder, image_rows, render_chat_template
+from .fixture import SIZES as _FIXTURE_SIZES
+from .graphs import graph_specs, trt_profile_axes
+from .spec import ModelSpec
+from .spec import build_spec as _build_spec
+from .vision import vision_feeds
+from .weights import (
+    UNUSED,
+    decoder_parameters,
+    embedding_rows,
+    expected_shapes,
+    is_embedding,
+    normalise_key,
+    split_state_dict,
+    token_spec,
+)
+
+NAME = ModelSpec.family
+FIXTURE_SIZES = tuple(_FIXTURE_SIZES)  # random-weight checkpoints ``write_fixture`` makes
+
+
+def build_spec(config: dict, shapes: dict, tokenizer, base_dir, yaml_cfg: dict) -> ModelSpec:
+    """Base config + the checkpoint's tensor shapes + the tokenizer's special ids -> the spec."""
+    return _build_spec(config, shapes, token_spec(tokenizer, config, base_dir), yaml_cfg)
+
+
+def spec_from_dict(data: dict) -> ModelSpec:
+    return ModelSpec.from_dict(data)
+
+
+def prompt_builder(tokenizer, chat_text: str, templates, spec: ModelSpec) -> PromptBuilder:
+    return PromptBuilder(tokenizer, chat_text, templates, spec)
+
+
+def torch_modules(spec: ModelSpec, state, dtype):
+    """(vision encoder, decoder, reward heads) as torch modules, loaded strictly from ``state``."""
+    from .modeling import build_modules
+
+    return build_modules(spec, state, dtype)
+
+
+def reference_runner(spec: ModelSpec, config: dict, state: dict, device, dtype):
+    """Upstream's two full transformers passes per triple (``reference.ReferenceRunner``)."""
+    from .reference import ReferenceRunner
+
+    return ReferenceRunner(spec, config, state, device, dtype)
+
+
+def export_wrappers(engine, kv_dtype: str) -> dict:
+    from .graphs import export_wrappers as wrappers
+
+    return wrappers(engine, kv_dtype)
+
+
+def dummy_inputs(spec: ModelSpec, kv_dtype: str) -> dict:
+    from .graphs import dummy_inputs as dummies
+
+    return dummies(spec, kv_dtype)
+
+
+def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):
+    """A random-weight checkpoint of this family in the published upstream layout (``fixture``)."""
+    from .fixture import write_fixture as write
+
+    return write(out_dir, size=size, seed=seed, **kw)
+
+
+__all__ = ["NAME", "PUBLISHED", "FIXTURE_SIZES", "UNUSED", "build_spec", "spec_from_dict", "normalise_key", "expected_shapes",
+           "embedding_rows", "decoder_parameters", "is_embedding", "split_state_dict", "render_chat_template",
+           "prompt_builder", "vision_feeds", "image_rows", "graph_specs", "trt_profile_axes", "torch_modules",
+           "reference_runner", "export_wrappers", "dummy_inputs", "write_fixture"]

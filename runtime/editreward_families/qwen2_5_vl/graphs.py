@@ -1,0 +1,102 @@
+"""The exported graphs of a Qwen2.5-VL EditReward model: their I/O (names, dtypes, named
+dynamic axes), the torch wrappers the exporter traces and the dummy inputs it traces them with.
+
+- ``vision``: one image's window-ordered patches + host-computed rotary/segment tables -> embeddings
+- ``decoder``: token ids + image-embedding rows (+ key/value cache) -> hidden states + new cache
+- ``heads``: hidden states at each <|Reward|> -> per-head (mu, log_sigma), float32
+"""
+
+from __future__ import annotations
+
+from editreward_rt.families import GraphSpec
+
+
+def graph_specs(spec, kv_dtype: str) -> dict[str, GraphSpec]:
+    """The three graphs' I/O, in the roles the fast path feeds them."""
+    t, v = spec.text, spec.vision
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    return {
+        "vision": GraphSpec("vision", (
+            ("patches", "float32", ("patches", patch)), ("cos", "float32", ("patches", v.head_dim)),
+            ("sin", "float32", ("patches", v.head_dim)), ("window_segments", "int64", ("patches",)),
+            ("image_segments", "int64", ("patches",)),
+        ), (("image_embeds", "float32", ("tokens", v.out_hidden_size)),)),
+        "decoder": GraphSpec("decoder", (
+            ("input_ids", "int64", ("batch", "seq")), ("image_embeds", "float32", ("rows", t.hidden_size)),
+            ("image_index", "int64", ("batch", "seq")), ("position_ids", "int64", ("batch", "seq")),
+            ("attention_mask", "int64", ("batch", "total")),
+            ("past", kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "past", t.head_dim)),
+        ), (("hidden", "float32", ("batch", "seq", t.hidden_size)),
+            ("present", kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "total", t.head_dim)))),
+        "heads": GraphSpec("heads", (("hidden", "float32", ("batch", spec.heads.num_heads, t.hidden_size)),),
+                           (("rewards", "float32", ("batch", spec.heads.num_heads, 2)),)),
+    }
+
+
+def export_wrappers(engine, kv_dtype: str) -> dict:
+    """Graph I/O stays float32 (the cache in ``kv_dtype``); compute runs in the engine's dtype."""
+    import torch
+    from torch import nn
+
+    dtype, kv = engine.dtype, getattr(torch, kv_dtype)
+
+    class Vision(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = engine.vision_module
+
+        def forward(self, patches, cos, sin, window_segments, image_segments):
+            return self.inner(patches.to(dtype), cos, sin, window_segments, image_segments).float()
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = engine.decoder
+
+        def forward(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
+            hidden, present = self.inner(input_ids, image_embeds, image_index, position_ids, attention_mask, past.to(dtype))
+            return hidden.float(), present.to(kv)
+
+    return {"vision": Vision(), "decoder": Decoder(), "heads": engine.head_module}
+
+
+def dummy_inputs(spec, kv_dtype: str) -> dict:
+    """Example inputs to trace each graph with (torch tensors, in input order)."""
+    import torch
+
+    t, v = spec.text, spec.vision
+    n = 4 * v.spatial_merge_size**2
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    b, s, p = 2, 5, 3
+    return {
+        "vision": (torch.zeros(n, patch), torch.ones(n, v.head_dim), torch.zeros(n, v.head_dim),
+                   torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)),
+        "decoder": (torch.zeros(b, s, dtype=torch.long), torch.zeros(3, t.hidden_size), torch.full((b, s), -1),
+                    torch.arange(s).repeat(b, 1) + p, torch.ones(b, p + s, dtype=torch.long),
+                    torch.zeros(t.num_layers, 2, b, t.num_kv_heads, p, t.head_dim, dtype=getattr(torch, kv_dtype))),
+        "heads": (torch.zeros(b, spec.heads.num_heads, t.hidden_size),),
+    }
+
+
+def trt_profile_axes(spec, limits) -> dict[str, list[tuple[str, dict]]]:
+    """TensorRT optimisation profiles per graph: named profiles, each a (min, opt, max) range for every
+    dynamic axis of ``graph_specs``. ``limits``: ``editreward_trt.build.Limits``. Two decoder profiles:
+    ``prefix`` (long sequences, small batch) and ``suffix`` (short sequences, every rubric pass)."""
+    per_image = spec.vision.spatial_merge_size ** 2
+    usual = spec.image.max_pixels // (spec.image.patch_size * spec.image.merge_size) ** 2  # most images: 256 tokens
+    typical = max(1, min(limits.max_image_tokens, usual))
+    b, k, seq, rows = limits.max_batch, limits.heads, limits.max_seq, limits.max_rows
+    seg = min(seq, 2 * typical + 64)  # a per-triple prefix: two images and the instruction
+    pb = limits.prefix_batch
+    clamp = lambda lo, opt, hi: (lo, max(lo, min(opt, hi)), hi)
+    return {
+        "vision": [("image", {"patches": clamp(per_image, per_image * typical, per_image * limits.max_image_tokens)})],
+        "decoder": [
+            ("prefix", {"batch": clamp(1, pb, pb), "seq": clamp(1, seg, seq), "rows": clamp(1, 2 * pb * typical, rows),
+                        "past": clamp(0, 64, seq), "total": clamp(1, seg + 64, seq)}),
+            ("suffix", {"batch": clamp(1, k * b, k * b), "seq": clamp(1, limits.max_suffix // 2, limits.max_suffix),
+                        "rows": clamp(1, 1, rows), "past": clamp(0, seg + 64, seq),
+                        "total": clamp(1, seg + 64 + limits.max_suffix // 2, seq)}),
+        ],
+        "heads": [("heads", {"batch": clamp(1, b, b)})],
+    }

@@ -1,0 +1,253 @@
+"""Qwen2.5-VL EditReward's networks as small torch modules, written for the fast path and for export.
+
+Three pieces, each exportable on its own:
+- ``VisionEncoder``: one image's patches -> merged image embeddings. Everything that depends
+  on the image grid (rotary tables, window permutation, attention segments) is computed on
+  the host by ``vision_inputs`` (numpy) and fed in, so the graph has no data-dependent control flow.
+- ``Decoder``: the Qwen2 decoder with plain 1-D RoPE positions (the reference feeds
+  ``attention_mask.cumsum(-1) - 1`` to all three M-RoPE sections, which is ordinary RoPE),
+  taking token ids plus image embeddings and an optional key/value cache.
+- ``RewardHeads``: the two float32 MLP heads.
+
+Parameter names match the checkpoint (after stripping ``model.visual.``,
+``model.language_model.`` and ``rm_heads.``), so ``load_state_dict`` is strict.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spec import HeadSpec, ModelSpec, TextSpec, VisionSpec
+from .weights import split_state_dict
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def neg_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> additive mask. The most negative finite value keeps fully masked rows NaN-free."""
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        self.num_heads = spec.num_heads
+        self.qkv = nn.Linear(spec.hidden_size, 3 * spec.hidden_size)
+        self.proj = nn.Linear(spec.hidden_size, spec.hidden_size)
+
+    def forward(self, x, cos, sin, mask):
+        n = x.shape[0]
+        # [N, 3*D] -> 3 x [N, heads, head_dim]
+        q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)
+        dtype = q.dtype
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+        # [1, heads, N, head_dim]; the additive mask keeps attention inside each window or image
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out[0].transpose(0, 1).reshape(n, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        self.norm1 = RMSNorm(spec.hidden_size, 1e-6)
+        self.norm2 = RMSNorm(spec.hidden_size, 1e-6)
+        self.attn = VisionAttention(spec)
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        p, t = spec.patch_size, spec.temporal_patch_size
+        self.proj = nn.Conv3d(spec.in_channels, spec.hidden_size, (t, p, p), stride=(t, p, p), bias=False)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # The 3-D convolution covers each patch exactly once: a matmul with the flattened kernel.
+        weight = self.proj.weight
+        return F.linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1))
+
+
+class Merger(nn.Module):
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        self.unit = spec.hidden_size * spec.spatial_merge_size**2
+        self.ln_q = RMSNorm(spec.hidden_size, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.unit, self.unit), nn.GELU(), nn.Linear(self.unit, spec.out_hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).reshape(-1, self.unit))
+
+
+class VisionEncoder(nn.Module):
+    """patches [N, C*T*P*P] in window order -> embeddings [N / merge^2, H] in window order."""
+
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        self.fullatt = frozenset(spec.fullatt_block_indexes)
+        self.patch_embed = PatchEmbed(spec)
+        self.blocks = nn.ModuleList(VisionBlock(spec) for _ in range(spec.depth))
+        self.merger = Merger(spec)
+
+    def forward(self, patches, cos, sin, window_segments, image_segments):
+        x = self.patch_embed(patches)
+        dtype = x.dtype
+        window_mask = neg_mask(window_segments[:, None] == window_segments[None, :], dtype)
+        full_mask = neg_mask(image_segments[:, None] == image_segments[None, :], dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, full_mask if i in self.fullatt else window_mask)
+        return self.merger(x)
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * spec.head_dim)
+        self.k_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim)
+        self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        b, s, _ = x.shape
+        # [B, S, heads*d] -> [B, heads, S, d]
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = torch.cat([past_k, k], dim=2)  # [B, kv_heads, P+S, d]
+        v = torch.cat([past_v, v], dim=2)
+        # Grouped-query attention: query head h reads key/value head h // groups.
+        groups = self.num_heads // self.num_kv_heads
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
+                                             attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.self_attn = DecoderAttention(spec)
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class Decoder(nn.Module):
+    """(ids [B,S], image rows [M,H], row index [B,S] (-1: text), positions [B,S],
+    mask [B,P+S], past [L,2,B,kv,P,d]) -> (final-normed hidden [B,S,H], present [L,2,B,kv,P+S,d])."""
+
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def embed(self, input_ids, image_embeds, image_index):
+        text = self.embed_tokens(input_ids)
+        is_image = image_index >= 0
+        # where, not clamp: ONNX Clip on int64 is outside TensorRT's published ONNX op support.
+        rows = image_embeds.to(text.dtype)[torch.where(is_image, image_index, 0)]
+        return torch.where(is_image.unsqueeze(-1), rows, text)
+
+    def rope(self, position_ids, dtype):
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [B, S, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, S, d]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def causal_mask(self, attention_mask, s, dtype):
+        total = attention_mask.shape[1]
+        past = total - s
+        keys = torch.arange(total, device=attention_mask.device)
+        queries = torch.arange(s, device=attention_mask.device) + past
+        allowed = (keys[None, :] <= queries[:, None])[None] & (attention_mask[:, None, :] > 0)
+        return neg_mask(allowed, dtype).unsqueeze(1)  # [B, 1, S, P+S]
+
+    def forward(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
+        x = self.embed(input_ids, image_embeds, image_index)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = self.causal_mask(attention_mask, input_ids.shape[1], x.dtype)
+        present = []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, mask, past[i, 0].to(x.dtype), past[i, 1].to(x.dtype))
+            present.append(torch.stack([k, v]))
+        return self.norm(x), torch.stack(present)
+
+
+def head_mlp(sizes: tuple[int, ...]) -> nn.Sequential:
+    # Same indices as the checkpoint: 0 Linear, 1 ReLU, 2 Dropout, 3 Linear, 4 ReLU, 5 Linear.
+    return nn.Sequential(
+        nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Dropout(0.0),
+        nn.Linear(sizes[1], sizes[2]), nn.ReLU(), nn.Linear(sizes[2], sizes[3]),
+    )
+
+
+class RewardHeads(nn.Module):
+    """hidden [B, K, H] (row k read by head k) -> [B, K, 2] (mu, log_sigma), in float32."""
+
+    def __init__(self, spec: HeadSpec):
+        super().__init__()
+        self.heads = nn.ModuleDict({f"head_{k}": head_mlp(spec.layer_sizes) for k in range(spec.num_heads)})
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
+        return torch.stack([head(hidden[:, k]) for k, head in enumerate(self.heads.values())], dim=1)
+
+
+def build_modules(spec: ModelSpec, state: dict[str, torch.Tensor] | None,
+                  dtype: torch.dtype) -> tuple[VisionEncoder, Decoder, RewardHeads]:
+    """The three modules, loaded strictly from a checkpoint state dict (left as initialised when None)."""
+    parts = split_state_dict(state) if state is not None else None
+    vision, decoder, heads = VisionEncoder(spec.vision), Decoder(spec.text), RewardHeads(spec.heads)
+    for module, name in ((vision, "vision"), (decoder, "decoder"), (heads, "heads")):
+        if parts is not None:
+            module.load_state_dict(parts[name], strict=True)
+        module.eval().requires_grad_(False)
+    vision.to(dtype)
+    decoder.to(dtype)
+    decoder.inv_freq = decoder.inv_freq.float()  # RoPE frequencies stay float32, as in the reference
+    return vision, decoder, heads.float()

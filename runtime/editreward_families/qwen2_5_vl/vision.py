@@ -1,0 +1,90 @@
+"""Host-side (numpy) inputs of the vision encoder for one image grid.
+
+Qwen2.5-VL's vision tower permutes patches into attention windows, uses 2-D rotary
+positions and alternates window and full attention. All of that depends only on the grid,
+so it is computed here once per image shape and cached, and the exported graph stays free
+of data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VisionInputs:
+    window_index: np.ndarray  # [N / unit] merge-unit order fed to the encoder
+    reverse_index: np.ndarray  # [N / unit] undoes window_index on the merged output
+    cos: np.ndarray  # [N, head_dim] float32, window order
+    sin: np.ndarray
+    window_segments: np.ndarray  # [N] int64: patches attend within equal ids (windowed blocks)
+    image_segments: np.ndarray  # [N] int64: patches attend within equal ids (full blocks)
+
+    def permute_patches(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[N, D] in processor order -> [N, D] in window order."""
+        n, d = pixel_values.shape
+        unit = n // len(self.window_index)
+        return pixel_values.reshape(-1, unit, d)[self.window_index].reshape(n, d)
+
+
+def _patch_coordinates(grid_h: int, grid_w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each patch in the processor's merge-unit-major order."""
+    rows = np.broadcast_to(np.arange(grid_h)[:, None], (grid_h, grid_w))
+    cols = np.broadcast_to(np.arange(grid_w)[None, :], (grid_h, grid_w))
+    # [gh, gw] -> [gh/m, m, gw/m, m] -> [gh/m, gw/m, m, m]
+    order = lambda a: a.reshape(grid_h // merge, merge, grid_w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+    return order(rows), order(cols)
+
+
+def _window_index(grid_t: int, llm_h: int, llm_w: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge-unit permutation into window-major order, and the unit count of each window."""
+    index = np.arange(grid_t * llm_h * llm_w).reshape(grid_t, llm_h, llm_w)
+    pad_h, pad_w = -llm_h % window, -llm_w % window
+    padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
+    nh, nw = (llm_h + pad_h) // window, (llm_w + pad_w) // window
+    # [t, nh*win, nw*win] -> [t, nh, nw, win, win]: window-major, row-major inside a window
+    windows = padded.reshape(grid_t, nh, window, nw, window).transpose(0, 1, 3, 2, 4).reshape(grid_t, nh * nw, -1)
+    sizes = (windows >= 0).sum(-1).reshape(-1)
+    flat = windows.reshape(-1)
+    return flat[flat >= 0], sizes[sizes > 0]
+
+
+@lru_cache(maxsize=64)
+def vision_inputs(grid: tuple[int, int, int], head_dim: int, merge: int, window_size: int, patch_size: int,
+                  theta: float = 10000.0) -> VisionInputs:
+    grid_t, grid_h, grid_w = grid
+    unit = merge * merge
+    rows, cols = _patch_coordinates(grid_h, grid_w, merge)
+    rows, cols = np.tile(rows, grid_t), np.tile(cols, grid_t)
+    # Axial RoPE: half the rotary dims rotate with the row, half with the column.
+    rot_dim = head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.float32) / np.float32(rot_dim)))
+    inv_freq = inv_freq.astype(np.float32)
+    freqs = np.concatenate([rows[:, None] * inv_freq, cols[:, None] * inv_freq], axis=-1).astype(np.float32)
+    emb = np.concatenate([freqs, freqs], axis=-1)  # [N, head_dim]
+
+    window = window_size // merge // patch_size
+    window_index, sizes = _window_index(grid_t, grid_h // merge, grid_w // merge, window)
+    n = len(rows)
+    permute = lambda a: a.reshape(-1, unit, a.shape[-1])[window_index].reshape(n, -1)
+    window_segments = np.repeat(np.arange(len(sizes)), sizes * unit)
+    return VisionInputs(
+        window_index=window_index,
+        reverse_index=np.argsort(window_index),
+        cos=np.cos(permute(emb)).astype(np.float32),
+        sin=np.sin(permute(emb)).astype(np.float32),
+        window_segments=window_segments.astype(np.int64),
+        image_segments=np.repeat(np.arange(grid_t), grid_h * grid_w).astype(np.int64),
+    )
+
+
+def vision_feeds(image, spec) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """One preprocessed image -> the vision graph's inputs in order (window-ordered patches, cos,
+    sin, window segments, image segments) and the index that puts its output back in processor order."""
+    v = spec.vision
+    prep = vision_inputs(tuple(image.grid_thw), v.head_dim, v.spatial_merge_size, v.window_size, v.patch_size)
+    patches = prep.permute_patches(image.pixel_values).astype(np.float32, copy=False)
+    return (patches, prep.cos, prep.sin, prep.window_segments, prep.image_segments), prep.reverse_index

@@ -1,0 +1,334 @@
+"""Quantization schemes as data, registered with their functions (after torchao): one frozen
+dataclass per scheme, validated on creation and serialised with its version into the output
+model's manifest, and one registry line that ties it to its ``quantize`` function and, for the
+schemes whose layers the torch backend rebuilds, its ``load`` function. Loading a folder
+rebuilds its config through ``scheme_from_dict``, which refuses another version. Nothing is
+ever guessed from a file name.
+
+The configs are data the runtime checks when it opens a quantized folder, so they live here; the
+functions live in the build-time package ``editreward_quant`` (quantize) and its ``layers``
+(load), named as ``module:function`` and imported only when called: reading a manifest never
+imports torch, bitsandbytes, GPTQModel or ModelOpt, and the runtime imports no build-time code.
+
+By default the vision tower and the reward heads keep their original precision: both are
+small, and quantizing a VLM's vision tower costs accuracy for little gain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from .errors import EditRewardError
+
+
+class QuantizeError(EditRewardError):
+    """A quantization request that cannot be carried out: unknown scheme, missing library, no GPU, bad data."""
+
+    kind = "quantize_error"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    target: ClassVar[str]  # "onnx" (an exported folder), "torch" (a checkpoint) or "trt" (Q/DQ ONNX for TensorRT)
+    extra: ClassVar[str]  # the pip extra that brings the library
+    modules: ClassVar[tuple[str, ...]] = ()  # importable modules the scheme needs
+
+    include_vision: bool = False
+    include_heads: bool = False
+
+    def __post_init__(self):
+        if self.include_heads:
+            raise QuantizeError(f"{self.name}: quantizing the reward heads is not supported (they are 2 small float32 MLPs)")
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.name, "version": self.version, "config": asdict(self)}
+
+
+@dataclass(frozen=True)
+class OrtInt8(Scheme):
+    """int8 weights for ONNX Runtime: ``dynamic`` (per-channel int8 weights, activations quantized
+    at run time: the fast CPU path) or ``weight_only`` (MatMulNBits with 8 bits, for CPU and CUDA)."""
+
+    name: ClassVar[str] = "ort-int8"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
+    target: ClassVar[str] = "onnx"
+    extra: ClassVar[str] = "onnx"
+    modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
+    mode: str = "dynamic"
+    block_size: int = 128  # weight_only only
+    embedding_bits: int = 8  # token embedding: 8 (int8 rows, a float scale each) or 0 (float32)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in ("dynamic", "weight_only"):
+            raise QuantizeError(f"ort-int8 mode must be dynamic or weight_only, not {self.mode!r}")
+        _check_block(self.block_size)
+        _check_embedding_bits(self.embedding_bits, (0, 8))
+
+
+@dataclass(frozen=True)
+class OrtInt4(Scheme):
+    """4-bit symmetric block-wise weights (MatMulNBits). ``accuracy_level`` 4 computes in int8 on CPU,
+    the only level that is faster than float32 there; 0 keeps float compute."""
+
+    name: ClassVar[str] = "ort-int4"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
+    target: ClassVar[str] = "onnx"
+    extra: ClassVar[str] = "onnx"
+    modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    embedding_bits: int = 8  # token embedding: 8 (int8 rows), 4 (GatherBlockQuantized, same block size) or 0 (float32)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_block(self.block_size)
+        _check_embedding_bits(self.embedding_bits, (0, 4, 8))
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise QuantizeError(f"accuracy_level must be 0-4, not {self.accuracy_level}")
+
+
+@dataclass(frozen=True)
+class BnbInt8(Scheme):
+    """bitsandbytes LLM.int8 on the decoder's linear layers (outlier threshold 6.0)."""
+
+    name: ClassVar[str] = "bnb-int8"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
+    target: ClassVar[str] = "torch"
+    extra: ClassVar[str] = "quant"
+    modules: ClassVar[tuple[str, ...]] = ("bitsandbytes", "torch")
+    threshold: float = 6.0
+    embedding_bits: int = 8  # token embedding: 8 (int8 rows) or 0 (compute dtype)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_embedding_bits(self.embedding_bits, (0, 8))
+        if self.threshold < 0:
+            raise QuantizeError("threshold must be >= 0")
+
+
+@dataclass(frozen=True)
+class BnbNf4(Scheme):
+    """bitsandbytes NF4 with double quantization and bf16 compute on the decoder's linear layers."""
+
+    name: ClassVar[str] = "bnb-nf4"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
+    target: ClassVar[str] = "torch"
+    extra: ClassVar[str] = "quant"
+    modules: ClassVar[tuple[str, ...]] = ("bitsandbytes", "torch")
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    block_size: int = 64
+    embedding_bits: int = 8  # token embedding: 8 (int8 rows), 4 (blocks of EMBEDDING_BLOCK) or 0 (compute dtype)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_embedding_bits(self.embedding_bits, (0, 4, 8))
+        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise QuantizeError(f"compute_dtype {self.compute_dtype!r} is not bfloat16, float16 or float32")
+        if self.block_size not in (64, 128, 256):
+            raise QuantizeError("block_size must be 64, 128 or 256")
+
+
+@dataclass(frozen=True)
+class GptqInt4(Scheme):
+    """GPTQ 4-bit through GPTQModel (auto-gptq is end-of-life), calibrated on image triples with the real
+    prompts, on the decoder's linear layers. It runs on GPTQModel's torch kernel (CPU or GPU); ``sym``:
+    symmetric 4-bit codes; ``desc_act``: quantize columns by decreasing activation energy."""
+
+    name: ClassVar[str] = "gptq-int4"
+    version: ClassVar[int] = 2  # 2: the token embedding is quantized too
+    target: ClassVar[str] = "torch"
+    extra: ClassVar[str] = "gptq"
+    modules: ClassVar[tuple[str, ...]] = ("gptqmodel", "torch")
+    install_note: ClassVar[str] = "(gptqmodel==7.6.0, in a virtual environment of its own: it pins numpy 2.2.6)"
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    embedding_bits: int = 8  # token embedding (round to nearest: a lookup has nothing to calibrate): 8, 4 or 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_embedding_bits(self.embedding_bits, (0, 4, 8))
+        _check_block(self.group_size)
+        if self.group_size > 1024:
+            raise QuantizeError(f"gptq-int4 group_size must be at most 1024 (GPTQModel's torch kernel), not {self.group_size}")
+        if self.include_vision:
+            raise QuantizeError("gptq-int4 quantizes the decoder only; the vision tower keeps its precision")
+
+
+@dataclass(frozen=True)
+class _TrtScheme(Scheme):
+    """Q/DQ ONNX for a strongly typed TensorRT network, made with NVIDIA ModelOpt. ``high_precision_dtype``
+    is the type of everything that is not quantized (RMSNorm statistics and rotary angles stay float32)."""
+
+    target: ClassVar[str] = "trt"
+    extra: ClassVar[str] = "trt-quant"
+    modules: ClassVar[tuple[str, ...]] = ("modelopt",)
+    install_note: ClassVar[str] = ("in a virtual environment of its own: ModelOpt brings onnxruntime-gpu and cupy, "
+                                   "which replace the CPU onnxruntime")
+    calibration_methods: ClassVar[tuple[str, ...]] = ("max", "entropy")
+    calibration_method: str = "max"
+    high_precision_dtype: str = "fp16"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.include_vision:
+            raise QuantizeError(f"{self.name} quantizes the decoder only; the vision graph keeps float32")
+        if self.calibration_method not in self.calibration_methods:
+            raise QuantizeError(f"{self.name} calibration_method must be one of {self.calibration_methods}, "
+                                f"not {self.calibration_method!r}")
+        if self.high_precision_dtype not in ("fp16", "bf16", "fp32"):
+            raise QuantizeError(f"high_precision_dtype must be fp16, bf16 or fp32, not {self.high_precision_dtype!r}")
+
+
+@dataclass(frozen=True)
+class TrtInt8Sq(_TrtScheme):
+    """INT8 SmoothQuant Q/DQ graph: per-channel int8 weights, per-tensor int8 activations, with
+    activation outliers moved into the weights by ``alpha`` (0: none, 1: all)."""
+
+    name: ClassVar[str] = "trt-int8-sq"
+    alpha: float = 0.5  # the SmoothQuant paper's balance; 0.8 measured worse than 0.5 and than none on fixtures
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise QuantizeError(f"alpha must be within [0, 1], not {self.alpha}")
+
+
+@dataclass(frozen=True)
+class TrtFp8(_TrtScheme):
+    """FP8 (E4M3) Q/DQ graph; TensorRT runs it on Ada/Hopper GPUs."""
+
+    name: ClassVar[str] = "trt-fp8"
+
+
+@dataclass(frozen=True)
+class TrtInt4Awq(_TrtScheme):
+    """INT4 block-wise weight-only AWQ Q/DQ graph."""
+
+    name: ClassVar[str] = "trt-int4-awq"
+    calibration_methods: ClassVar[tuple[str, ...]] = ("awq_clip", "awq_lite")
+    block_size: int = 128
+    calibration_method: str = "awq_clip"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_block(self.block_size)
+
+
+EMBEDDING_BLOCK = 32  # columns per scale of the torch schemes' 4-bit token embedding
+
+
+def _check_embedding_bits(bits: int, allowed: tuple[int, ...]) -> None:
+    if bits not in allowed:
+        raise QuantizeError(f"embedding_bits must be one of {', '.join(map(str, allowed))} (0 keeps float32), not {bits}")
+
+
+def _check_block(size: int) -> None:
+    if size < 16 or size & (size - 1):
+        raise QuantizeError(f"block size must be a power of two >= 16, not {size}")
+
+
+@dataclass(frozen=True)
+class SchemeEntry:
+    """A scheme's config class with its functions. ``quantize(request) -> Path`` writes the quantized
+    folder; ``load(modules, quantization, state, device)`` rebuilds a torch-backend folder's layers
+    (None: the backend reads the quantized graphs as they are)."""
+
+    config: type[Scheme]
+    quantize: str
+    load: str | None = None
+
+    def function(self, which: str):
+        import importlib
+
+        module, _, name = getattr(self, which).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+REGISTRY: dict[str, SchemeEntry] = {e.config.name: e for e in (
+    SchemeEntry(OrtInt8, "editreward_quant.ort_schemes:quantize"),
+    SchemeEntry(OrtInt4, "editreward_quant.ort_schemes:quantize"),
+    SchemeEntry(BnbInt8, "editreward_quant.bnb_schemes:quantize", "editreward_quant.layers.bnb:load_bnb_modules"),
+    SchemeEntry(BnbNf4, "editreward_quant.bnb_schemes:quantize", "editreward_quant.layers.bnb:load_bnb_modules"),
+    SchemeEntry(GptqInt4, "editreward_quant.gptq_scheme:quantize", "editreward_quant.layers.gptq:load_gptq_modules"),
+    SchemeEntry(TrtInt8Sq, "editreward_quant.trt_schemes:quantize"),
+    SchemeEntry(TrtFp8, "editreward_quant.trt_schemes:quantize"),
+    SchemeEntry(TrtInt4Awq, "editreward_quant.trt_schemes:quantize"),
+)}
+SCHEMES: dict[str, type[Scheme]] = {name: e.config for name, e in REGISTRY.items()}
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """What every ``quantize`` function takes: the source (a checkpoint for ``target == "torch"``, an
+    exported float32 folder otherwise), the scheme, the output folder and the calibration options."""
+
+    source: str
+    scheme: Scheme
+    out: object
+    base: str | None = None
+    prompts_from: str | None = None
+    calib: str | None = None
+    calib_size: int = 64
+    device: str = "cpu"
+
+
+def entry(name: str) -> SchemeEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise QuantizeError(f"unknown scheme {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def make_scheme(name: str, options: dict | None = None) -> Scheme:
+    """``name`` plus ``key=value`` options (strings are converted to the field's type)."""
+    cls = entry(name).config
+    types = {f.name: f.type for f in fields(cls)}
+    kwargs = {}
+    for key, value in (options or {}).items():
+        if key not in types:
+            raise QuantizeError(f"{name} has no option {key!r}; options: {', '.join(types)}")
+        kwargs[key] = _convert(value, types[key])
+    return cls(**kwargs)
+
+
+def _convert(value, type_name):
+    if not isinstance(value, str):
+        return value
+    if type_name in ("bool", bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise QuantizeError(f"not a boolean: {value!r}")
+        return value.lower() in ("true", "1")
+    if type_name in ("int", int):
+        return int(value)
+    if type_name in ("float", float):
+        return float(value)
+    return value
+
+
+def scheme_from_dict(data: dict) -> Scheme:
+    """Rebuild a scheme from a manifest's ``quantization`` entry, refusing unknown versions."""
+    cls = SCHEMES.get(data.get("scheme"))
+    if cls is None:
+        raise QuantizeError(f"unknown scheme in manifest: {data.get('scheme')!r}")
+    if data.get("version") != cls.version:
+        raise QuantizeError(f"{cls.name} config version {data.get('version')} is not {cls.version}: "
+                            "written by another editreward-deploy; re-quantize the model with this one")
+    names = {f.name for f in fields(cls)}
+    config = data.get("config", {})
+    if not isinstance(config, dict) or set(config) - names:
+        raise QuantizeError(f"{cls.name} config in manifest has unknown options {sorted(set(config) - names)}")
+    return cls(**config)
+
+
+def check_available(scheme: Scheme) -> None:
+    """A clear error for a missing library, naming the extra."""
+    from editreward_rt.extras import missing
+
+    missing(scheme.modules, scheme.extra, f"scheme {scheme.name}", getattr(scheme, "install_note", ""), QuantizeError)

@@ -1,0 +1,107 @@
+"""Benchmark scripts as smoke tests on the tiny checkpoint: schema, parity gate, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from editreward_bench import latency, report
+from editreward_bench import parity_bench as parity
+from editreward_bench import rank_metrics as metrics
+from editreward_bench.common import SCHEMA_VERSION, validate_document
+from editreward_rt.manifest import write_manifest
+from onnx import numpy_helper
+
+
+@pytest.fixture(scope="module")
+def perturbed(tiny_onnx, tmp_path_factory):
+    """A copy of the export whose reward heads were nudged: a variant that must fail parity."""
+    out = tmp_path_factory.mktemp("perturbed") / "model"
+    shutil.copytree(tiny_onnx, out)
+    graph = onnx.load(str(out / "heads.onnx"))
+    for init in graph.graph.initializer:
+        if init.name.endswith("5.bias") or init.dims == [2]:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(0.01), init.name))
+    onnx.save(graph, str(out / "heads.onnx"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    write_manifest(out, {k: v for k, v in manifest.items() if k not in ("format", "manifest_version", "files")})
+    return out
+
+
+def test_latency_smoke(tiny, tiny_onnx, perturbed, tmp_path):
+    out = tmp_path / "latency.json"
+    code = latency.main(["--ckpt", str(tiny.checkpoint), "--prompts-from", str(tiny.prompts), "--variant", "torch-fast",
+                         "--variant", f"model:{tiny_onnx}", "--variant", f"model:{perturbed}", "--reps", "2", "--warmup", "1",
+                         "--batch-sizes", "1,2", "--scaling", "1,2", "--out", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    validate_document(doc)
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["kind"] == "latency"
+    by = {r["variant"]: r for r in doc["results"]}
+    assert by["torch-reference"]["status"] == "ok"
+    assert by[f"model:{tiny_onnx}"]["status"] == "ok" and by[f"model:{tiny_onnx}"]["parity"]["passed"]
+    assert by[f"model:{perturbed}"]["status"] == "failed-parity" and "batch1" not in by[f"model:{perturbed}"]
+    fast = by["torch-fast"]
+    assert set(fast["stages"]) == {"preprocess_ms", "vision_ms", "prefix_ms", "suffixes_ms", "heads_ms"}
+    assert fast["vs_reference"]["throughput_ratio"] > 0 and fast["peak_rss_mb"] > 0
+    assert [row["edits"] for row in fast["scaling"]] == [1, 2]
+    assert doc["environment"]["libraries"]["onnxruntime"]
+    md = report.render([out], tmp_path / "report")
+    text = md.read_text()
+    assert "torch-fast" in text and "failed-parity" in text and (tmp_path / "report" / "latency.png").stat().st_size > 0
+
+
+def test_parity_smoke(tiny, tiny_onnx, perturbed, tmp_path):
+    out = tmp_path / "parity.json"
+    code = parity.main(["--ckpt", str(tiny.checkpoint), "--prompts-from", str(tiny.prompts), "--variant", f"model:{tiny_onnx}",
+                        "--variant", f"model:{perturbed}", "--groups", "2", "--edits", "3", "--out", str(out)])
+    assert code == 1  # one variant failed its gate
+    doc = json.loads(out.read_text())
+    validate_document(doc)
+    by = {r["variant"]: r for r in doc["results"]}
+    good, bad = by[f"model:{tiny_onnx}"], by[f"model:{perturbed}"]
+    assert good["status"] == "ok" and good["mu"]["max_abs_diff"] < 1e-4 and good["pairwise_agreement"] == 1.0
+    assert bad["status"] == "failed-parity" and bad["mu"]["max_abs_diff"] > 1e-3
+    assert good["n_pairs"] == 2 * 3 and len(good["heads"]) == 2
+    report.render([out], tmp_path / "report")
+    assert (tmp_path / "report" / "parity.png").is_file()
+
+
+def test_parity_on_editreward_bench_format(tiny, tmp_path, images):
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    for i, image in enumerate(images[:4]):
+        image.save(folder / f"{i}.png")
+    items = [{"prompt": "Add a bowl", "path_src": "0.png", "paths_generated": ["1.png", "2.png"], "human_vote": {"ranking": "A>B"}},
+             {"prompt": "Add a bowl", "path_src": "0.png", "paths_generated": ["1.png", "2.png", "3.png"],
+              "human_vote": {"ranking": "C>A>B"}},
+             {"prompt": "Add a bowl", "path_src": "0.png", "paths_generated": ["2.png", "3.png"], "human_vote": {"ranking": "A=B=Good"}}]
+    (folder / "EditReward_Bench_2pair.json").write_text(json.dumps(items))
+    out = tmp_path / "parity.json"
+    assert parity.main(["--ckpt", str(tiny.checkpoint), "--prompts-from", str(tiny.prompts), "--variant", "torch-fast",
+                        "--bench", str(folder), "--out", str(out)]) == 0
+    human = json.loads(out.read_text())["results"][0]["human"]
+    assert human["pairs"] == 1 + 3 + 1
+    assert 0.0 <= human["accuracy_with_ties"] <= 1.0 and 0.0 <= human["strict_group_accuracy"] <= 1.0
+
+
+def test_metrics():
+    assert metrics.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert metrics.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert metrics.kendall_tau_b([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert metrics.preference_agreement(np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0]), [(0, 1), (1, 2)]) == 0.5
+    # Human: +1, -1, tie; model differences 0.5, -0.2, 0.05: best threshold 0.05 makes all three right.
+    acc, eps = metrics.accuracy_with_ties([1, -1, 0], [0.5, -0.2, 0.05])
+    assert acc == 1.0 and eps == pytest.approx(0.05)
+    assert metrics.accuracy_without_ties([1, -1, 0], [0.5, 0.2, 0.0]) == 0.5
+    assert metrics.parse_ranking("C>A>B", 3) == ([2, 0, 1], False)
+    assert metrics.parse_ranking("A=B=Bad", 2) == (None, True)
+    assert metrics.strict_group_accuracy([[2, 0, 1], [0, 1]], [np.array([0.2, 0.1, 0.9]), np.array([0.1, 0.5])]) == 0.5
+
+
+def test_results_schema_is_enforced():
+    with pytest.raises(ValueError, match="lacks"):
+        validate_document({"schema": "editreward-bench-results"})

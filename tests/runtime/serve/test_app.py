@@ -1,0 +1,320 @@
+"""The Ray Serve HTTP API, over real loopback HTTP against the tiny ONNX model.
+
+Ray starts once for the module (2 CPUs) with two applications: the main one, and a "tight"
+one whose queue, batch and timeout are tiny so 429 and 504 can be provoked. Every client
+loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray")  # the serve extra is not installed
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
+requests = pytest.importorskip("requests")
+
+from conftest import random_image  # noqa: E402
+
+MAX_PIXELS = 1_000_000
+MAX_BODY = 2 * 1024 * 1024
+TIMEOUT = 60
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+TIGHT_EDITS = 256  # edits in the rank request that must outlast the tight app's timeout
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    """Six small PNGs (as bytes): index 0 and 1 are sources, the rest edits."""
+    return [_png(random_image(100 + i, 48 + 8 * i, 64)) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def local(tiny_onnx):
+    from editreward_rt import Scorer
+
+    return Scorer.load(tiny_onnx, threads=1, max_batch=8)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx):
+    from editreward_rt.serve.app import ServeConfig, build_app
+    from editreward_rt.serve.schemas import Limits
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    limits = Limits(max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS, max_instruction_chars=200, max_triples=16)
+    main = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, batch_wait_ms=20, limits=limits)
+    serve.run(build_app(main), name="editreward", route_prefix="/")
+    tight = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=1, batch_wait_ms=0, max_ongoing=1, max_queued=1,
+                        limits=Limits(request_timeout_s=2.0, max_triples=TIGHT_EDITS))
+    serve.run(build_app(tight), name="tight", route_prefix="/tight")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url, path, payload=None, **kw):
+    return requests.post(url + path, json=payload, timeout=TIMEOUT, **kw) if payload is not None else \
+        requests.post(url + path, timeout=TIMEOUT, **kw)
+
+
+def triple(pictures, instruction="make the sky pink", src=0, edit=2) -> dict:
+    return {"instruction": instruction, "source": _b64(pictures[src]), "edited": _b64(pictures[edit])}
+
+
+def close(got: dict, want, tol=1e-5) -> None:
+    assert got["mu"] == pytest.approx(want.mu, abs=tol)
+    assert got["log_sigma"] == pytest.approx(want.log_sigma, abs=tol)
+    assert got["sigma"] == pytest.approx(want.sigma, abs=tol)
+    for h, w in zip(got["heads"], want.heads, strict=True):
+        assert h["name"] == w.name
+        assert h["mu"] == pytest.approx(w.mu, abs=tol) and h["log_sigma"] == pytest.approx(w.log_sigma, abs=tol)
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
+    assert body["error"]["message"]
+    return body["error"]["type"]
+
+
+# ---------------------------------------------------------------- the happy paths
+
+
+def test_health_ready_and_openapi(server):
+    assert requests.get(server + "/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
+    ready = requests.get(server + "/readyz", timeout=TIMEOUT)
+    assert ready.status_code == 200 and ready.json()["model"]["backend"] == "onnxruntime"
+    assert ready.json()["model"]["max_input_pixels"] == MAX_PIXELS
+    spec = requests.get(server + "/openapi.json", timeout=TIMEOUT).json()
+    assert {"/v1/score", "/v1/rank", "/v1/prefer", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    schemas = set(spec["components"]["schemas"])
+    assert {"Triple", "ScoreMany", "RankRequest", "PreferRequest", "ScoreOut", "ErrorOut"} <= schemas
+    content = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(content)
+    assert error_of(requests.get(server + "/nope", timeout=TIMEOUT), 404) == "not_found"
+
+
+def test_score_one_many_and_multipart(server, pictures, local):
+    want = local.score("make the sky pink", pictures[0], pictures[2])
+    close(post(server, "/v1/score", triple(pictures)).json(), want)
+
+    corrupt = {**triple(pictures), "edited": _b64(pictures[3][:200])}
+    body = {"triples": [triple(pictures), triple(pictures, "", 1, 3), triple(pictures, "add a cat", 1, 4), corrupt]}
+    out = post(server, "/v1/score", body)
+    assert out.status_code == 200
+    results = out.json()["results"]
+    assert [r["index"] for r in results] == [0, 1, 2, 3]
+    close(results[0], want)
+    assert results[1]["error"]["type"] == "instruction_error" and "mu" not in results[1]
+    close(results[2], local.score("add a cat", pictures[1], pictures[4]))
+    assert results[3]["error"]["type"] == "image_error"
+    assert results[3]["error"]["message"].startswith("triples[3].edited:")
+
+    files = {"source": ("s.png", pictures[0], "image/png"), "edited": ("e.png", pictures[2], "image/png")}
+    close(post(server, "/v1/score", data={"instruction": "make the sky pink"}, files=files).json(), want)
+    bad = {"source": ("s.png", b"\x89PNG\r\n\x1a\n broken", "image/png"), "edited": files["edited"]}
+    assert error_of(post(server, "/v1/score", data={"instruction": "x"}, files=bad), 422) == "image_error"
+
+
+def test_rank_and_prefer(server, pictures, local):
+    edits = [pictures[i] for i in (2, 3, 4, 5)]
+    want = local.rank("brighten it", pictures[1], edits)
+    out = post(server, "/v1/rank", {"instruction": "brighten it", "source": _b64(pictures[1]),
+                                    "edits": [_b64(e) for e in edits]}).json()
+    for got, w in zip(out["results"], want, strict=True):
+        close(got, w)
+    assert out["order"] == sorted(range(4), key=lambda i: -want[i].mu)
+
+    files = [("source", ("s.png", pictures[1], "image/png"))] + [("edits", (f"{i}.png", e, "image/png"))
+                                                                  for i, e in enumerate(edits)]
+    multipart = post(server, "/v1/rank", data={"instruction": "brighten it"}, files=files).json()
+    assert multipart["order"] == out["order"]
+
+    p = post(server, "/v1/prefer", {"instruction": "brighten it", "source": _b64(pictures[1]),
+                                    "a": _b64(pictures[2]), "b": _b64(pictures[3])}).json()
+    want_p = local.prefer("brighten it", pictures[1], pictures[2], pictures[3])
+    assert p["p_a_over_b"] == pytest.approx(want_p, abs=1e-5)
+    close(p["a"], want[0])
+
+
+def test_concurrent_clients_are_batched_and_exact(server, pictures, local):
+    """32 clients x 4 requests: every answer equals an in-process score, and batches held > 1 triple."""
+    cases = [("make the sky pink", s, e) for s in (0, 1) for e in (2, 3, 4, 5)]
+    want = {c: local.score(c[0], pictures[c[1]], pictures[c[2]]) for c in cases}
+    before = _histogram(server, "editreward_batch_size")
+
+    def client(k: int) -> list:
+        session, out = requests.Session(), []
+        for j in range(4):
+            case = cases[(k + j) % len(cases)]
+            r = session.post(server + "/v1/score", json=triple(pictures, *case), timeout=TIMEOUT)
+            out.append((case, r.status_code, r.json()))
+        return out
+
+    deadline = time.monotonic() + 120
+    with ThreadPoolExecutor(32) as pool:
+        answers = [a for part in pool.map(client, range(32)) for a in part]
+    assert time.monotonic() < deadline
+    assert len(answers) == 128
+    for case, status, body in answers:
+        assert status == 200, body
+        close(body, want[case])
+    after = _histogram(server, "editreward_batch_size")
+    batches, triples = after["count"] - before["count"], after["sum"] - before["sum"]
+    assert triples == 128 and batches < 128, (batches, triples)  # some batch merged several requests
+    assert after["le"]["1.0"] - before["le"]["1.0"] < batches  # a batch of more than one triple ran
+
+
+def _histogram(server, name: str) -> dict:
+    text = requests.get(server + "/metrics", timeout=TIMEOUT).text
+    out = {"count": 0.0, "sum": 0.0, "le": {}}
+    for line in text.splitlines():
+        if line.startswith(name + "_count"):
+            out["count"] = float(line.split()[-1])
+        elif line.startswith(name + "_sum"):
+            out["sum"] = float(line.split()[-1])
+        elif line.startswith(name + "_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            out["le"][le] = float(line.split()[-1])
+    return out
+
+
+# ---------------------------------------------------------------- every bad input gets its typed 4xx
+
+
+def test_bad_inputs_get_typed_4xx(server, pictures):
+    good = triple(pictures)
+    big = _png(Image.new("RGB", (1200, 1000), (10, 20, 30)))  # 1.2 MP, over the 1 MP limit
+    cases = [
+        ({**good, "source": "!!not base64!!"}, 422, {"image_error"}),
+        ({**good, "edited": _b64(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)}, 422, {"image_error"}),
+        ({**good, "edited": _b64(pictures[2][: len(pictures[2]) // 2])}, 422, {"image_error"}),
+        ({**good, "source": "https://example.com/cat.png"}, 422, {"image_source_rejected"}),
+        ({**good, "source": "file:///etc/passwd"}, 422, {"image_source_rejected"}),
+        ({**good, "source": "images/cat.png"}, 422, {"image_source_rejected"}),
+        ({**good, "source": "/etc/passwd"}, 422, {"image_source_rejected", "image_error"}),
+        ({**good, "edited": _b64(big)}, 422, {"image_too_large"}),
+        ({**good, "instruction": "   "}, 422, {"instruction_error"}),
+        ({**good, "instruction": "x" * 201}, 422, {"instruction_error"}),
+        ({"instruction": "x", "source": good["source"]}, 422, {"invalid_request"}),
+        ({**good, "instruction": 5}, 422, {"invalid_request"}),
+        ({**good, "extra": 1}, 422, {"invalid_request"}),
+        ({"triples": []}, 422, {"invalid_request"}),
+        ({"triples": [good] * 17}, 422, {"invalid_request"}),
+    ]
+    for payload, status, kinds in cases:
+        assert error_of(post(server, "/v1/score", payload), status) in kinds, payload.get("source", "")[:30]
+
+    huge = {**good, "source": "A" * (MAX_BODY + 10)}
+    assert error_of(post(server, "/v1/score", huge), 413) == "payload_too_large"
+    as_json, as_text = {"content-type": "application/json"}, {"content-type": "text/plain"}
+    assert error_of(post(server, "/v1/score", data=b"{not json", headers=as_json), 400) == "invalid_json"
+    assert error_of(post(server, "/v1/score", data=b"hello", headers=as_text), 415) == "unsupported_media_type"
+    rank = {"instruction": "x", "source": good["source"], "edits": [good["edited"], "bm9wZQ=="]}
+    r = post(server, "/v1/rank", rank)
+    assert error_of(r, 422) == "image_error" and "edits[1]" in r.json()["error"]["message"]
+    no_b = {"instruction": "x", "source": good["source"], "a": good["edited"]}
+    assert error_of(post(server, "/v1/prefer", no_b), 422) == "invalid_request"
+    files = {"source": ("s.png", pictures[0], "image/png")}
+    assert error_of(post(server, "/v1/score", data={"instruction": "x"}, files=files), 422) == "invalid_request"
+
+    # Nothing above hurt the service: it is ready and scores, and the errors were counted by type.
+    assert requests.get(server + "/readyz", timeout=TIMEOUT).status_code == 200
+    assert post(server, "/v1/score", good).status_code == 200
+    metrics = requests.get(server + "/metrics", timeout=TIMEOUT).text
+    assert 'editreward_errors_total{type="image_source_rejected"}' in metrics
+    assert 'editreward_requests_total{endpoint="score",status="413"}' in metrics
+
+
+def test_queue_bound_gives_429_and_slow_requests_504(server, pictures):
+    """The "tight" app holds 1 request per replica and queues 1: a burst overflows into typed 429s;
+    a request over its 2 s limit gets a typed 504."""
+    payload = triple(pictures)
+
+    def one(_):
+        r = requests.post(server + "/tight/v1/score", json=payload, timeout=TIMEOUT)
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    statuses = [s for s, _ in answers]
+    assert set(statuses) <= {200, 429, 504}, statuses
+    assert 429 in statuses and 200 in statuses, statuses
+    assert all(b["error"]["type"] == "overloaded" for s, b in answers if s == 429)
+
+    # TIGHT_EDITS edits at max_batch 1 take well over the tight app's 2 s limit on any CPU: one
+    # tiny-model triple costs >= ~25 ms on a fast core (measured), so 256 of them take >= ~6 s.
+    edits = [_b64(_png(random_image(300 + i, 40, 50))) for i in range(TIGHT_EDITS)]
+    rank = {"instruction": "x", "source": payload["source"], "edits": edits}
+    assert error_of(requests.post(server + "/tight/v1/rank", json=rank, timeout=TIMEOUT), 504) == "timeout"
+    deadline = time.monotonic() + 30
+    while requests.get(server + "/tight/readyz", timeout=TIMEOUT).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_missing_ray_names_the_extra(monkeypatch, capsys):
+    from editreward_rt.cli import main
+    from editreward_rt.errors import BackendError
+    from editreward_rt.serve import require_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(BackendError, match=r"editreward-deploy\[serve\]"):
+        require_ray()
+    assert main(["serve", "--model", "nowhere"]) == 2
+    assert "editreward-deploy[serve]" in capsys.readouterr().err
+
+
+def test_shutdown_drains_in_flight_requests(server, pictures):
+    """Stopping the app while requests are in flight still answers every one of them."""
+    from editreward_rt.serve.app import shutdown_app
+
+    payload = {"triples": [triple(pictures, src=s, edit=e) for s in (0, 1) for e in (2, 3, 4, 5)]}
+    results, started = [], threading.Barrier(7)
+
+    def one():
+        started.wait()
+        results.append(requests.post(server + "/v1/score", json=payload, timeout=TIMEOUT).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.1)  # let the requests reach the gateway
+    assert shutdown_app("editreward", 60) == 0
+    for t in threads:
+        t.join(timeout=TIMEOUT)
+    assert results == [200] * 6
+    assert requests.get(server + "/readyz", timeout=TIMEOUT).status_code == 404  # the app is gone
