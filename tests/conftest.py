@@ -70,13 +70,13 @@ def triples(images):
 
 def hidden_at_reward(scorer, triples):
     """The decoder states the heads read, captured on the way in."""
-    engine, seen = scorer.backend.engine, []
-    original = engine.heads
-    engine.heads = lambda h: (seen.append(np.array(h)), original(h))[1]
+    graphs, seen = scorer.backend.graphs, []
+    original = graphs.heads
+    graphs.heads = lambda h: (seen.append(np.array(h)), original(h))[1]
     try:
         scores = scorer.score_batch(triples)
     finally:
-        engine.heads = original
+        graphs.heads = original
     return np.concatenate(seen), scores
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from editreward_rt.manifest import MANIFEST
 
 SCHEMA = "editreward-bench-results"
 SCHEMA_VERSION = 1
@@ -209,7 +210,7 @@ def ensure_fixture(workdir: Path, size: str, export: bool = True) -> dict:
     if not prompts.is_dir():
         write_benchmark_prompts(prompts)
     paths = {"ckpt": str(root / "checkpoint"), "prompts_from": str(prompts), "onnx": str(root / "onnx-fp32")}
-    if export and not (root / "onnx-fp32" / "manifest.json").is_file():
+    if export and not (root / "onnx-fp32" / MANIFEST).is_file():
         from editreward_export.onnx_export import export_onnx
 
         export_onnx(paths["ckpt"], paths["onnx"], prompts_from=paths["prompts_from"], log=lambda m: print(m, file=sys.stderr))

@@ -60,14 +60,14 @@ def variants(ckpt, device: str, dtype_name: str, gptq_calib: int = 16):
             from editreward_quant.layers.bnb import swap_linears
 
             backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
-            engine = backend.engine
-            modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
+            graphs = backend.graphs
+            modules = {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
             from editreward_quant.embedding import quantize_torch_embedding
             from editreward_rt.schemes import EMBEDDING_BLOCK, make_scheme
 
             config = make_scheme(scheme)
-            swap_linears(modules, config.to_dict(), engine.device, load_float=True)
-            quantize_torch_embedding(engine.decoder, config.embedding_bits, EMBEDDING_BLOCK)
+            swap_linears(modules, config.to_dict(), graphs.device, load_float=True)
+            quantize_torch_embedding(graphs.decoder, config.embedding_bits, EMBEDDING_BLOCK)
             backend.description["quantization"] = scheme
             return backend
         return make

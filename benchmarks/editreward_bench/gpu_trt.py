@@ -121,11 +121,11 @@ def check_precision(ckpt, size: str, precision: str, prepared, expected, referen
             result["status"] = "ok" if ok else "failed-parity"
         result.update(timings(backend, prepared, args.reps, [b for b in (1, 2, 4, 8) if b <= args.max_batch]))
         free_after, _ = torch.cuda.mem_get_info()
-        runners = backend.engine.runners.values()
+        runners = backend.graphs.runners.values()
         result["gpu_memory_gib"] = {
             "held_by_backend": (free_before - free_after) / GiB,
             "engines_activation": sum(getattr(r.engine, "device_memory_size_v2", r.engine.device_memory_size) for r in runners) / GiB,
-            "buffers": backend.engine.pool.total_bytes() / GiB, "device_total": total / GiB}
+            "buffers": backend.graphs.pool.total_bytes() / GiB, "device_total": total / GiB}
     finally:
         backend.close()
         del backend

@@ -67,8 +67,8 @@ def environment_line(doc: dict) -> str:
 def plots(doc: dict, out: Path, stem: str) -> list[Path]:
     from editreward_rt.extras import require
 
-    require("matplotlib", "bench", "plots").use("Agg")
-    plt = require("matplotlib.pyplot", "bench", "plots")
+    require("matplotlib", "bench", "plots", error=SystemExit).use("Agg")
+    plt = require("matplotlib.pyplot", "bench", "plots", error=SystemExit)
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
     if doc["kind"] == "latency":

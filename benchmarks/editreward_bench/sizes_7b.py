@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from editreward_rt.manifest import MANIFEST
+
 DEFAULT_SCHEMES = ("ort-int8", "ort-int8:mode=weight_only", "ort-int4", "ort-int4:block_size=128",
                    "ort-int4:embedding_bits=4", "ort-int4:block_size=128,embedding_bits=4")
 
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     full = published.full_text_spec(spec, layers=layers)
     params_1, params_28 = decoder_parameters(spec), decoder_parameters(full)
     export = work / "onnx-fp32"
-    if not (export / "manifest.json").is_file():
+    if not (export / MANIFEST).is_file():
         t0 = time.perf_counter()
         export_onnx(ckpt, export, validate_export=False, log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -100,7 +100,7 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
     ``kv_dtype`` overrides the key/value cache I/O type (default: float16 for fp16, else float32);
     the TensorRT build keeps a bf16 cache for bf16 graphs, which never leaves the GPU."""
     import torch
-    from editreward_rt.backends.torch_backend import TorchEngine
+    from editreward_rt.backends.torch_backend import TorchGraphs
 
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
@@ -117,11 +117,11 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
     log(f"[1/4] reading checkpoint {type(ckpt_arg).__name__ + ' (in memory)' if in_memory else ckpt_arg}")
     ckpt = ckpt_arg if in_memory else open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
     state = ckpt.state_dict()
-    engine = TorchEngine(ckpt.spec, state, torch.device("cpu"), getattr(torch, precision))
+    graphs = TorchGraphs(ckpt.spec, state, torch.device("cpu"), getattr(torch, precision))
     fam = family(ckpt.spec.family)
     with staged_folder(out, ".export-") as tmp:
         specs = fam.graph_specs(ckpt.spec, kv_dtype)
-        wrappers, dummies = fam.export_wrappers(engine, kv_dtype), fam.dummy_inputs(ckpt.spec, kv_dtype)
+        wrappers, dummies = fam.export_wrappers(graphs, kv_dtype), fam.dummy_inputs(ckpt.spec, kv_dtype)
         for i, name in enumerate(specs, start=1):
             log(f"[2/4] exporting graph {name} ({i}/{len(specs)})")
             _export_graph(wrappers[name], dummies[name], specs[name], tmp / f"{name}.onnx", opset)

@@ -58,7 +58,6 @@ from editreward_rt.manifest import open_exported, write_manifest
 
 TEXT_TOKENS = 1024  # chat text + rubric + instruction budget on top of the two images
 SUFFIX_TOKENS = 768  # new tokens per sequence in the batch-heavy "suffix" profile
-FP16_KEEP_FP32 = (r"/blocks\.(\d+)/mlp/down_proj/",)  # vision graph node names pinned to fp32 in fp16 mode
 ENGINE_FILES = {"vision": "vision.engine", "decoder": "decoder.engine", "heads": "heads.engine"}
 
 
@@ -70,13 +69,13 @@ class Settings:
     strongly_typed: bool = False
     flags: tuple[str, ...] = ()  # trt.BuilderFlag names set
     cleared_flags: tuple[str, ...] = ()  # trt.BuilderFlag names cleared
-    keep_fp32: tuple[str, ...] = ()  # vision node-name patterns pinned to fp32
+    keep_fp32: bool = False  # pin the layers the model family names (fp16_fp32_pins) to fp32
     quantized: bool = False
 
 
 PRECISIONS = {
     "bf16": Settings("bf16", "bf16", kv_dtype="bfloat16", strongly_typed=True),
-    "fp16": Settings("fp16", "fp32", flags=("FP16", "OBEY_PRECISION_CONSTRAINTS"), keep_fp32=FP16_KEEP_FP32),
+    "fp16": Settings("fp16", "fp32", flags=("FP16", "OBEY_PRECISION_CONSTRAINTS"), keep_fp32=True),
     "fp32": Settings("fp32", "fp32", cleared_flags=("TF32",)),
     **{q: Settings(q, "fp32", strongly_typed=True, quantized=True) for q in ("fp8", "int8", "int4")},
 }
@@ -171,22 +170,22 @@ def compute_profiles(manifest: dict, spec, limits: Limits) -> dict[str, list[dic
     return out
 
 
-def keep_fp32_nodes(onnx_path: Path, patterns: tuple[str, ...], depth: int) -> list[str]:
+def keep_fp32_nodes(onnx_path: Path, patterns: tuple[str, ...], blocks: int) -> list[str]:
     """Node names matching ``patterns`` (the exporter names nodes after module paths); every block must match."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    found, blocks = [], set()
+    found, matched = [], set()
     for node in graph.node:
         for pattern in patterns:
             m = re.search(pattern, node.name)
             if m:
                 found.append(node.name)
-                blocks.add(int(m.group(1)))
-    if patterns and blocks != set(range(depth)):
-        missing = sorted(set(range(depth)) - blocks)
-        raise ExportError(f"{onnx_path.name}: no node matches {patterns} for vision blocks {missing}; "
-                          "the exporter's node naming changed - update FP16_KEEP_FP32")
+                matched.add(int(m.group(1)))
+    if patterns and matched != set(range(blocks)):
+        missing = sorted(set(range(blocks)) - matched)
+        raise ExportError(f"{onnx_path.name}: no node matches {patterns} for blocks {missing}; "
+                          "the exporter's node naming changed - update the family's fp16_fp32_pins")
     return found
 
 
@@ -227,7 +226,8 @@ def configure(folder: Path, precision: str, max_batch: int = 8, max_image_tokens
     limits = compute_limits(model.spec, max_batch, max_image_tokens, max_seq, log)
     fp32_layers = {}
     if settings.keep_fp32:
-        fp32_layers["vision"] = keep_fp32_nodes(model.graph_path("vision"), settings.keep_fp32, model.spec.vision.depth)
+        for graph, (patterns, blocks) in family(model.spec.family).fp16_fp32_pins(model.spec).items():
+            fp32_layers[graph] = keep_fp32_nodes(model.graph_path(graph), patterns, blocks)
     manifest = dict(model.manifest)
     manifest["trt"] = {
         "status": "configured; engines not built",

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from editreward_rt.manifest import MANIFEST
+
 DATA = Path(__file__).parent / "data"
 DEFAULT_VERSION = "10.15"  # newest published list stored; 10.0 is the oldest the [trt] extra allows
 # The doc's type names -> ONNX TensorProto names.
@@ -343,7 +345,7 @@ def check_model(model_or_path, version: str = DEFAULT_VERSION, label: str | None
 def check_exported(folder, version: str = DEFAULT_VERSION, graphs=("vision", "decoder", "heads")) -> Report:
     """Check the TensorRT-bound graphs of an exported model folder (as its manifest names them)."""
     folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     report = Report(load_support(version)["tensorrt_version"])
     for name in graphs:
         check_model(folder / manifest["graphs"][name]["file"], version, label=name, report=report)

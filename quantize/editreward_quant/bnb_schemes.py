@@ -14,7 +14,7 @@ from .output import write_torch_model
 def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str | None = None,
                             prompts_from: str | None = None, device: str = "cpu", log=print) -> Path:
     import torch
-    from editreward_rt.backends.torch_backend import TorchEngine, pick_device
+    from editreward_rt.backends.torch_backend import TorchGraphs, pick_device
 
     from .layers.bnb import swap_linears
 
@@ -25,12 +25,12 @@ def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str 
     # Non-quantized parts run in bf16 on a GPU, float32 on a CPU (no fast bf16 there for every op).
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     log(f"loading {ckpt_arg}")
-    engine = TorchEngine(ckpt.spec, ckpt.state_dict(), dev, dtype)
-    modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
+    graphs = TorchGraphs(ckpt.spec, ckpt.state_dict(), dev, dtype)
+    modules = {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
     quant = scheme.to_dict()
     log(f"quantizing decoder linear layers with {scheme.name}" + (" and the vision tower" if scheme.include_vision else ""))
     swap_linears(modules, quant, dev, load_float=True)
-    quant["embedding"] = quantize_torch_embedding(engine.decoder, scheme.embedding_bits, EMBEDDING_BLOCK)
+    quant["embedding"] = quantize_torch_embedding(graphs.decoder, scheme.embedding_bits, EMBEDDING_BLOCK)
     write_torch_model(out, source, ckpt, modules, dtype, quant)
     log(f"wrote {out}")
     return out

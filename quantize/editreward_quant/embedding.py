@@ -46,7 +46,7 @@ def blockwise_uint4(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.
 
 
 def quantize_torch_embedding(decoder, bits: int, block_size: int) -> dict | None:
-    """Replace ``decoder.embed_tokens`` (a float ``nn.Embedding``) by a filled
+    """Replace the decoder's token embedding (a float ``nn.Embedding``) by a filled
     ``QuantizedEmbedding``; returns the format for the manifest (None for ``bits`` 0)."""
     if not bits:
         return None
@@ -54,12 +54,13 @@ def quantize_torch_embedding(decoder, bits: int, block_size: int) -> dict | None
 
     from .layers.embedding import QuantizedEmbedding
 
-    table = decoder.embed_tokens.weight.detach().float().cpu().numpy()
+    float_table = decoder.token_embedding()
+    table = float_table.weight.detach().float().cpu().numpy()
     bits = table_bits(table.shape[1], bits)
     data, scales = rowwise_int8(table) if bits == 8 else blockwise_uint4(table, block_size)
-    device, dtype = decoder.embed_tokens.weight.device, decoder.embed_tokens.weight.dtype
+    device, dtype = float_table.weight.device, float_table.weight.dtype
     module = QuantizedEmbedding(table.shape[0], table.shape[1], bits, block_size, dtype)
     module.qweight.copy_(torch.from_numpy(data))
     module.scales.copy_(torch.from_numpy(scales))
-    decoder.embed_tokens = module.to(device)
+    decoder.set_token_embedding(module.to(device))
     return {"bits": bits, "block_size": module.block_size, "shape": list(table.shape)}

@@ -35,8 +35,6 @@ from .calib import calibration_triples, prepare_all
 from .embedding import quantize_torch_embedding
 from .output import write_torch_model
 
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-
 
 def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: str | None = None,
                              prompts_from: str | None = None, calib: str | None = None, calib_size: int = 64,
@@ -52,15 +50,15 @@ def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: s
     # Non-quantized parts (and the calibration passes) run in bf16 on a GPU, float32 on a CPU.
     log(f"loading {ckpt_arg}")
     backend = TorchBackend(ckpt, mode="fast", device=device)
-    engine = backend.engine
+    graphs = backend.graphs
     info = quantize_backend(backend, Scorer(backend, ckpt), calibration_triples(calib, calib_size), scheme, log)
 
-    modules = {"vision": engine.vision_module, "decoder": engine.decoder, "heads": engine.head_module}
+    modules = {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
     quantization = {**scheme.to_dict(),
                     "kernel": {"name": KERNEL, "layout": LAYOUT, "bits": 4, "gptqmodel": version("gptqmodel")},
                     "calibration": {"triples": str(calib) if calib else f"synthetic:{calib_size}", **info["calibration"]},
                     "mean_layer_loss": info["mean_layer_loss"], "embedding": info["embedding"]}
-    write_torch_model(out, source, ckpt, modules, engine.dtype, quantization)
+    write_torch_model(out, source, ckpt, modules, graphs.dtype, quantization)
     log(f"wrote {out}")
     return out
 
@@ -69,12 +67,12 @@ def quantize_backend(backend, scorer, triples, scheme: GptqInt4, log=print) -> d
     """GPTQ the decoder of a loaded fast-mode torch ``backend`` in place, calibrated on ``triples``
     through ``scorer`` (its preprocessing and prompts). Used by the CLI above and, without any
     file round trip, by the GPU matrix check."""
-    engine = backend.engine
+    graphs = backend.graphs
     # First, so that calibration sees the embedding the folder will hold.
-    embedding = quantize_torch_embedding(engine.decoder, scheme.embedding_bits, EMBEDDING_BLOCK)
+    embedding = quantize_torch_embedding(graphs.decoder, scheme.embedding_bits, EMBEDDING_BLOCK)
     prepared = prepare_all(scorer, triples)
-    log(f"calibrating on {len(prepared)} triples, {len(engine.decoder.layers)} decoder layers")
-    gptq = _GptqRun(engine, backend.pipeline, prepared, scheme, scorer.max_batch, log)
+    log(f"calibrating on {len(prepared)} triples, {len(graphs.decoder.layers)} decoder layers")
+    gptq = _GptqRun(graphs, backend.pipeline, prepared, scheme, scorer.max_batch, log)
     with torch.inference_mode():
         losses = gptq.run()
     return {"calibration": {"count": len(prepared), "tokens": gptq.tokens}, "embedding": embedding,
@@ -90,8 +88,8 @@ class _GptqRun:
     after level, as in scoring. The pipeline makes the same decoder calls in the same order on
     every pass, so call ``c`` of one pass matches call ``c`` of the next."""
 
-    def __init__(self, engine, pipeline, prepared, scheme: GptqInt4, batch: int, log):
-        self.engine, self.pipeline, self.prepared = engine, pipeline, prepared
+    def __init__(self, graphs, pipeline, prepared, scheme: GptqInt4, batch: int, log):
+        self.graphs, self.pipeline, self.prepared = graphs, pipeline, prepared
         self.scheme, self.batch, self.log = scheme, batch, log
         self.valid = None  # [B*S] bool: the positions of the current decoder call that hold tokens
         self.call = 0  # decoder calls so far in this pass
@@ -102,18 +100,18 @@ class _GptqRun:
         from .layers.gptq import quant_linear_class
 
         quant_linear_class()  # a clear error before any work when GPTQModel is missing
-        decoder = self.engine.decoder
+        decoder = self.graphs.decoder
         layers = decoder.layers
         losses = []
-        self.engine.vision = _memo_vision(self.engine.vision)
+        self.graphs.vision = _memo_vision(self.graphs.vision)
         call_hook = decoder.register_forward_pre_hook(self._next_call)
         try:
             for i, layer in enumerate(layers):
                 decoder.layers = type(layers)([_Skip() for _ in range(i)] + [layer])
                 feed = layer.register_forward_pre_hook(self._feed) if i else None
                 try:
-                    for group in GROUPS:
-                        losses.extend(self._quantize_group(i, layer, group))
+                    for group in layer.linear_groups():  # the family's decoder layer names its linears
+                        losses.extend(self._quantize_group(i, group))
                     if i + 1 < len(layers):  # the next layer's inputs: this layer's outputs, quantized
                         outputs = []
                         record = layer.register_forward_hook(lambda m, a, out: outputs.append(_stash(out[0])))
@@ -129,7 +127,7 @@ class _GptqRun:
         finally:
             decoder.layers = layers
             call_hook.remove()
-            del self.engine.vision
+            del self.graphs.vision
             self.inputs = []
         return losses
 
@@ -150,12 +148,12 @@ class _GptqRun:
                                 f"{None if x is None else tuple(x.shape)} recorded, {tuple(args[0].shape)} now")
         return (x.to(device=args[0].device, dtype=args[0].dtype),) + tuple(args[1:])
 
-    def _quantize_group(self, index: int, layer, names) -> list[float]:
+    def _quantize_group(self, index: int, group) -> list[float]:
         from gptqmodel.quantization.config import QuantizeConfig
         from gptqmodel.quantization.gptq import GPTQ
 
         s = self.scheme
-        targets = {name: _find(layer, name) for name in names}
+        targets = {name: (parent, getattr(parent, name)) for parent, name in group}
         tasks, hooks = {}, []
         for name, (parent, linear) in targets.items():
             qcfg = QuantizeConfig(bits=4, group_size=s.group_size, desc_act=s.desc_act, sym=s.sym,
@@ -174,7 +172,7 @@ class _GptqRun:
             parent, linear = targets[name]
             if task.nsamples == 0:
                 raise QuantizeError(f"decoder layer {index} {name} saw no calibration tokens")
-            if index == 0 and name == "q_proj":
+            if index == 0 and not self.tokens:  # calibration tokens, as the first linear saw them
                 self.tokens = int(task.nsamples)
             q_weight, scale, zero, g_idx, _, loss, _, _ = task.quantize()
             task.free()
@@ -209,13 +207,6 @@ def _stash(x):
     return x.detach().to("cpu", copy=True)
 
 
-def _find(layer, name: str):
-    for parent in (layer.self_attn, layer.mlp):
-        if hasattr(parent, name):
-            return parent, getattr(parent, name)
-    raise QuantizeError(f"decoder layer has no linear {name!r}")
-
-
 def _pack(linear, q_weight, scale, zero, g_idx, scheme: GptqInt4):
     """GPTQ's result (float32 weight on the 4-bit grid, scales, zero points, g_idx) -> a packed
     TorchLinear on the linear's device, replacing ``linear`` (whose float weight is dropped)."""
@@ -230,7 +221,7 @@ def _pack(linear, q_weight, scale, zero, g_idx, scheme: GptqInt4):
 
 
 def _memo_vision(vision):
-    """The engine's vision call, run once per distinct image for the whole job."""
+    """The graphs' vision call, run once per distinct image for the whole job."""
     seen = {}
 
     def memo(patches, cos, sin, window_segments, image_segments):

@@ -43,7 +43,8 @@ def _quantize_matmuls(src: Path, dst: Path, scheme: Scheme) -> None:
     if isinstance(scheme, OrtInt8) and scheme.mode == "dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+        weights = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[scheme.weight_type]
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=weights,
                          op_types_to_quantize=list(OP_TYPES), use_external_data_format=large,
                          extra_options={"MatMulConstBOnly": True})
         return

@@ -41,7 +41,7 @@ def write_torch_model(out: Path, source: dict, ckpt, modules: dict, dtype, quant
         save_file(state, str(tmp / "model.safetensors"))
         ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
         write_manifest(tmp, {
-            "runtime": "torch", "spec": ckpt.spec.to_dict(), "precision": dtype_name, "compute_dtype": dtype_name,
+            "runtime": "torch", "family": ckpt.spec.family, "spec": ckpt.spec.to_dict(), "precision": dtype_name, "compute_dtype": dtype_name,
             "weights": "model.safetensors", "graphs": {}, "tokenizer": "tokenizer.json", "chat_text": ckpt.chat_text,
             "templates": ckpt.templates.to_dict(), "origin": ckpt.origin, "quantization": {**quantization, "source": source},
         })

@@ -114,12 +114,12 @@ def record_windows(model_dir: Path, triples: list, window: int = WINDOW, limit: 
     from editreward_rt import Scorer
 
     scorer = Scorer.load(model_dir, backend="onnxruntime", device="cpu")
-    engine = scorer.backend.engine
+    graphs = scorer.backend.graphs
     names = decoder_inputs(scorer.backend.model.manifest)
     prepared = prepare_all(scorer, triples)
     calls = 3 * -(-len(prepared) // scorer.max_batch)  # at most three levels per batch (pipeline.py)
     per_call = -(-limit // calls)
-    windows, decode = [], engine.decode
+    windows, decode = [], graphs.decode
 
     host = lambda a: a.numpy() if hasattr(a, "numpy") else a  # the cache is an OrtValue when it stays on a GPU
 
@@ -129,13 +129,13 @@ def record_windows(model_dir: Path, triples: list, window: int = WINDOW, limit: 
             windows.append({names[role]: value for role, value in w.items()})
         return hidden, present
 
-    engine.decode = recording
+    graphs.decode = recording
     try:
         for start in range(0, len(prepared), scorer.max_batch):
             scorer.score_prepared(prepared[start : start + scorer.max_batch])
             log(f"      scored {min(start + scorer.max_batch, len(prepared))}/{len(prepared)} calibration triples")
     finally:
-        del engine.decode
+        del graphs.decode
     if not windows:
         raise QuantizeError(f"no calibration prompt has {window} tokens to decode; use more or larger calibration triples")
     return _evenly(windows, limit)

@@ -92,14 +92,19 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json or model.pth")
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses larger headers too
+
+
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > min(SAFETENSORS_MAX_HEADER, os.path.getsize(path) - 8):
+                raise ValueError(f"header length {size} exceeds the file or safetensors' {SAFETENSORS_MAX_HEADER}-byte limit")
             header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, struct.error, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from None
 
 
 def load_state_dict(files: list[Path], normalise_key=lambda key: key) -> dict:
@@ -112,8 +117,10 @@ def load_state_dict(files: list[Path], normalise_key=lambda key: key) -> dict:
         if path.suffix == ".pth":
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # pickle errors for anything but plain tensors
-                raise CheckpointError(f"cannot load {path} safely (weights_only=True): {exc}") from exc
+            except Exception as exc:  # torch's UnpicklingError text is long and names its own internals
+                what = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"{path} holds pickled objects other than tensors and is refused: it is read with "
+                                      f"torch.load(weights_only=True), which never runs code ({what})") from None
             loaded = loaded.get("model", loaded) if isinstance(loaded, dict) else loaded
             if not isinstance(loaded, dict):
                 raise CheckpointError(f"{path} does not hold a state dict")

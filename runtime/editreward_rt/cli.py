@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from . import backends
-from .errors import EditRewardError
+from .errors import EditRewardError, InputError
 from .extras import require
 from .families import DEFAULT_FAMILY, family
-from .jsonl import TRIPLE_FIELDS, is_blank, parse_triple, read_lines, resolve
+from .jsonl import TRIPLE_FIELDS, is_blank, parse_record, parse_triple, read_lines, resolve
 
 
 def _progress(total: int | None, initial: int):
@@ -23,20 +23,27 @@ def _progress(total: int | None, initial: int):
 
 
 def _done_indices(output: Path) -> set[int]:
-    """Indices already written by an earlier, interrupted run (a torn last line is dropped)."""
-    done = set()
+    """Indices already written by an earlier, interrupted run. The file is cut back to its complete
+    records (everything from the first line that is not one is rewritten; a complete last record
+    that lacks its newline gets one), so appending keeps it valid JSONL with each index once."""
     if not output.is_file():
-        return done
-    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
-    good = []
-    for line in lines:
+        return set()
+    data = output.read_bytes()
+    done, good = set(), []
+    for line in data.split(b"\n"):
         try:
-            done.add(int(json.loads(line)["index"]))
-            good.append(line)
-        except (ValueError, KeyError, TypeError):
-            break  # everything after a torn write is rewritten
-    if len(good) != len(lines):
-        output.write_text("".join(good), encoding="utf-8")
+            index = int(parse_record(line)["index"])
+        except (EditRewardError, KeyError, TypeError, ValueError):
+            break
+        if index in done:
+            break  # a repeated index: what follows is from another run's tear
+        done.add(index)
+        good.append(line + b"\n")
+    kept = b"".join(good)
+    if kept != data:
+        staged = output.with_name(f".{output.name}.resume")
+        staged.write_bytes(kept)
+        staged.replace(output)
     return done
 
 
@@ -78,6 +85,19 @@ def score_file(scorer, input_path: Path, output_path: Path, chunk: int = 8) -> d
     return counts
 
 
+def _check_batch_paths(input_path: Path, output_path: Path) -> None:
+    """Usage errors as typed errors, before any model is loaded."""
+    if not input_path.is_file():
+        raise InputError(f"--input {input_path}: " + ("is a directory, not a JSONL file" if input_path.is_dir()
+                                                      else "no such file"))
+    if output_path.is_dir():
+        raise InputError(f"--output {output_path} is a directory; give the JSONL results file to write")
+    if not output_path.parent.is_dir():
+        raise InputError(f"--output {output_path}: the folder {output_path.parent} does not exist")
+    if output_path.resolve() == input_path.resolve():
+        raise InputError("--output must not be the --input file")
+
+
 def cmd_score(args) -> int:
     from .scorer import Scorer
 
@@ -88,6 +108,8 @@ def cmd_score(args) -> int:
         raise SystemExit("--instruction needs --source and --edited")
     if not single and args.output is None:
         raise SystemExit("--input needs --output")
+    if not single:
+        _check_batch_paths(Path(args.input), Path(args.output))
     scorer = Scorer.load(args.model, backend=args.backend, mode=args.mode, base=args.base, prompts_from=args.prompts_from,
                          device=args.device, threads=args.threads, max_batch=args.max_batch)
     if single:

@@ -46,9 +46,10 @@ def parse_record(line: bytes | str) -> dict:
 
 
 def parse_triple(line: bytes | str) -> dict:
-    """One line -> a record with a string ``instruction`` field and string image paths, or an ``InputError``."""
+    """One line -> a record with the three fields and string image paths, or an ``InputError`` (the
+    instruction itself is checked when the triple is prepared, as for any other caller)."""
     record = parse_record(line)
-    missing = [f for f in TRIPLE_FIELDS if record.get(f) is None]
+    missing = [f for f in TRIPLE_FIELDS if f not in record]
     if missing:
         raise InputError(f"line lacks {', '.join(missing)}")
     for field in ("source", "edited"):

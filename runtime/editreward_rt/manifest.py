@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ManifestError
+from .errors import ArchitectureError, ManifestError
 from .families import family_of_manifest
 from .prompts import load_tokenizer
 from .templates import Templates
@@ -69,6 +69,42 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
+def referenced_files(manifest: dict) -> dict[str, str]:
+    """Every file the manifest points the runtime at -> what points at it."""
+    out = {}
+    for name, graph in (manifest.get("graphs") or {}).items():
+        out[graph.get("file") if isinstance(graph, dict) else graph] = f"graph {name!r}"
+    for key in ("tokenizer", "weights"):
+        if manifest.get(key) is not None:
+            out[manifest[key]] = key
+    for name, engine in ((manifest.get("trt") or {}).get("engines") or {}).items():
+        out[engine.get("file") if isinstance(engine, dict) else engine] = f"TensorRT engine {name!r}"
+    return out
+
+
+def check_layout(root: Path, manifest: dict) -> None:
+    """Every file the folder holds and every file the manifest points at is covered by the
+    manifest's hashes: plain names inside the folder (no separators, no links), none unlisted.
+    A graph's external data lives in such a file too (``<graph>.onnx.data``), and the graph that
+    names it is hashed, so nothing the runtime reads escapes the hashes."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+        raise ManifestError(f"{root / MANIFEST} lists no file hashes")
+    for name in list(files) + list(referenced_files(manifest)):
+        if not isinstance(name, str) or not name or name != Path(name).name or name in (".", "..", MANIFEST):
+            raise ManifestError(f"{root / MANIFEST} names {name!r}, which is not a file inside the model folder")
+        if (root / name).is_symlink():
+            raise ManifestError(f"{root / name} is a symbolic link; a model folder holds its files itself")
+    unhashed = {name: why for name, why in referenced_files(manifest).items() if name not in files}
+    if unhashed:
+        raise ManifestError(f"{root / MANIFEST}: {', '.join(f'{w} ({n})' for n, w in unhashed.items())} "
+                            "not covered by the manifest's hashes")
+    unlisted = sorted(p.name for p in root.iterdir() if p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        raise ManifestError(f"{root} holds files its manifest does not hash: {unlisted[:5]}; a model folder "
+                            "holds only what its exporter wrote")
+
+
 def verify_files(root: Path, manifest: dict) -> None:
     for name, expected in manifest.get("files", {}).items():
         path = root / name
@@ -83,6 +119,7 @@ def open_exported(root, verify: bool = True) -> ExportedModel:
     root = Path(root)
     manifest = read_manifest(root)
     if verify:
+        check_layout(root, manifest)
         verify_files(root, manifest)
     try:
         spec = family_of_manifest(manifest).spec_from_dict(manifest["spec"])
@@ -90,6 +127,8 @@ def open_exported(root, verify: bool = True) -> ExportedModel:
         chat_text = manifest["chat_text"]
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"{root / MANIFEST} lacks {exc}") from exc
+    except ArchitectureError as exc:
+        raise ManifestError(f"{root / MANIFEST}: {exc}") from exc
     check_quantization(root, manifest)
     tokenizer = load_tokenizer(root / manifest.get("tokenizer", "tokenizer.json"), expected_size=spec.text.vocab_size)
     return ExportedModel(root, manifest, spec, tokenizer, chat_text, templates)

@@ -1,4 +1,4 @@
-"""The fast path, written once over three engine primitives (vision, decode, heads).
+"""The fast path, written once over three graph primitives (vision, decode, heads).
 
 Per call: each distinct image goes through the vision encoder once; the token prefix
 that every sequence shares (system prompt, and the source image when ranking edits of
@@ -21,8 +21,8 @@ from .preprocess import PreprocessedImage
 from .prompts import Prompt
 
 
-class Engine(Protocol):
-    """What a backend provides to run the fast path. Caches are opaque to the pipeline; the
+class GraphRunner(Protocol):
+    """What a backend provides to run the fast path: its three graphs (vision, decoder, heads). Caches are opaque to the pipeline; the
     vision inputs are whatever the model family's ``vision_feeds`` makes, in its graph's order."""
 
     spec: object  # the family's ModelSpec
@@ -77,12 +77,12 @@ def _lcp(a: np.ndarray, b: np.ndarray) -> int:
 
 
 class FastPipeline:
-    def __init__(self, engine: Engine, clock=None):
+    def __init__(self, graphs: GraphRunner, clock=None):
         import time
 
-        self.engine = engine
-        self.spec = engine.spec
-        self.family = family(engine.spec.family)
+        self.graphs = graphs
+        self.spec = graphs.spec
+        self.family = family(graphs.spec.family)
         self.clock = clock or time.perf_counter
         self.times = StageTimes()
 
@@ -91,7 +91,7 @@ class FastPipeline:
         out = {}
         for key, image in images.items():
             feeds, order = self.family.vision_feeds(image, self.spec)
-            out[key] = np.asarray(self.engine.vision(*feeds), dtype=np.float32)[order]
+            out[key] = np.asarray(self.graphs.vision(*feeds), dtype=np.float32)[order]
         return out
 
     def run(self, triples: list[PreparedTriple]) -> np.ndarray:
@@ -117,7 +117,7 @@ class FastPipeline:
         hidden = self._decode_levels(seqs, owner, len(triples), table)
         t2 = self.clock()
         k = len(triples[0].prompts)
-        out = self.engine.heads(hidden.reshape(len(triples), k, -1))
+        out = self.graphs.heads(hidden.reshape(len(triples), k, -1))
         self.times.heads += self.clock() - t2
         return np.asarray(out, dtype=np.float32)
 
@@ -140,7 +140,7 @@ class FastPipeline:
             per_triple[ti] = max(common, min(cut, min(m.shape[1] for m in mine) - 1))
 
         t0 = self.clock()
-        cache, mask = self.engine.empty_cache(1), np.zeros((1, 0), dtype=np.int64)
+        cache, mask = self.graphs.empty_cache(1), np.zeros((1, 0), dtype=np.int64)
         _, cache, mask = self._level([(seqs[0][0][:common], seqs[0][1][:common])], np.zeros(1, np.int64), cache, mask, table)
         firsts = [owner.index(ti) for ti in range(n_triples)]
         segments = [(seqs[s][0][common:per_triple[ti]], seqs[s][1][common:per_triple[ti]]) for ti, s in enumerate(firsts)]
@@ -174,8 +174,8 @@ class FastPipeline:
         local = np.where(rows >= 0, np.searchsorted(used, rows), -1)
         # Gather needs one row even when no image token is in this level.
         sub = table[used] if len(used) else np.zeros((1, table.shape[1]), dtype=np.float32)
-        past = self.engine.select(cache, parents) if p else self.engine.empty_cache(b)
-        hidden, present = self.engine.decode(ids, sub, local, positions, mask, past)
+        past = self.graphs.select(cache, parents) if p else self.graphs.empty_cache(b)
+        hidden, present = self.graphs.decode(ids, sub, local, positions, mask, past)
         return hidden, present, mask
 
 

@@ -176,7 +176,7 @@ def _load_path(path: str, spec: ImageSpec) -> Image.Image:
         size = os.path.getsize(path)
     except FileNotFoundError:
         raise ImageError(f"{name}: image file not found") from None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a path the OS refuses (a NUL byte)
         raise ImageError(f"{name}: cannot read image file ({e})") from None
     if os.path.isdir(path):
         raise ImageError(f"{name}: is a directory, not an image file")
@@ -195,8 +195,18 @@ def _load_bytes(data: bytes, spec: ImageSpec) -> Image.Image:
     return _decode(io.BytesIO(data), spec, f"image bytes ({len(data)} bytes)")
 
 
+def _allow_in_pil(pixels: int) -> None:
+    """PIL refuses images above twice its process-wide ``MAX_IMAGE_PIXELS`` before our header check
+    runs; a configured limit above PIL's raises PIL's to it (never lowers it: other users of PIL in
+    the process keep at least their limit)."""
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and pixels > current:
+        Image.MAX_IMAGE_PIXELS = int(pixels)
+
+
 def _decode(fp, spec: ImageSpec, name: str) -> Image.Image:
     """Open from a binary file object, check the header size, then fully decode and convert."""
+    _allow_in_pil(spec.max_input_pixels)
     try:
         # _from_pil's header check is the bomb guard; PIL's global-threshold warning is noise
         # (and must not veto a larger, deliberately configured max_input_pixels).
@@ -204,8 +214,9 @@ def _decode(fp, spec: ImageSpec, name: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp) as img:  # reads only the header
                 return _from_pil(img, spec, name)
-    except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{name}: {e}") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f"{name}: more pixels than the limit of {spec.max_input_pixels} "
+                                 "(max_input_pixels)") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image format") from None
     except ImageError:

@@ -16,23 +16,74 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
 from .errors import CheckpointError, InstructionError
+from .extras import require
 
 TEXT_SENTINEL = "\u0000EDITREWARD_TEXT\u0000"
 REWARD_TOKEN = "<|Reward|>"
 
 
+# Bounds on rendering a chat template (a model file, so untrusted): traced steps of the compiled
+# template (a real one takes a few thousand) and the length of any string or list it builds.
+TEMPLATE_STEPS = 1_000_000
+TEMPLATE_SIZE = 1_000_000
+
+
 def render_messages(template: str, messages: list[dict]) -> str:
-    """Render a chat template for ``messages`` with the generation prompt, in jinja's sandbox."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """Render a chat template for ``messages`` with the generation prompt, in jinja's immutable
+    sandbox, with bounded work: a template that loops too long or builds too much raises a
+    ``CheckpointError`` instead of holding the load."""
+    import sys
+
+    jinja2 = require("jinja2", "torch", "rendering a base model's chat template")
+    ImmutableSandboxedEnvironment = require("jinja2.sandbox", "torch", "rendering a chat template").ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "+"])
+
+        def call_binop(self, context, operator, left, right):
+            # Refuse before computing what would be too large: a repeated sequence, a huge power.
+            sized = [len(x) for x in (left, right) if hasattr(x, "__len__")]
+            counts = [x for x in (left, right) if isinstance(x, int)]
+            if operator == "*" and sized and counts and sized[0] * max(counts[0], 0) > TEMPLATE_SIZE:
+                raise CheckpointError(f"the chat template builds a value of {sized[0] * counts[0]} items (limit {TEMPLATE_SIZE})")
+            if operator == "**" and isinstance(right, int) and right > 64:
+                raise CheckpointError("the chat template computes a power beyond 64")
+            result = super().call_binop(context, operator, left, right)
+            if hasattr(result, "__len__") and len(result) > TEMPLATE_SIZE:
+                raise CheckpointError(f"the chat template builds a value of {len(result)} items (limit {TEMPLATE_SIZE})")
+            if isinstance(result, int) and result.bit_length() > 64:
+                raise CheckpointError("the chat template computes an integer beyond 64 bits")
+            return result
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     env.filters["tojson"] = lambda value, **kw: json.dumps(value, **kw)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    try:
+        compiled = env.from_string(template)
+    except jinja2.TemplateError as exc:
+        raise CheckpointError(f"the chat template does not parse: {exc}") from None
+    steps = [0]
+
+    def tracer(frame, event, arg):  # counts every line the rendering runs, nested calls included
+        steps[0] += 1
+        if steps[0] > TEMPLATE_STEPS:
+            raise CheckpointError(f"the chat template runs more than {TEMPLATE_STEPS} steps: refused as unbounded")
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        rendered = compiled.render(messages=messages, add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        raise CheckpointError(f"the chat template fails to render: {exc}") from None
+    finally:
+        sys.settrace(previous)
+    if len(rendered) > TEMPLATE_SIZE:
+        raise CheckpointError(f"the chat template renders {len(rendered)} characters (limit {TEMPLATE_SIZE})")
+    return rendered
 
 
 def read_chat_template(base: Path) -> str:

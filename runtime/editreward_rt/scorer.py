@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backends
-from .errors import EditRewardError
+from .errors import BackendError, EditRewardError, InputError
 from .families import family
 from .manifest import MANIFEST
 from .pipeline import PreparedTriple, fuse
@@ -65,6 +65,20 @@ def _manifest_runtime(folder: Path) -> str:
         return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("runtime", backends.DEFAULT_EXPORTED)
     except (OSError, ValueError):
         return backends.DEFAULT_EXPORTED  # the backend's own loader reports the broken manifest
+
+
+def _unpack(index: int, triple) -> tuple:
+    """(instruction, source, edited) from a 3-sequence or a dict with those keys, or an InputError."""
+    try:
+        if isinstance(triple, dict):
+            return triple["instruction"], triple["source"], triple["edited"]
+        if isinstance(triple, (str, bytes)):
+            raise TypeError(f"a {type(triple).__name__}")
+        instruction, source, edited = triple
+        return instruction, source, edited
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"triple {index} is not (instruction, source, edited) nor a dict with those keys: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 class Scorer:
@@ -145,18 +159,23 @@ class Scorer:
     def score_batch(self, triples, errors: str = "raise") -> list:
         """``triples``: (instruction, source, edited) tuples or dicts. With ``errors="return"`` a bad
         triple yields its ``EditRewardError`` in place and every other triple is still scored."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
         prepared, results = [], [None] * len(triples)
         for i, triple in enumerate(triples):
             try:
-                if isinstance(triple, dict):
-                    triple = (triple["instruction"], triple["source"], triple["edited"])
-                prepared.append((i, self.prepare(*triple)))
+                prepared.append((i, self.prepare(*_unpack(i, triple))))
             except EditRewardError as exc:
                 if errors == "raise":
                     raise
                 results[i] = exc
-        for (i, _), score in zip(prepared, self.score_prepared([p for _, p in prepared])):
-            results[i] = score
+        batch = [p for _, p in prepared]
+        if errors == "raise":
+            outcomes = self.score_prepared(batch)
+        else:
+            outcomes = self.score_prepared_isolated(batch, lambda exc: BackendError(f"scoring failed: {type(exc).__name__}: {exc}"))
+        for (i, _), outcome in zip(prepared, outcomes):
+            results[i] = outcome
         return results
 
     def rank(self, instruction: str, source, edits) -> list[Score]:

@@ -88,6 +88,30 @@ def test_parity_on_editreward_bench_format(tiny, tmp_path, images):
     assert 0.0 <= human["accuracy_with_ties"] <= 1.0 and 0.0 <= human["strict_group_accuracy"] <= 1.0
 
 
+def test_human_accuracy_follows_the_votes(tiny, fast, tmp_path, images):
+    """Votes that agree with the model's own preferences score 1.0; the same votes with A and B
+    swapped score 0.0. A flipped A/B (or edit order) mapping cannot pass both."""
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    for i, image in enumerate(images[:4]):
+        image.save(folder / f"{i}.png")
+    edits = ["1.png", "2.png", "3.png"]
+    mu = {e: fast.score("Add a bowl", folder / "0.png", folder / e).mu for e in edits}
+    best_first = sorted(edits, key=lambda e: -mu[e])
+    letters = {e: "ABC"[i] for i, e in enumerate(edits)}
+    agree = ">".join(letters[e] for e in best_first)
+    results = {}
+    for name, ranking in (("agree", agree), ("swapped", ">".join(reversed(agree.split(">"))))):
+        (folder / "EditReward_Bench_3pair.json").write_text(json.dumps(
+            [{"prompt": "Add a bowl", "path_src": "0.png", "paths_generated": edits, "human_vote": {"ranking": ranking}}]))
+        out = tmp_path / f"{name}.json"
+        assert parity.main(["--ckpt", str(tiny.checkpoint), "--prompts-from", str(tiny.prompts), "--variant", "torch-fast",
+                            "--bench", str(folder), "--out", str(out)]) == 0
+        results[name] = json.loads(out.read_text())["results"][0]["human"]
+    assert results["agree"]["accuracy_without_ties"] == 1.0 and results["agree"]["strict_group_accuracy"] == 1.0
+    assert results["swapped"]["accuracy_without_ties"] == 0.0 and results["swapped"]["strict_group_accuracy"] == 0.0
+
+
 def test_metrics():
     assert metrics.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert metrics.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

@@ -133,12 +133,20 @@ def test_refuses_to_overwrite_an_unrelated_folder(tiny, tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_fp16_export_runs_within_its_tolerance(tiny, tmp_path, images):
+def test_fp16_export_runs_within_its_tolerance(tiny, tmp_path, images, reference):
+    from editreward_rt.tolerances import max_abs_diff, tolerance, within
+
     out = export_onnx(str(tiny.checkpoint), tmp_path / "fp16", prompts_from=str(tiny.prompts), dtype="fp16",
                       log=lambda *_: None)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "float16" and manifest["kv_dtype"] == "float16"
-    assert np.isfinite(Scorer.load(out).score("Add a bowl", images[0], images[1]).mu)
+    fp16 = Scorer.load(out)
+    triples = [("Add a bowl", images[0], images[i]) for i in (1, 2, 3)] + [("Make it snow", images[4], images[5])]
+    expected = reference.backend.head_outputs([reference.prepare(*t) for t in triples])
+    actual = fp16.backend.head_outputs([fp16.prepare(*t) for t in triples])
+    diff, tol = max_abs_diff(actual, expected), tolerance("onnxruntime", "float16")
+    assert within(diff, tol), (diff, tol)
+    assert diff["mu"] > 0  # really half precision: not the float32 graphs under another name
 
 
 def test_graph_over_2gb_is_one_file_plus_one_data_file(tmp_path):

@@ -113,7 +113,7 @@ def test_packed_weights_stay_close_to_the_float_ones(gptq_jsonl, tiny):
     assert quant["config"]["desc_act"] is True and quant["config"]["group_size"] == 32
     assert quant["calibration"]["count"] == 3 and quant["calibration"]["triples"].endswith("calib.jsonl")
     float_state = open_checkpoint(str(tiny.checkpoint), prompts_from=str(tiny.prompts)).state_dict()
-    layer = scorer.backend.engine.decoder.layers[0]
+    layer = scorer.backend.graphs.decoder.layers[0]
     for parent, name in ((layer.self_attn, "q_proj"), (layer.mlp, "down_proj")):
         module = getattr(parent, name)
         assert type(module).__name__ == "TorchLinear"

@@ -40,17 +40,17 @@ def named(window: dict, folder) -> dict:
 def recorded(tiny_onnx):
     """Decoder calls (feed, hidden, present) of the float export scoring two synthetic triples."""
     scorer = Scorer.load(tiny_onnx, backend="onnxruntime")
-    engine, calls = scorer.backend.engine, []
-    decode = engine.decode
+    graphs, calls = scorer.backend.graphs, []
+    decode = graphs.decode
 
     def recording(*args):
         hidden, present = decode(*args)
         calls.append((dict(zip(trt_quant.ROLES, args)), hidden, present))
         return hidden, present
 
-    engine.decode = recording
+    graphs.decode = recording
     scorer.score_batch(synthetic_triples(2, seed=3))
-    del engine.decode
+    del graphs.decode
     return calls
 
 

@@ -66,13 +66,24 @@ def test_pickled_code_is_refused(tiny, tmp_path):
     root = copy_fixture(tiny, tmp_path)
     (root / "checkpoint" / "model.safetensors").unlink()
 
+    marker = tmp_path / "payload-ran"
+
     class Exploit:
-        def __reduce__(self):
-            return (print, ("this must never run",))
+        def __reduce__(self):  # unpickling this creates the marker file
+            return (open, (str(marker), "w"))
 
     torch.save({"model": Exploit()}, root / "checkpoint" / "model.pth")
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="never runs code") as info:
         open_checkpoint(root / "checkpoint", prompts_from=root / "prompts")
+    assert not marker.exists()  # the payload did not run
+    assert "Weights only load failed" not in str(info.value) and len(str(info.value)) < 400
+
+    with open(root / "checkpoint" / "model.pth", "rb") as f:  # the check can see a payload that runs
+        try:
+            torch.load(f, weights_only=False)
+        except Exception:
+            pass
+    assert marker.exists()
 
 
 def test_self_contained_folder(tiny, tmp_path, images, expected):
@@ -173,3 +184,67 @@ def test_spec_is_read_from_checkpoint(tiny):
     assert ckpt.spec.tokens.reward == rows - 1
     assert ckpt.spec.heads.layer_sizes == (ckpt.spec.text.hidden_size, 1024, 16, 2)
     assert ckpt.spec.heads.fusion == "mean"
+
+
+def _edit_config(root, **changes):
+    path = root / "base" / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        nested = key.startswith("vision_") and key != "vision_config"
+        target, name = (config["vision_config"], key[len("vision_"):]) if nested else (config, key)
+        if value is None:
+            target.pop(name)
+        else:
+            target[name] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,error,message", [
+    ({"num_hidden_layers": 10**6}, WeightMismatchError, "num_hidden_layers is 1000000 but the checkpoint holds 2"),
+    ({"num_hidden_layers": 10**9}, WeightMismatchError, "num_hidden_layers"),
+    ({"vision_depth": 10**7}, WeightMismatchError, "vision_config.depth is 10000000"),
+    ({"vision_config": None}, ArchitectureError, "no vision_config"),
+    ({"hidden_size": "wide"}, ArchitectureError, "malformed size"),
+    ({"num_attention_heads": 0}, ArchitectureError, "malformed size|not one of a real model"),
+    ({"vision_num_heads": 0}, ArchitectureError, "malformed size|not one of a real model"),
+    ({"intermediate_size": -4}, ArchitectureError, "not one of a real model"),
+])
+def test_hostile_configs_cost_no_time(tiny, tmp_path, changes, error, message):
+    import time
+
+    root = copy_fixture(tiny, tmp_path)
+    _edit_config(root, **changes)
+    start = time.perf_counter()
+    with pytest.raises(error, match=message):
+        open_checkpoint(root / "checkpoint", prompts_from=root / "prompts")
+    assert time.perf_counter() - start < 2.0
+
+
+def test_absurd_safetensors_header_length(tiny, tmp_path):
+    import struct
+
+    root = copy_fixture(tiny, tmp_path)
+    weights = root / "checkpoint" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(struct.pack("<Q", 2**40) + data[8:])
+    with pytest.raises(CheckpointError, match="header length"):
+        open_checkpoint(root / "checkpoint", prompts_from=root / "prompts")
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+    "{{ 'x' * 10**9 }}",
+])
+def test_a_chat_template_runs_with_bounded_work(tiny, tmp_path, template):
+    import time
+
+    root = copy_fixture(tiny, tmp_path)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (root / "base" / name).unlink(missing_ok=True)
+    config = json.loads((root / "base" / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (root / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="chat template"):
+        open_checkpoint(root / "checkpoint", prompts_from=root / "prompts")
+    assert time.perf_counter() - start < 5.0

@@ -124,3 +124,59 @@ def test_unknown_arguments_still_fail_for_the_runtime_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["score", "--model", "m", "--instruction", "x", "--frobnicate"])
     assert exit_info.value.code == 2 and "--frobnicate" in capsys.readouterr().err
+
+
+def _score_file(tiny_onnx, path, output, capsys):
+    return run_cli(["score", "--model", str(tiny_onnx), "--input", str(path), "--output", str(output), "--max-batch", "4"],
+                   capsys)
+
+
+def _records(output):
+    data = output.read_bytes()
+    assert data.endswith(b"\n") and b"\r" not in data
+    return [json.loads(line) for line in data.split(b"\n")[:-1]]
+
+
+def test_one_line_costs_one_line_whatever_its_bytes(tiny_onnx, triples_file, tmp_path, capsys):
+    """A line that is not UTF-8, a path the OS refuses (NUL byte), and characters str.splitlines()
+    breaks at (U+2028, U+0085) inside a valid line: each costs at most its own line."""
+    good = json.dumps({"instruction": "Add a bowl", "source": "img0.png", "edited": "img1.png"}).encode()
+    odd = json.dumps({"instruction": "Write OPEN\u2028on the sign\u0085now", "source": "img0.png", "edited": "img1.png"},
+                     ensure_ascii=False).encode()
+    nul = json.dumps({"instruction": "Add a bowl", "source": "img0.png", "edited": "img\u00001.png"}).encode()
+    path = triples_file.parent / "odd.jsonl"
+    path.write_bytes(b"\n".join([good, b"\xff\xfe\x00 not text", odd, nul, good]) + b"\n")
+    output = tmp_path / "out.jsonl"
+    code, out = _score_file(tiny_onnx, path, output, capsys)
+    assert code == 0, out.err
+    results = _records(output)
+    assert [r["index"] for r in results] == [0, 1, 2, 3, 4]
+    assert [r.get("error", {}).get("type") for r in results] == [None, "input_error", None, "image_error", None]
+    assert results[2]["instruction"] == "Write OPEN\u2028on the sign\u0085now"
+    code, out = _score_file(tiny_onnx, path, output, capsys)  # a rerun finishes too: nothing left to do
+    assert code == 0 and json.loads(out.err.strip().splitlines()[-1]) == {"scored": 0, "errors": 0, "skipped": 5}
+
+
+@pytest.mark.parametrize("tear", ["no final newline", "half a record", "garbage after a newline", "repeated record"])
+def test_resume_leaves_valid_jsonl_with_every_index_once(tiny_onnx, triples_file, tmp_path, capsys, tear):
+    output = tmp_path / "results.jsonl"
+    _score_file(tiny_onnx, triples_file, output, capsys)
+    full = output.read_bytes().split(b"\n")[:-1]
+    torn = {"no final newline": b"\n".join(full[:4]),
+            "half a record": b"\n".join(full[:4]) + b"\n" + full[4][: len(full[4]) // 2],
+            "garbage after a newline": b"\n".join(full[:4]) + b"\n\xff{{\n",
+            "repeated record": b"\n".join(full[:4] + [full[1]]) + b"\n"}[tear]
+    output.write_bytes(torn)
+    code, out = _score_file(tiny_onnx, triples_file, output, capsys)
+    assert code == 0
+    results = _records(output)
+    assert sorted(r["index"] for r in results) == list(range(7))
+    assert [r["index"] for r in results[:4]] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("case", ["output is a directory", "input is missing", "input is a directory"])
+def test_usage_errors_are_typed(tiny_onnx, triples_file, tmp_path, capsys, case):
+    args = {"output is a directory": (triples_file, tmp_path), "input is missing": (tmp_path / "none.jsonl", tmp_path / "o"),
+            "input is a directory": (tmp_path, tmp_path / "o")}[case]
+    code, out = run_cli(["score", "--model", str(tiny_onnx), "--input", str(args[0]), "--output", str(args[1])], capsys)
+    assert code == 2 and out.err.startswith("editreward: input_error: --") and "Traceback" not in out.err

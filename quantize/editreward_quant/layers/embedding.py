@@ -45,6 +45,6 @@ def swap_empty_embedding(decoder, config: dict | None, dtype) -> None:
     format where the decoder's float embedding is (nothing when the folder kept it float)."""
     if not config:
         return
-    table = decoder.embed_tokens
-    decoder.embed_tokens = QuantizedEmbedding(table.num_embeddings, table.embedding_dim, config["bits"],
-                                              config["block_size"], dtype)
+    table = decoder.token_embedding()
+    decoder.set_token_embedding(QuantizedEmbedding(table.num_embeddings, table.embedding_dim, config["bits"],
+                                                   config["block_size"], dtype))

@@ -50,14 +50,12 @@ def finish(layer, device):
 
 
 def decoder_linears(decoder):
-    """(parent, attribute, linear) for every linear layer of the decoder's layers, in execution order."""
-    import torch
-
+    """(parent, attribute, linear) for every linear layer of the decoder's layers, in execution order
+    (the family's decoder layers name them: ``linear_groups``)."""
     for layer in decoder.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for attr, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    yield parent, attr, child
+        for group in layer.linear_groups():
+            for parent, attr in group:
+                yield parent, attr, getattr(parent, attr)
 
 
 def load_gptq_modules(modules: dict, quant: dict, state: dict, device, dtype) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import published as PUBLISHED
 from .chat import PromptBuilder, image_rows, render_chat_template
 from .fixture import SIZES as _FIXTURE_SIZES
-from .graphs import graph_specs, trt_profile_axes
+from .graphs import fp16_fp32_pins, graph_specs, trt_profile_axes
 from .spec import ModelSpec
 from .spec import build_spec as _build_spec
 from .vision import vision_feeds
@@ -56,10 +56,10 @@ def reference_runner(spec: ModelSpec, config: dict, state: dict, device, dtype):
     return ReferenceRunner(spec, config, state, device, dtype)
 
 
-def export_wrappers(engine, kv_dtype: str) -> dict:
+def export_wrappers(graphs, kv_dtype: str) -> dict:
     from .graphs import export_wrappers as wrappers
 
-    return wrappers(engine, kv_dtype)
+    return wrappers(graphs, kv_dtype)
 
 
 def dummy_inputs(spec: ModelSpec, kv_dtype: str) -> dict:
@@ -77,5 +77,5 @@ def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):
 
 __all__ = ["NAME", "PUBLISHED", "FIXTURE_SIZES", "UNUSED", "build_spec", "spec_from_dict", "normalise_key", "expected_shapes",
            "embedding_rows", "decoder_parameters", "is_embedding", "split_state_dict", "render_chat_template",
-           "prompt_builder", "vision_feeds", "image_rows", "graph_specs", "trt_profile_axes", "torch_modules",
+           "prompt_builder", "vision_feeds", "image_rows", "graph_specs", "trt_profile_axes", "fp16_fp32_pins", "torch_modules",
            "reference_runner", "export_wrappers", "dummy_inputs", "write_fixture"]

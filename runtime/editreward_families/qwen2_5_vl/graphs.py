@@ -33,17 +33,17 @@ def graph_specs(spec, kv_dtype: str) -> dict[str, GraphSpec]:
     }
 
 
-def export_wrappers(engine, kv_dtype: str) -> dict:
-    """Graph I/O stays float32 (the cache in ``kv_dtype``); compute runs in the engine's dtype."""
+def export_wrappers(graphs, kv_dtype: str) -> dict:
+    """Graph I/O stays float32 (the cache in ``kv_dtype``); compute runs in the graphs' dtype."""
     import torch
     from torch import nn
 
-    dtype, kv = engine.dtype, getattr(torch, kv_dtype)
+    dtype, kv = graphs.dtype, getattr(torch, kv_dtype)
 
     class Vision(nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner = engine.vision_module
+            self.inner = graphs.vision_module
 
         def forward(self, patches, cos, sin, window_segments, image_segments):
             return self.inner(patches.to(dtype), cos, sin, window_segments, image_segments).float()
@@ -51,13 +51,13 @@ def export_wrappers(engine, kv_dtype: str) -> dict:
     class Decoder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner = engine.decoder
+            self.inner = graphs.decoder
 
         def forward(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
             hidden, present = self.inner(input_ids, image_embeds, image_index, position_ids, attention_mask, past.to(dtype))
             return hidden.float(), present.to(kv)
 
-    return {"vision": Vision(), "decoder": Decoder(), "heads": engine.head_module}
+    return {"vision": Vision(), "decoder": Decoder(), "heads": graphs.head_module}
 
 
 def dummy_inputs(spec, kv_dtype: str) -> dict:
@@ -100,3 +100,10 @@ def trt_profile_axes(spec, limits) -> dict[str, list[tuple[str, dict]]]:
         ],
         "heads": [("heads", {"batch": clamp(1, b, b)})],
     }
+
+
+def fp16_fp32_pins(spec) -> dict[str, tuple[tuple[str, ...], int]]:
+    """Graph -> (node-name patterns, how many blocks they must match) kept in fp32 in a TensorRT fp16
+    build: the vision MLP down projections, whose activations overflow fp16. The exporter names
+    nodes after module paths; each pattern's group is the block index."""
+    return {"vision": ((r"/blocks\.(\d+)/mlp/down_proj/",), spec.vision.depth)}

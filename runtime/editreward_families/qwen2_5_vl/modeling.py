@@ -169,6 +169,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
+    def linear_groups(self) -> list[list[tuple[nn.Module, str]]]:
+        """The layer's linears as (parent, attribute), grouped by the input they share, in execution
+        order: what layer-wise quantizers (GPTQ) calibrate together."""
+        a, m = self.self_attn, self.mlp
+        return [[(a, "q_proj"), (a, "k_proj"), (a, "v_proj")], [(a, "o_proj")], [(m, "gate_proj"), (m, "up_proj")],
+                [(m, "down_proj")]]
+
     def forward(self, x, cos, sin, mask, past_k, past_v):
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
         x = x + attn
@@ -186,6 +193,13 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def token_embedding(self) -> nn.Module:
+        """The token table (quantizers replace it with ``set_token_embedding``)."""
+        return self.embed_tokens
+
+    def set_token_embedding(self, module: nn.Module) -> None:
+        self.embed_tokens = module
 
     def embed(self, input_ids, image_embeds, image_index):
         text = self.embed_tokens(input_ids)

@@ -8,6 +8,7 @@ produces (``attention_mask.cumsum(-1) - 1`` on all three M-RoPE sections), heads
 from __future__ import annotations
 
 import numpy as np
+from editreward_rt.extras import require
 
 from .modeling import RewardHeads
 from .spec import ModelSpec
@@ -20,7 +21,9 @@ class ReferenceRunner:
 
     def __init__(self, spec: ModelSpec, config: dict, state: dict, device, dtype):
         import torch
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+
+        transformers = require("transformers", "torch", "the PyTorch reference")
+        Qwen2_5_VLConfig, Qwen2_5_VLModel = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLModel
 
         self.torch, self.spec, self.device, self.dtype = torch, spec, device, dtype
         hf_config = Qwen2_5_VLConfig.from_dict(config)

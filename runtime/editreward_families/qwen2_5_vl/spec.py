@@ -82,6 +82,16 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
+        """A manifest's spec, checked (``validate``) before anything is sized from it."""
+        try:
+            spec = cls._from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArchitectureError(f"malformed model spec ({type(exc).__name__}: {exc})") from None
+        validate(spec)
+        return spec
+
+    @classmethod
+    def _from_dict(cls, data: dict) -> "ModelSpec":
         vision = dict(data["vision"])
         vision["fullatt_block_indexes"] = tuple(vision["fullatt_block_indexes"])
         heads = dict(data["heads"])
@@ -108,7 +118,74 @@ def _rope_theta(text: dict) -> float:
 
 
 def build_spec(config: dict, shapes: dict[str, tuple[int, ...]], tokens: TokenSpec, yaml_cfg: dict) -> ModelSpec:
-    """Combine the base config, the checkpoint's tensor shapes and the tokenizer's ids into a spec."""
+    """Combine the base config, the checkpoint's tensor shapes and the tokenizer's ids into a spec.
+    The config's layer and block counts are checked against the tensors that exist before anything
+    is sized from them, so an absurd config costs no time or memory; a malformed one is an
+    ``ArchitectureError`` naming the field."""
+    if not isinstance(config.get("vision_config"), dict):
+        raise ArchitectureError("the base config has no vision_config object")
+    check_counts(config, shapes)
+    try:
+        spec = _build_spec(config, shapes, tokens, yaml_cfg)
+    except KeyError as exc:
+        raise ArchitectureError(f"the base config lacks {exc}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ArchitectureError(f"the base config has a malformed size ({type(exc).__name__}: {exc})") from None
+    validate(spec)
+    return spec
+
+
+def _count(shapes: dict, prefix: str) -> int:
+    """Number of distinct ``prefix<N>.`` indices among the tensor names."""
+    found = {key[len(prefix):].split(".", 1)[0] for key in shapes if key.startswith(prefix)}
+    return len({int(i) for i in found if i.isdigit()})
+
+
+def check_counts(config: dict, shapes: dict) -> None:
+    text, vision = _text_config(config), config["vision_config"]
+    for what, value, prefix in (("num_hidden_layers", text.get("num_hidden_layers"), "model.language_model.layers."),
+                                ("vision_config.depth", vision.get("depth"), "model.visual.blocks.")):
+        present = _count(shapes, prefix)
+        if not isinstance(value, int) or isinstance(value, bool) or value != present:
+            raise WeightMismatchError(f"the config's {what} is {value!r} but the checkpoint holds {present} of them")
+
+
+MAX_IMAGE_TOKENS = 16384  # per image: 64x the published 256; bounds max_pixels to 16384 * 28^2 (12.8 M)
+
+
+def validate(spec: ModelSpec) -> None:
+    """Refuse a spec no real model has (sizes that are not positive, inconsistent head widths,
+    image limits beyond ``MAX_IMAGE_TOKENS``), before any graph or buffer is sized from it."""
+    t, v, h, im = spec.text, spec.vision, spec.heads, spec.image
+    positive = {"text.hidden_size": t.hidden_size, "text.num_layers": t.num_layers, "text.num_heads": t.num_heads,
+                "text.num_kv_heads": t.num_kv_heads, "text.head_dim": t.head_dim, "text.intermediate_size": t.intermediate_size,
+                "text.vocab_size": t.vocab_size, "vision.depth": v.depth, "vision.hidden_size": v.hidden_size,
+                "vision.num_heads": v.num_heads, "vision.intermediate_size": v.intermediate_size,
+                "vision.out_hidden_size": v.out_hidden_size, "vision.patch_size": v.patch_size,
+                "vision.spatial_merge_size": v.spatial_merge_size, "vision.temporal_patch_size": v.temporal_patch_size,
+                "vision.window_size": v.window_size, "image.patch_size": im.patch_size, "image.merge_size": im.merge_size,
+                "image.temporal_patch_size": im.temporal_patch_size, "image.min_pixels": im.min_pixels, "image.max_pixels": im.max_pixels,
+                "image.max_input_pixels": im.max_input_pixels, "max_prompt_tokens": spec.max_prompt_tokens}
+    bad = [f"{k}={val!r}" for k, val in positive.items() if not isinstance(val, int) or isinstance(val, bool) or val < 1]
+    if bad:  # the relations below need positive integers
+        raise ArchitectureError("the model spec is not one of a real model: " + "; ".join(bad))
+    if t.num_heads % t.num_kv_heads:
+        bad.append(f"text.num_heads={t.num_heads} is not a multiple of num_kv_heads={t.num_kv_heads}")
+    if v.hidden_size % v.num_heads:
+        bad.append(f"vision.hidden_size={v.hidden_size} is not a multiple of num_heads={v.num_heads}")
+    if (im.patch_size, im.merge_size, im.temporal_patch_size) != (v.patch_size, v.spatial_merge_size, v.temporal_patch_size):
+        bad.append("image and vision patch geometry differ")
+    if im.min_pixels > im.max_pixels or im.max_pixels > MAX_IMAGE_TOKENS * im.factor**2:
+        bad.append(f"image pixels min {im.min_pixels}, max {im.max_pixels} (at most {MAX_IMAGE_TOKENS * im.factor**2})")
+    if any(not isinstance(i, int) or not 0 <= i < v.depth for i in v.fullatt_block_indexes):
+        bad.append(f"vision.fullatt_block_indexes {v.fullatt_block_indexes} outside depth {v.depth}")
+    if h.num_heads != 2 or h.layer_sizes[0] != t.hidden_size or h.layer_sizes[-1] != 2:
+        bad.append(f"heads {h.num_heads} x {h.layer_sizes} do not read hidden size {t.hidden_size}")
+    if bad:
+        raise ArchitectureError("the model spec is not one of a real model: " + "; ".join(bad))
+
+
+def _build_spec(config: dict, shapes: dict[str, tuple[int, ...]], tokens: TokenSpec, yaml_cfg: dict) -> ModelSpec:
     head_type = yaml_cfg.get("rm_head_type", "ranknet_multi_head")
     if head_type not in SUPPORTED_HEAD_TYPES:
         raise ArchitectureError(f"rm_head_type {head_type!r} is not supported (supported: {SUPPORTED_HEAD_TYPES})")

@@ -194,10 +194,6 @@ class CudaMemory:
     def synchronize(self) -> None:
         _check(self.rt.cudaStreamSynchronize(self.stream))
 
-    def mem_info(self) -> tuple[int, int]:
-        free, total = _check(self.rt.cudaMemGetInfo())
-        return int(free), int(total)
-
     def capture(self, enqueue):
         """Record what ``enqueue()`` puts on the stream into an instantiated CUDA graph."""
         rt = self.rt

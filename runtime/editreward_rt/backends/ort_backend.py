@@ -6,17 +6,18 @@ import os
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, ManifestError
 from ..extras import require
+from ..families import family
 from ..manifest import open_exported
 from ..pipeline import FastPipeline, PreparedTriple
-from . import onnx_proto
+from . import BACKENDS, onnx_proto
 
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def _ort():
-    return require("onnxruntime", "onnx", "the onnxruntime backend")
+    return require("onnxruntime", BACKENDS["onnxruntime"].extra, "the onnxruntime backend")
 
 
 def load(path_or_id, *, mode: str = "fast", device: str = "cpu", threads=None, **_ignored):
@@ -53,7 +54,25 @@ def _select_graph(kv_dtype: np.dtype) -> bytes:
         [onnx_proto.value_info("selected", elem, ["L", 2, "R", "H", "T", "D"])], opset=17)
 
 
-class OrtEngine:
+def check_graphs(model, sessions: dict) -> None:
+    """The graphs' own I/O against what the manifest's spec implies (the family's graph specs):
+    names in order and every fixed dimension. A folder whose spec and graphs disagree (a swapped
+    graph, an edited spec) is refused at load, not at the first score."""
+    declared = family(model.spec.family).graph_specs(model.spec, model.manifest.get("kv_dtype", "float32"))
+    for name, session in sessions.items():
+        for kind, actual, expected in (("input", session.get_inputs(), declared[name].inputs),
+                                       ("output", session.get_outputs(), declared[name].outputs)):
+            got = [(a.name, list(a.shape)) for a in actual]
+            want = [(n, list(shape)) for n, _, shape in expected]
+            fixed_mismatch = len(got) != len(want) or any(
+                gn != wn or len(gs) != len(ws) or any(isinstance(w, int) and g != w for g, w in zip(gs, ws))
+                for (gn, gs), (wn, ws) in zip(got, want))
+            if fixed_mismatch:
+                raise ManifestError(f"{model.graph_path(name)}: the graph's {kind}s {got} do not match what the "
+                                    f"manifest's model spec implies, {want}: the graph or the spec was changed")
+
+
+class OrtGraphs:
     def __init__(self, model, device: str, threads: int | None, optimization: str, io_binding: bool | None = None):
         ort = _ort()
         if optimization not in GRAPH_OPT_LEVELS:
@@ -74,6 +93,7 @@ class OrtEngine:
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception classes
                 raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        check_graphs(model, self.sessions)
         self.inputs = {n: [i.name for i in sess.get_inputs()] for n, sess in self.sessions.items()}
         self.outputs = {n: [o.name for o in sess.get_outputs()] for n, sess in self.sessions.items()}
         self.providers = self.sessions["decoder"].get_providers()
@@ -136,10 +156,10 @@ class OrtBackend:
                  optimization: str = "all", verify: bool = True, io_binding: bool | None = None):
         self.model = open_exported(path, verify=verify)
         self.spec = self.model.spec
-        self.engine = OrtEngine(self.model, device, threads, optimization, io_binding)
-        self.pipeline = FastPipeline(self.engine)
-        self.description = {"backend": "onnxruntime", "mode": "fast", "providers": self.engine.providers,
-                            "precision": self.model.manifest.get("precision"), "io_binding": self.engine.binding}
+        self.graphs = OrtGraphs(self.model, device, threads, optimization, io_binding)
+        self.pipeline = FastPipeline(self.graphs)
+        self.description = {"backend": "onnxruntime", "mode": "fast", "providers": self.graphs.providers,
+                            "precision": self.model.manifest.get("precision"), "io_binding": self.graphs.binding}
 
     def head_outputs(self, triples: list[PreparedTriple]) -> np.ndarray:
         # Prompt length limits are enforced per triple when prompts are built (spec.max_prompt_tokens).

@@ -13,10 +13,11 @@ from ..extras import require
 from ..families import family
 from ..manifest import MANIFEST
 from ..pipeline import FastPipeline, PreparedTriple
+from . import BACKENDS
 
 
 def _torch():
-    return require("torch", "torch", "the torch backend")
+    return require("torch", BACKENDS["torch"].extra, "the torch backend")
 
 
 def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device: str = "cpu", threads=None, dtype=None):
@@ -51,7 +52,7 @@ def pick_dtype(dtype: str | None, device) :
         raise BackendError(f"unknown dtype {name!r}") from exc
 
 
-class TorchEngine:
+class TorchGraphs:
     """The fast-path primitives on this project's torch modules (also what ONNX export traces)."""
 
     def __init__(self, spec, state: dict | None, device, dtype):
@@ -62,7 +63,7 @@ class TorchEngine:
         self.vision_module, self.decoder, self.head_module = (m.to(device) for m in modules)
 
     @classmethod
-    def empty(cls, spec, device, dtype) -> "TorchEngine":
+    def empty(cls, spec, device, dtype) -> "TorchGraphs":
         """Modules with uninitialised weights, to be filled from a quantized state."""
         return cls(spec, None, device, dtype)
 
@@ -111,8 +112,8 @@ class TorchBackend:
             self.runner = family(self.spec.family).reference_runner(self.spec, checkpoint.config, state, dev, dt)
             self.pipeline = None
         else:
-            self.engine = TorchEngine(self.spec, state, dev, dt)
-            self.pipeline = FastPipeline(self.engine)
+            self.graphs = TorchGraphs(self.spec, state, dev, dt)
+            self.pipeline = FastPipeline(self.graphs)
         self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", "")}
 
     @classmethod
@@ -134,12 +135,12 @@ class TorchBackend:
         self.model, self.spec, self.mode, self.runner = model, model.spec, mode, None
         dev = pick_device(device)
         dt = getattr(torch, model.manifest.get("compute_dtype", "float32"))
-        self.engine = TorchEngine.empty(self.spec, dev, dt)
-        modules = {"vision": self.engine.vision_module, "decoder": self.engine.decoder, "heads": self.engine.head_module}
+        self.graphs = TorchGraphs.empty(self.spec, dev, dt)
+        modules = {"vision": self.graphs.vision_module, "decoder": self.graphs.decoder, "heads": self.graphs.head_module}
         load_file = require("safetensors.torch", "torch", "a torch-quantized model folder").load_file
         state = load_file(str(model.root / model.manifest["weights"]))
         entry(quant["scheme"]).function("load")(modules, quant, state, dev, dt)
-        self.pipeline = FastPipeline(self.engine)
+        self.pipeline = FastPipeline(self.graphs)
         self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
                             "quantization": quant["scheme"]}
         return self

@@ -1,6 +1,6 @@
 """TensorRT backend: the shared fast path on engines built by ``export/build_trt.py``.
 
-``TrtEngine`` implements the pipeline's Engine protocol on three deserialized engines, so
+``TrtGraphs`` implements the pipeline's GraphRunner protocol on three deserialized TensorRT engines, so
 vision runs once per distinct image, shared prefixes are decoded once and every level is one
 padded batch, exactly as on the other backends. The key/value cache never leaves the GPU:
 ``select`` gathers cache rows with strided device copies, and the cache's type is whatever
@@ -28,7 +28,7 @@ from ..errors import BackendError, InputError, ManifestError, PromptTooLongError
 from ..extras import require
 from ..manifest import open_exported
 from ..pipeline import FastPipeline, PreparedTriple
-from . import cuda_memory
+from . import BACKENDS, cuda_memory
 from .cuda_memory import DeviceBuffer, DeviceTensor, gather_batch, place_batch
 
 GRAPHS = ("vision", "decoder", "heads")
@@ -40,7 +40,7 @@ REBUILD = "rebuild the engines on this machine: python export/build_trt.py --ckp
 
 
 def _trt():
-    return require("tensorrt", "trt", "the tensorrt backend", TRT_NOTE)
+    return require("tensorrt", BACKENDS["tensorrt"].extra, "the tensorrt backend", TRT_NOTE)
 
 
 def load(path_or_id, *, mode: str = "fast", device: str = "cuda", **_ignored):
@@ -226,7 +226,7 @@ class EngineRunner:
             raise BackendError(f"TensorRT failed to run the {self.name} engine (see the TensorRT log above)")
 
 
-class TrtEngine:
+class TrtGraphs:
     """The pipeline's Engine protocol on TensorRT engines; caches are DeviceTensors on the GPU."""
 
     def __init__(self, model, section: dict, device: int = 0, cuda_graphs: bool = False):
@@ -347,8 +347,8 @@ class TrtBackend:
         trt = _trt()
         gpu = cuda_memory.gpu_properties(index)
         check_compatible(self.section, trt.__version__, gpu)
-        self.engine = TrtEngine(self.model, self.section, index, cuda_graphs)
-        self.pipeline = FastPipeline(self.engine)
+        self.graphs = TrtGraphs(self.model, self.section, index, cuda_graphs)
+        self.pipeline = FastPipeline(self.graphs)
         self.description = {"backend": "tensorrt", "mode": "fast", "device": f"cuda:{index}", "gpu": gpu["name"],
                             "precision": self.section["precision"], "tensorrt": trt.__version__,
                             "cuda_graphs": cuda_graphs}
@@ -358,4 +358,4 @@ class TrtBackend:
         return self.pipeline.run(triples)
 
     def close(self) -> None:
-        self.engine.close()
+        self.graphs.close()

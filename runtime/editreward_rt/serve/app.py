@@ -237,12 +237,14 @@ class Gateway:
         source = S.decode_image_field(work.source, "source")
         if kind == "rank":
             edits = [S.decode_image_field(e, f"edits[{i}]") for i, e in enumerate(work.edits)]
-            out = await self._call(self.scorer.rank.remote(instruction, source, edits))
+            S.check_request_pixels([source, *edits], lim)
+            out = await self._call(self.scorer.rank.remote(instruction, source, edits, deadline=self._deadline()))
             results = [self._item(i, r, single=True) for i, r in enumerate(out["results"])]
             order = sorted(range(len(results)), key=lambda i: -results[i]["mu"])
             return {"results": results, "order": order}
         a, b = S.decode_image_field(work.a, "a"), S.decode_image_field(work.b, "b")
-        out = await self._call(self.scorer.prefer.remote(instruction, source, a, b))
+        S.check_request_pixels([source, a, b], lim)
+        out = await self._call(self.scorer.prefer.remote(instruction, source, a, b, deadline=self._deadline()))
         sa, sb = (self._item(None, r, single=True) for r in out["results"])
         return {"p_a_over_b": out["p_a_over_b"], "a": sa, "b": sb}
 
@@ -260,14 +262,20 @@ class Gateway:
                     raise
                 results[i] = {"error": exc.to_dict(), "status": S.http_status(exc)}
         if checked:
+            S.check_request_pixels([image for _, (_, src, edit) in checked for image in (src, edit)], self.limits)
             names = [(f"triples[{i}].source", f"triples[{i}].edited") if work.many else ("source", "edited")
                      for i, _ in checked]
-            out = await self._call(self.scorer.score.remote([t for _, t in checked], names))
+            out = await self._call(self.scorer.score.remote([t for _, t in checked], names, deadline=self._deadline()))
             for (i, _), r in zip(checked, out["results"]):
                 results[i] = r
         if not work.many:
             return self._item(None, results[0], single=True)
         return {"results": [self._item(i, r, single=False) for i, r in enumerate(results)]}
+
+    def _deadline(self) -> float:
+        """Wall-clock time after which the replica drops this request's work still to be done: the
+        gateway answers 504 then, and the replica skips what no one is waiting for."""
+        return time.time() + self.limits.request_timeout_s
 
     async def _call(self, response) -> dict:
         out = await response

@@ -44,6 +44,7 @@ def cmd_serve(args) -> int:
     started = _ray_init(ray, args.address)
     replicas, threads = _placement(ray, args.device, args.replicas, args.threads)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
+                    max_request_pixels=args.max_request_pixels,
                     max_instruction_chars=args.max_instruction_chars, max_triples=args.max_triples,
                     request_timeout_s=args.request_timeout_s)
     cfg = ServeConfig(model=args.model, backend=args.backend, device=args.device, replicas=replicas, threads=threads,

@@ -18,8 +18,8 @@ from ray import serve
 
 from ..errors import EditRewardError
 from ..preprocess import PreprocessedImage
-from ..scorer import Scorer, Score, preference
-from .schemas import ServiceError, http_status
+from ..scorer import Score, Scorer, preference
+from .schemas import RequestTimeoutError, ServiceError, http_status
 
 log = logging.getLogger("ray.serve")
 
@@ -75,7 +75,7 @@ class ScorerReplica:
         return dict(zip(images, done))
 
     def _prepare(self, item, images: dict):
-        instruction, source, edited, src_name, edit_name = item
+        instruction, source, edited, src_name, edit_name, _ = item
         try:
             src = source if isinstance(source, PreprocessedImage) else images[source]
             if isinstance(src, EditRewardError):
@@ -120,9 +120,14 @@ class ScorerReplica:
         return out
 
     async def _process(self, flat: list) -> list:
-        distinct = {b: None for _, s, e, _, _ in flat for b in (s, e) if not isinstance(b, PreprocessedImage)}
+        # Work whose request has timed out at the gateway (its deadline passed) is skipped, before
+        # decoding and again before scoring: a 504 frees the replica for the requests behind it.
+        late = lambda item: item[5] is not None and time.time() > item[5]
+        expired = RequestTimeoutError("the request timed out before this triple was scored")
+        live = [item for item in flat if not late(item)]
+        distinct = {b: None for _, s, e, _, _, _ in live for b in (s, e) if not isinstance(b, PreprocessedImage)}
         images = await self._preprocess_all(list(distinct))
-        prepared = [self._prepare(item, images) for item in flat]
+        prepared = [expired if late(item) else self._prepare(item, images) for item in flat]
         todo = [i for i, p in enumerate(prepared) if not isinstance(p, EditRewardError)]
         loop = asyncio.get_running_loop()
         scores = await loop.run_in_executor(self._run, self._score_safely, [prepared[i] for i in todo])
@@ -132,7 +137,7 @@ class ScorerReplica:
         return results
 
     async def _run_items(self, items: list) -> dict:
-        """Items (instruction, source, edited, source name, edited name) -> results and batch infos."""
+        """Items (instruction, source, edited, source name, edited name, deadline) -> results and batch infos."""
         chunks = [items[s : s + self.max_batch] for s in range(0, len(items), self.max_batch)]
         done = await asyncio.gather(*(self._batch(chunk) for chunk in chunks))
         results = [_outcome(r) for part, _ in done for r in part]
@@ -140,22 +145,25 @@ class ScorerReplica:
 
     # ------------------------------------------------------------ methods the gateway calls
 
-    async def score(self, triples: list[tuple[str, bytes, bytes]], names: list[tuple[str, str]] | None = None) -> dict:
-        """``names``: each triple's (source, edited) field names, used in error messages."""
+    async def score(self, triples: list[tuple[str, bytes, bytes]], names: list[tuple[str, str]] | None = None,
+                    deadline: float | None = None) -> dict:
+        """``names``: each triple's (source, edited) field names, used in error messages; ``deadline``:
+        wall-clock time after which work not yet done is dropped."""
         names = names or [(f"triples[{n}].source", f"triples[{n}].edited") for n in range(len(triples))]
-        return await self._run_items([(*t, *n) for t, n in zip(triples, names)])
+        return await self._run_items([(*t, *n, deadline) for t, n in zip(triples, names)])
 
-    async def rank(self, instruction: str, source: bytes, edits: list[bytes], names: list[str] | None = None) -> dict:
+    async def rank(self, instruction: str, source: bytes, edits: list[bytes], names: list[str] | None = None,
+                   deadline: float | None = None) -> dict:
         """As ``Scorer.rank``: the source is preprocessed once and every triple shares it."""
         names = names or [f"edits[{i}]" for i in range(len(edits))]
         src = (await self._preprocess_all([source]))[source]
         if isinstance(src, EditRewardError):
             err = _outcome(_named(src, "source"))
             return {"results": [err] * len(edits), "batches": []}
-        return await self._run_items([(instruction, src, e, "source", n) for e, n in zip(edits, names)])
+        return await self._run_items([(instruction, src, e, "source", n, deadline) for e, n in zip(edits, names)])
 
-    async def prefer(self, instruction: str, source: bytes, a: bytes, b: bytes) -> dict:
-        out = await self.rank(instruction, source, [a, b], ["a", "b"])
+    async def prefer(self, instruction: str, source: bytes, a: bytes, b: bytes, deadline: float | None = None) -> dict:
+        out = await self.rank(instruction, source, [a, b], ["a", "b"], deadline)
         sa, sb = out["results"]
         if "error" not in sa and "error" not in sb:
             out["p_a_over_b"] = preference(Score(sa["mu"], sa["log_sigma"], ()), Score(sb["mu"], sb["log_sigma"], ()))

@@ -26,6 +26,9 @@ class Limits:
 
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 25_000_000
+    # Decoded pixels of all distinct images of one request, read from their headers before any is
+    # decoded: decoding is the costly step a small, well-compressed body can ask for (413 above).
+    max_request_pixels: int = 64_000_000
     max_instruction_chars: int = 2000
     max_triples: int = 64  # triples in one /v1/score request, edits in one /v1/rank request
     request_timeout_s: float = 60.0
@@ -197,6 +200,29 @@ def parse_json(body: bytes):
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJsonError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJsonError("request body nests JSON too deeply") from None
+
+
+def check_request_pixels(images: list[bytes], limits: Limits) -> None:
+    """Sum the decoded sizes of a request's distinct images from their headers (nothing is
+    decoded) and refuse the request above ``max_request_pixels``. A header that cannot be read
+    is left for the scorer to report on that image's own line."""
+    import io
+
+    from PIL import Image
+
+    total = 0
+    for data in {id(b): b for b in images}.values():
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+        except Exception:  # PIL raises many classes for unreadable headers; the image's own error comes later
+            continue
+        total += width * height
+        if total > limits.max_request_pixels:
+            raise PayloadTooLargeError(f"the request's images decode to more than {limits.max_request_pixels} pixels "
+                                       "(max_request_pixels); send fewer or smaller images per request")
 
 
 # ---------------------------------------------------------------- field checks

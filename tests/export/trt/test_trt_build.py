@@ -195,6 +195,8 @@ def _fake_built(folder, tmp_path, **build):
                        "engines": {g: {"file": f"{g}.engine"} for g in tb.GRAPHS},
                        "build": {"tensorrt_version": "10.15.1", "gpu": {"name": "NVIDIA L4", "compute_capability": [8, 9]},
                                  **build}}
+    for graph in tb.GRAPHS:  # stand-in engine files, hashed like real ones
+        (copy / f"{graph}.engine").write_bytes(b"not a real engine")
     write_manifest(copy, manifest)
     return copy
 
@@ -372,7 +374,7 @@ class FakeDecoderRunner:
 def _fake_engine(spec, profiles, manifest):
     from editreward_rt.backends.cuda_memory import DeviceBuffer
 
-    engine = tb.TrtEngine.__new__(tb.TrtEngine)
+    engine = tb.TrtGraphs.__new__(tb.TrtGraphs)
     engine.spec, engine.mem = spec, FakeMemory(1 << 24)
     engine.pool, engine.profiles, engine.kv_itemsize = BufferPool(engine.mem), {"decoder": profiles}, 4
     engine.empty = DeviceBuffer(engine.mem.malloc(256), 256)
@@ -492,8 +494,17 @@ def test_engines_match_the_reference(tiny, reference, images, tmp_path, precisio
     diff = max_abs_diff(scorer.backend.head_outputs(triples), expected)
     assert diff["mu"] <= tol.mu and diff["log_sigma"] <= tol.log_sigma, diff
     cached = tb.TrtBackend(out, device="cuda", cuda_graphs=True)
-    first, again = cached.head_outputs(triples), cached.head_outputs(triples)  # second call replays CUDA graphs
+    first, again = cached.head_outputs(triples), cached.head_outputs(triples)  # second call captures CUDA graphs
     np.testing.assert_allclose(first, again, atol=1e-6)
+    # Same shapes, other pixels: replayed graphs must read the new inputs, not stale buffers.
+    from PIL import Image
+
+    mirrored = [reference.prepare("Add a bowl", images[0], images[i].transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+                for i in (1, 2, 3)]
+    assert [p.ids.shape for t in mirrored for p in t.prompts] == [p.ids.shape for t in triples for p in t.prompts]
+    replayed = cached.head_outputs(mirrored)
+    np.testing.assert_allclose(replayed, scorer.backend.head_outputs(mirrored), atol=1e-5)
+    assert np.abs(replayed - first).max() > 1e-4
 
 
 # ---------------------------------------------------------------- builder code paths, on a fake tensorrt module
