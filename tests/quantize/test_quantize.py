@@ -298,3 +298,34 @@ def test_a_quantized_folder_is_checked_against_its_scheme_when_opened(quantized,
         (folder / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(ManifestError, match=message):
             Scorer.load(folder)
+
+
+def test_default_int8_kernel_sums_exactly_on_this_cpu(quantized):
+    """ort-int8's default numerics do not depend on the CPU: its MatMulInteger (uint8 activations x
+    the default weight type) must equal exact integer arithmetic on worst-case operands, where a
+    kernel adding u8 x s8 products in saturating 16-bit lanes (AVX2, AVX-512 without VNNI) differs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight_type = make_scheme("ort-int8").weight_type
+    dtype, elem, zero = {"uint8": (np.uint8, TensorProto.UINT8, 128), "int8": (np.int8, TensorProto.INT8, 0)}[weight_type]
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(0)
+    k, n = 512, 64
+    b = np.where(rng.random((k, n)) < 0.5, info.max, info.min).astype(dtype)  # extreme weights...
+    a = np.full((32, k), 255, np.uint8)  # ...times the largest activations: the saturating case
+    a[::2] = rng.integers(0, 256, (16, k))
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B", "a_zero", "b_zero"], ["Y"])], "exact",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", k])], [helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", n])],
+        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(np.array(0, np.uint8), "a_zero"),
+         numpy_helper.from_array(np.array(zero, dtype), "b_zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ (b.astype(np.int64) - zero))
+    import onnx
+
+    decoder = onnx.load(str(quantized["ort-int8"] / "decoder.onnx"))
+    weights = {n.input[1] for n in decoder.graph.node if n.op_type == "MatMulInteger"}
+    types = {t.data_type for t in decoder.graph.initializer if t.name in weights}
+    assert types == {elem}  # the scheme's graphs really carry weights of that type

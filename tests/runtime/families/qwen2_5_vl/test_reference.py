@@ -81,3 +81,30 @@ def test_reference_scores_from_transformers_inputs(reference, hf_pipeline, image
     assert abs(score.mu - float(expected[0])) <= 1e-5
     assert abs(score.log_sigma - float(expected[1])) <= 1e-5
 
+
+def test_reference_equals_transformers_forward_called_as_upstream(reference, hf_pipeline, images):
+    """``Qwen2_5_VLModel.forward(inputs_embeds=..., attention_mask=..., position_ids=None)`` on a
+    right-padded batch, exactly the call upstream's reward model makes, against the project's
+    reference runner (which states its 1-D positions explicitly)."""
+    runner = reference.backend.runner
+    model, heads, tokens = runner.model, runner.heads, reference.spec.tokens
+    cases = [CASES[0], CASES[1], CASES[3]]
+    expected = reference.backend.head_outputs([reference.prepare(c[0], images[c[1]], images[c[2]]) for c in cases])
+    with torch.inference_mode():
+        for head in range(2):
+            built = [hf_inputs(hf_pipeline, c[0], images[c[1]], images[c[2]], head) for c in cases]
+            length = max(len(ids) for ids, _, _ in built)
+            ids = torch.full((len(built), length), tokens.pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (row, _, _) in enumerate(built):  # right padding, as upstream's processor
+                ids[i, : len(row)], mask[i, : len(row)] = torch.as_tensor(row), 1
+            assert (mask == 0).any()  # the batch really is padded
+            pixels = torch.as_tensor(np.concatenate([p for _, p, _ in built]))
+            grids = torch.as_tensor(np.concatenate([g for _, _, g in built]))
+            embeds = model.get_input_embeddings()(ids)
+            vision = model.get_image_features(pixels, grids)
+            vision = torch.cat(list(getattr(vision, "pooler_output", vision)))
+            embeds = embeds.masked_scatter((ids == tokens.image_pad)[..., None].expand_as(embeds), vision.to(embeds.dtype))
+            hidden = model(inputs_embeds=embeds, attention_mask=mask, position_ids=None).last_hidden_state
+            got = heads.heads[f"head_{head}"](hidden.float())[ids == tokens.reward].view(len(built), 2)
+            np.testing.assert_allclose(got.numpy(), expected[:, head], atol=2e-5, rtol=1e-5)
