@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU numbers in the README, in one command: small random-weight fixture, its fp32 ONNX
-# export, CPU-runnable quantized variants, then latency (reference always included), parity and
-# the report. Usage: bash benchmarks/cpu_suite.sh [WORKDIR] (default results/)
+# export, CPU-runnable quantized variants, then latency (reference always included), parity, the
+# report, sizes and per-scheme fidelity. Usage: bash benchmarks/cpu_suite.sh [WORKDIR] (default results/)
 set -euo pipefail
 out=${1:-results}
 work=$out/work
@@ -23,3 +23,4 @@ python benchmarks/latency.py --fixture small --workdir "$work" "${variants[@]}" 
 python benchmarks/report.py "$out/latency-small.json" "$out/parity-small.json" --out "$out/report"
 python -m editreward_quant.sizes "$fixture/onnx-fp32" "$work/small-ort-int8" "$work/small-ort-int4" \
     "$work/small-ort-int4-b128" "$work/small-bnb-int8" "$work/small-bnb-nf4" --json "$out/sizes-small.json"
+python benchmarks/quant_report.py --fixture small --workdir "$work" --out "$out/quant-small.json"

@@ -155,6 +155,8 @@ TOOLS = {
         "report": ("editreward_bench.report", "bench", "tables and plots from result files (benchmarks/report.py)"),
         "serve": ("editreward_bench.serve_bench", "serve", "HTTP serving throughput (benchmarks/serve_bench.py)"),
         "sizes-7b": ("editreward_bench.sizes_7b", "quant", "quantized sizes at the 7B's shapes (benchmarks/sizes_7b.py)"),
+        "sizes": ("editreward_quant.sizes", "quant", "decoder weight bytes of model folders against bf16"),
+        "quant": ("editreward_bench.quant_report", "quant", "fidelity and size per scheme (benchmarks/quant_report.py)"),
         "gpu": ("editreward_bench.gpu_matrix", "torch", "the GPU matrix (benchmarks/gpu_check.py)"),
         "gpu-trt": ("editreward_bench.gpu_trt", "trt", "the TensorRT GPU check (benchmarks/gpu_trt_check.py)"),
     },

@@ -129,3 +129,16 @@ def test_metrics():
 def test_results_schema_is_enforced():
     with pytest.raises(ValueError, match="lacks"):
         validate_document({"schema": "editreward-bench-results"})
+
+
+def test_quant_report_measures_each_scheme(tmp_path):
+    from editreward_bench import quant_report
+
+    out = tmp_path / "quant.json"
+    assert quant_report.main(["--fixture", "tiny", "--workdir", str(tmp_path / "work"), "--scheme", "ort-int8",
+                              "--scheme", "ort-int4:block_size=128", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["ort-int8", "ort-int4:block_size=128"]
+    assert rows[1]["config"]["block_size"] == 128 and rows[0]["pairs"] == 28
+    assert all(r["hidden_snr_db"] >= r["floor_db"] and 0 < r["bf16_ratio"] < 0.6 for r in rows)
+    assert rows[0]["hidden_snr_db"] > rows[1]["hidden_snr_db"] + 10  # 8 bits against 4

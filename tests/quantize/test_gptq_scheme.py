@@ -14,7 +14,7 @@ from editreward_quant.cli import main as quantize_main
 from editreward_rt import Scorer
 from editreward_rt.errors import BackendError
 from editreward_rt.schemes import QuantizeError, make_scheme, scheme_from_dict
-from editreward_rt.tolerances import max_abs_diff, snr_db, tolerance
+from editreward_rt.tolerances import hidden_snr_floor_db, max_abs_diff, snr_db, tolerance
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -54,7 +54,8 @@ def test_gptq_meets_its_floors(which, request, fast, reference, triples):
     tol = tolerance("torch", "gptq-int4")
     hidden, scores = hidden_at_reward(scorer, triples)
     expected_hidden, _ = hidden_at_reward(fast, triples)
-    assert snr_db(expected_hidden, hidden) >= tol.hidden_snr_db
+    floor = hidden_snr_floor_db(scorer.backend.model.manifest["quantization"], scorer.spec)
+    assert snr_db(expected_hidden, hidden) >= floor
     assert snr_db(expected_hidden, hidden) < 60  # the decoder really runs quantized
     expected = reference.backend.head_outputs([reference.prepare(*t) for t in triples])
     actual = scorer.backend.head_outputs([scorer.prepare(*t) for t in triples])

@@ -18,7 +18,7 @@ from editreward_quant.calib import synthetic_triples
 from editreward_rt import Scorer
 from editreward_rt.backends.ort_backend import OrtBackend
 from editreward_rt.schemes import QuantizeError, TrtFp8, TrtInt4Awq, TrtInt8Sq, check_available, make_scheme, scheme_from_dict
-from editreward_rt.tolerances import max_abs_diff, snr_db, tolerance
+from editreward_rt.tolerances import hidden_snr_floor_db, max_abs_diff, snr_db, tolerance
 
 WINDOW = 8
 
@@ -252,7 +252,8 @@ def test_scheme_runs_on_onnx_runtime_cpu_within_its_floors(name, trt_folders, fa
     tol = tolerance("onnxruntime", name)
     hidden, scores = hidden_at_reward(scorer, triples)
     expected_hidden, _ = hidden_at_reward(fast, triples)
-    assert snr_db(expected_hidden, hidden) >= tol.hidden_snr_db
+    floor = hidden_snr_floor_db(scorer.backend.model.manifest["quantization"], scorer.spec)
+    assert snr_db(expected_hidden, hidden) >= floor
     expected = reference.backend.head_outputs([reference.prepare(*t) for t in triples])
     diff = max_abs_diff(scorer.backend.head_outputs([scorer.prepare(*t) for t in triples]), expected)
     assert diff["mu"] <= tol.mu and diff["log_sigma"] <= tol.log_sigma, diff
