@@ -432,3 +432,19 @@ def test_patchify_rejects_bad_input():
         patchify(np.zeros((30, 28, 3), np.uint8), SPEC)
     with pytest.raises(ImageError):
         patchify(np.zeros((28, 28, 3), np.float32), SPEC)
+
+
+
+def test_the_pixel_limit_is_ours_above_and_below_pils():
+    """An image over twice PIL's own limit (182 M pixels): refused with the configured limit in the
+    message; and a configured limit above PIL's is honoured (the image is then decoded, and fails
+    here only because its pixel data is missing)."""
+    from PIL import Image
+
+    data = _png_header_only(14_000, 13_000)
+    assert 14_000 * 13_000 > 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLargeError, match=str(ImageSpec().max_input_pixels)):
+        preprocess_image(data, ImageSpec())
+    with pytest.raises(ImageError, match="corrupt or truncated") as info:
+        preprocess_image(data, ImageSpec(max_input_pixels=200_000_000))
+    assert not isinstance(info.value, ImageTooLargeError)
