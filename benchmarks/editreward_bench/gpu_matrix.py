@@ -130,6 +130,40 @@ def time_backend(scorer, triples, reps: int, batch_sizes) -> dict:
     return result
 
 
+def backward_rows(ckpt, device: str, dtype_name: str, batches=(1, 4)) -> list[dict]:
+    """One backward pass of the differentiable reward per batch size (gradient checkpointing on, the
+    source frozen): the estimate beside the measured peak (GPU memory on CUDA, RSS on a CPU)."""
+    import torch
+
+    from editreward_rt.backends.torch_backend import TorchBackend
+    from editreward_rt.differentiable import DifferentiableReward, backward_memory_estimate_gib
+    from editreward_rt.scorer import Scorer
+
+    from .common import peak_rss_mb
+
+    backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
+    reward = DifferentiableReward(Scorer(backend, ckpt), gradient_checkpointing=True, freeze_source=True)
+    rows = []
+    for batch in batches:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        source = torch.rand(batch, 3, 448, 448, device=reward.device)
+        edited = torch.rand(batch, 3, 448, 448, device=reward.device, requires_grad=True)
+        t0 = time.perf_counter()
+        (-reward(["Add a green bowl"] * batch, source, edited)[:, 0]).mean().backward()
+        _sync()
+        row = {"variant": f"differentiable-backward-b{batch}", "status": "ok", "seconds": time.perf_counter() - t0,
+               "estimate_gib": backward_memory_estimate_gib(reward.spec, batch, 2 if dtype_name == "bfloat16" else 4),
+               "grad_finite": bool(torch.isfinite(edited.grad).all())}
+        if torch.cuda.is_available():
+            row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            row["peak_rss_mb"] = peak_rss_mb()
+        rows.append(row)
+    return rows
+
+
 def run(args) -> dict:
     import gc
 
@@ -176,6 +210,7 @@ def run(args) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    results.extend(backward_rows(ckpt, args.device, dtype_name))
     try:
         import onnxruntime
 

@@ -157,6 +157,7 @@ TOOLS = {
         "sizes-7b": ("editreward_bench.sizes_7b", "quant", "quantized sizes at the 7B's shapes (benchmarks/sizes_7b.py)"),
         "sizes": ("editreward_quant.sizes", "quant", "decoder weight bytes of model folders against bf16"),
         "quant": ("editreward_bench.quant_report", "quant", "fidelity and size per scheme (benchmarks/quant_report.py)"),
+        "resize-gap": ("editreward_bench.resize_gap", "torch", "bilinear against bicubic resize (benchmarks/resize_gap.py)"),
         "gpu": ("editreward_bench.gpu_matrix", "torch", "the GPU matrix (benchmarks/gpu_check.py)"),
         "gpu-trt": ("editreward_bench.gpu_trt", "trt", "the TensorRT GPU check (benchmarks/gpu_trt_check.py)"),
     },

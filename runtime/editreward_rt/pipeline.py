@@ -70,7 +70,8 @@ class StageTimes:
         return dict(self.__dict__)
 
 
-def _lcp(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two 1-D arrays."""
     n = min(len(a), len(b))
     diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if len(diff) else n
@@ -129,14 +130,14 @@ class FastPipeline:
         """Decode shared prefix, per-triple prefixes and suffixes; -> hidden at each <|Reward|> [2T, H]."""
         keyed = [np.stack([ids, rows]) for ids, rows in seqs]  # [2, L]: equal columns mean identical inputs
         last = min(k.shape[1] for k in keyed) - 1  # every sequence keeps at least its reward token
-        common = min(_lcp(keyed[0].T.ravel(), k.T.ravel()) // 2 for k in keyed)
+        common = min(common_prefix(keyed[0].T.ravel(), k.T.ravel()) // 2 for k in keyed)
         common = min(common, last)
         if common == 0:
             raise RuntimeError("sequences share no prefix; the chat template must start with text")
         per_triple = [common] * n_triples
         for ti in range(n_triples):
             mine = [k for k, o in zip(keyed, owner) if o == ti]
-            cut = min(_lcp(mine[0].T.ravel(), m.T.ravel()) // 2 for m in mine)
+            cut = min(common_prefix(mine[0].T.ravel(), m.T.ravel()) // 2 for m in mine)
             per_triple[ti] = max(common, min(cut, min(m.shape[1] for m in mine) - 1))
 
         t0 = self.clock()

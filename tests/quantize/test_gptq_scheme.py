@@ -165,7 +165,9 @@ def test_gpu_matrix_script_covers_gptq(tmp_path):
     assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--gptq-calib", "4",
                       "--only", "torch-fast", "gptq-int4", "--out", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    assert list(rows) == ["torch-reference", "torch-fast", "gptq-int4", "onnxruntime-cuda"]
+    assert list(rows) == ["torch-reference", "torch-fast", "gptq-int4", "differentiable-backward-b1",
+                          "differentiable-backward-b4", "onnxruntime-cuda"]
+    assert all(rows[f"differentiable-backward-b{b}"]["grad_finite"] for b in (1, 4))
     assert rows["torch-fast"]["status"] == "ok"
     row = rows["gptq-int4"]
     if importlib.util.find_spec("gptqmodel") is None:
@@ -176,3 +178,15 @@ def test_gpu_matrix_script_covers_gptq(tmp_path):
     tol = tolerance("torch", "gptq-int4")
     assert row["parity"]["max_abs_diff"]["mu"] <= tol.mu
     assert row["batch1"]["p50_ms"] > 0
+
+
+def test_a_gptq_folder_passes_gradients(gptq_default):
+    """GPTQModel's torch kernel dequantizes and multiplies with torch ops: gradients reach the image."""
+    import torch
+
+    from editreward_rt.differentiable import DifferentiableReward
+
+    reward = DifferentiableReward.load(gptq_default, dtype="float32")
+    edit = torch.rand(1, 3, 448, 448, requires_grad=True)
+    reward(["Add a bowl"], torch.rand(1, 3, 448, 448), edit)[0, 0].backward()
+    assert edit.grad is not None and torch.isfinite(edit.grad).all() and edit.grad.abs().sum() > 0

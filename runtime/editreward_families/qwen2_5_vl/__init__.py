@@ -68,6 +68,14 @@ def dummy_inputs(spec: ModelSpec, kv_dtype: str) -> dict:
     return dummies(spec, kv_dtype)
 
 
+def torch_image_feeds(image, spec: ModelSpec):
+    """A [3, H, W] image in [0, 1] carrying gradients -> vision inputs, output order, token count
+    (``torch_inputs``: bilinear resize to the reference's size, then the processor's arithmetic)."""
+    from .torch_inputs import image_feeds
+
+    return image_feeds(image, spec)
+
+
 def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):
     """A random-weight checkpoint of this family in the published upstream layout (``fixture``)."""
     from .fixture import write_fixture as write
@@ -78,4 +86,4 @@ def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):
 __all__ = ["NAME", "PUBLISHED", "FIXTURE_SIZES", "UNUSED", "build_spec", "spec_from_dict", "normalise_key", "expected_shapes",
            "embedding_rows", "decoder_parameters", "is_embedding", "split_state_dict", "render_chat_template",
            "prompt_builder", "vision_feeds", "image_rows", "graph_specs", "trt_profile_axes", "fp16_fp32_pins", "torch_modules",
-           "reference_runner", "export_wrappers", "dummy_inputs", "write_fixture"]
+           "reference_runner", "export_wrappers", "dummy_inputs", "torch_image_feeds", "write_fixture"]

@@ -23,6 +23,16 @@ from .spec import HeadSpec, ModelSpec, TextSpec, VisionSpec
 from .weights import split_state_dict
 
 
+def _run(block: nn.Module, checkpointing: bool, *args):
+    """``block(*args)``, recomputed in the backward pass instead of kept when ``checkpointing`` is on
+    and gradients are being recorded (gradient checkpointing)."""
+    if checkpointing and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -31,9 +41,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(_at_least_float32(dtype))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 (the reference's upcast); float64 stays float64 (gradient checks)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +86,9 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)
         dtype = q.dtype
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+        wide = _at_least_float32(dtype)
+        q = (q.to(wide) * cos + rotate_half(q.to(wide)) * sin).to(dtype)
+        k = (k.to(wide) * cos + rotate_half(k.to(wide)) * sin).to(dtype)
         # [1, heads, N, head_dim]; the additive mask keeps attention inside each window or image
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -121,6 +137,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, spec: VisionSpec):
         super().__init__()
         self.fullatt = frozenset(spec.fullatt_block_indexes)
+        self.checkpointing = False  # gradient checkpointing over the blocks (editreward_rt.differentiable)
         self.patch_embed = PatchEmbed(spec)
         self.blocks = nn.ModuleList(VisionBlock(spec) for _ in range(spec.depth))
         self.merger = Merger(spec)
@@ -131,7 +148,7 @@ class VisionEncoder(nn.Module):
         window_mask = neg_mask(window_segments[:, None] == window_segments[None, :], dtype)
         full_mask = neg_mask(image_segments[:, None] == image_segments[None, :], dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full_mask if i in self.fullatt else window_mask)
+            x = _run(block, self.checkpointing, x, cos, sin, full_mask if i in self.fullatt else window_mask)
         return self.merger(x)
 
 
@@ -190,6 +207,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.checkpointing = False  # gradient checkpointing over the layers (editreward_rt.differentiable)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -227,7 +245,7 @@ class Decoder(nn.Module):
         mask = self.causal_mask(attention_mask, input_ids.shape[1], x.dtype)
         present = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, past[i, 0].to(x.dtype), past[i, 1].to(x.dtype))
+            x, k, v = _run(layer, self.checkpointing, x, cos, sin, mask, past[i, 0].to(x.dtype), past[i, 1].to(x.dtype))
             present.append(torch.stack([k, v]))
         return self.norm(x), torch.stack(present)
 
@@ -248,7 +266,7 @@ class RewardHeads(nn.Module):
         self.heads = nn.ModuleDict({f"head_{k}": head_mlp(spec.layer_sizes) for k in range(spec.num_heads)})
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
+        hidden = hidden.to(self.heads["head_0"][0].weight.dtype)  # float32, as the reference (float64 in gradient checks)
         return torch.stack([head(hidden[:, k]) for k, head in enumerate(self.heads.values())], dim=1)
 
 
