@@ -54,6 +54,7 @@ class DifferentiableReward:
     # ------------------------------------------------------------ inputs
 
     def _check(self, name: str, images, batch: int):
+        """Typed errors for what is not [batch, 3, H, W] RGB in [0, 1]; the images on the model's device and dtype."""
         torch = self.torch
         if not isinstance(images, torch.Tensor):
             raise ImageError(f"{name} must be a torch tensor [B, 3, H, W], got {type(images).__name__}")
@@ -91,10 +92,24 @@ class DifferentiableReward:
         positions = (start + torch.arange(s, device=self.device)).expand(b, s)
         return self.decoder(tokens, table, index, positions, mask, past)
 
-    def _one(self, instruction: str, source, edited):
+    def _source(self, source, seen: list):
+        """The source's embeddings, computed once per distinct source image of the call when the
+        source takes no gradient (a GRPO group's edits share one source)."""
         torch = self.torch
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_source):
-            src, n_src = self._embed(source)
+        tracked = torch.is_grad_enabled() and source.requires_grad and not self.freeze_source
+        if not tracked:
+            for image, embedded in seen:
+                if image.shape == source.shape and torch.equal(image, source):
+                    return embedded
+        with torch.set_grad_enabled(tracked):
+            embedded = self._embed(source)
+        if not tracked:
+            seen.append((source, embedded))
+        return embedded
+
+    def _one(self, instruction: str, source, edited, seen: list):
+        torch = self.torch
+        src, n_src = self._source(source, seen)
         edit, n_edit = self._embed(edited)
         table = torch.cat([src, edit])
         prompts = self.scorer.builder.build(instruction, n_src, n_edit)
@@ -118,7 +133,8 @@ class DifferentiableReward:
             raise InputError("instructions must be a list of strings, one per image pair")
         source = self._check("source", source, len(instructions))
         edited = self._check("edited", edited, len(instructions))
-        return torch.stack([self._one(instructions[b], source[b], edited[b]) for b in range(len(instructions))])
+        seen: list = []
+        return torch.stack([self._one(instructions[b], source[b], edited[b], seen) for b in range(len(instructions))])
 
     def __call__(self, instructions: list[str], source, edited):
         """[B, 2]: the fused (mu, log_sigma) of each triple, as the reference's mean pooling."""

@@ -115,3 +115,16 @@ def test_a_bitsandbytes_folder_passes_gradients(tiny, tmp_path, scheme):
     edit = as_tensor([pixels(10)]).float().requires_grad_(True)
     reward(["Add a bowl"], as_tensor([pixels(11)]).float(), edit)[0, 0].backward()
     assert edit.grad is not None and torch.isfinite(edit.grad).all() and edit.grad.abs().sum() > 0
+
+
+def test_a_shared_source_is_encoded_once(reward32, monkeypatch):
+    """A group's edits of one source (GRPO): the source goes through the vision tower once per call."""
+    src = as_tensor([pixels(12)]).float().expand(3, -1, -1, -1)
+    edits = as_tensor([pixels(13), pixels(14), pixels(15)]).float()
+    calls = []
+    inner = reward32.vision
+    monkeypatch.setattr(reward32, "vision", lambda *feeds: calls.append(1) or inner(*feeds))
+    grouped = reward32(["Add a bowl"] * 3, src, edits)
+    assert len(calls) == 1 + 3
+    singles = torch.cat([reward32(["Add a bowl"], src[:1], edits[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(grouped, singles, atol=1e-6, rtol=0)
