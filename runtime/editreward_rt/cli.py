@@ -22,22 +22,33 @@ def _progress(total: int | None, initial: int):
     return tqdm(total=total, initial=initial, unit="triple", file=sys.stderr, dynamic_ncols=True)
 
 
+def _results_record(line: bytes) -> dict | None:
+    """A complete results record (an index and a score or an error), or None."""
+    try:
+        record = parse_record(line)
+        index = int(record["index"])
+    except (EditRewardError, KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return {**record, "index": index} if {"mu", "error"} & set(record) else None
+
+
 def _done_indices(output: Path) -> set[int]:
     """Indices already written by an earlier, interrupted run. The file is cut back to its complete
     records (everything from the first line that is not one is rewritten; a complete last record
-    that lacks its newline gets one), so appending keeps it valid JSONL with each index once."""
+    that lacks its newline gets one), so appending keeps it valid JSONL with each index once. A
+    file whose first line is not a results record is not ours to cut: refused."""
     if not output.is_file():
         return set()
     data = output.read_bytes()
     done, good = set(), []
-    for line in data.split(b"\n"):
-        try:
-            index = int(parse_record(line)["index"])
-        except (EditRewardError, KeyError, TypeError, ValueError):
-            break
-        if index in done:
-            break  # a repeated index: what follows is from another run's tear
-        done.add(index)
+    for number, line in enumerate(data.split(b"\n")):
+        record = _results_record(line[3:] if number == 0 and line.startswith(b"\xef\xbb\xbf") else line)
+        if record is None and number == 0 and line.strip():
+            raise InputError(f"--output {output} holds something other than results; refusing to cut it: give a new "
+                             "file, or an earlier run's results")
+        if record is None or record["index"] in done:
+            break  # a torn write, or a repeated index from another run's tear: what follows is rewritten
+        done.add(record["index"])
         good.append(line + b"\n")
     kept = b"".join(good)
     if kept != data:

@@ -41,8 +41,9 @@ class DifferentiableReward:
              base: str | None = None, prompts_from: str | os.PathLike | None = None,
              gradient_checkpointing: bool = False, freeze_source: bool = False) -> "DifferentiableReward":
         """A checkpoint (hub id or folder) or a torch-quantized model folder (bnb-int8, bnb-nf4,
-        gptq-int4: their layers pass gradients to their inputs). ``dtype`` float64 runs everything,
-        heads included, in float64 (for gradient checks); otherwise the heads stay float32."""
+        gptq-int4: their layers pass gradients to their inputs; such a folder runs in the compute dtype
+        it was quantized for, and ``dtype`` is not used). ``dtype`` float64 runs everything, heads
+        included, in float64 (for gradient checks); otherwise the heads stay float32."""
         from .scorer import Scorer
 
         scorer = Scorer.load(checkpoint_or_folder, backend="torch", mode="fast", base=base, prompts_from=prompts_from,
@@ -62,6 +63,8 @@ class DifferentiableReward:
             raise ImageError(f"{name} must be [B={batch}, 3, H, W] RGB, got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ImageError(f"{name} must be a float tensor in [0, 1], got {images.dtype}")
+        if images.numel() == 0:
+            raise ImageError(f"{name} is empty: {tuple(images.shape)}")
         with torch.no_grad():
             if not torch.isfinite(images).all():
                 raise ImageError(f"{name} holds NaN or infinite values")
@@ -129,8 +132,8 @@ class DifferentiableReward:
     def head_outputs(self, instructions: list[str], source, edited):
         """Per-head (mu, log_sigma) [B, K, 2]."""
         torch = self.torch
-        if isinstance(instructions, str) or not hasattr(instructions, "__len__"):
-            raise InputError("instructions must be a list of strings, one per image pair")
+        if isinstance(instructions, str) or not hasattr(instructions, "__len__") or not len(instructions):
+            raise InputError("instructions must be a non-empty list of strings, one per image pair")
         source = self._check("source", source, len(instructions))
         edited = self._check("edited", edited, len(instructions))
         seen: list = []
@@ -138,10 +141,9 @@ class DifferentiableReward:
 
     def __call__(self, instructions: list[str], source, edited):
         """[B, 2]: the fused (mu, log_sigma) of each triple, as the reference's mean pooling."""
-        per_head = self.head_outputs(instructions, source, edited)
         if self.spec.heads.fusion != "mean":
             raise InputError(f"the differentiable reward fuses heads by mean; this model uses {self.spec.heads.fusion!r}")
-        return per_head.mean(dim=1)
+        return self.head_outputs(instructions, source, edited).mean(dim=1)
 
 
 def backward_memory_estimate_gib(spec, batch: int, bytes_per_value: int = 2, tokens: int = 1300, patches: int = 1024,

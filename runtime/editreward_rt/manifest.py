@@ -59,7 +59,7 @@ def read_manifest(root: Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path} is not an EditReward exported-model manifest")
     if manifest.get("manifest_version") not in KNOWN_VERSIONS:
         raise ManifestError(
@@ -72,14 +72,28 @@ def read_manifest(root: Path) -> dict:
 def referenced_files(manifest: dict) -> dict[str, str]:
     """Every file the manifest points the runtime at -> what points at it."""
     out = {}
+    for section in ("graphs", "trt"):
+        if not isinstance(manifest.get(section) or {}, dict):
+            raise ManifestError(f"the manifest's {section!r} is not an object")
+    engines = (manifest.get("trt") or {}).get("engines") or {}
+    if not isinstance(engines, dict):
+        raise ManifestError("the manifest's trt.engines is not an object")
     for name, graph in (manifest.get("graphs") or {}).items():
         out[graph.get("file") if isinstance(graph, dict) else graph] = f"graph {name!r}"
     for key in ("tokenizer", "weights"):
         if manifest.get(key) is not None:
             out[manifest[key]] = key
-    for name, engine in ((manifest.get("trt") or {}).get("engines") or {}).items():
+    for name, engine in engines.items():
         out[engine.get("file") if isinstance(engine, dict) else engine] = f"TensorRT engine {name!r}"
     return out
+
+
+# Files a download or a repository adds beside a model folder's own: never read by the runtime.
+INCIDENTAL = ("README.md", "LICENSE", "LICENSE.txt", "NOTICE")
+
+
+def _incidental(name: str) -> bool:
+    return name.startswith(".") or name in INCIDENTAL
 
 
 def check_layout(root: Path, manifest: dict) -> None:
@@ -99,7 +113,8 @@ def check_layout(root: Path, manifest: dict) -> None:
     if unhashed:
         raise ManifestError(f"{root / MANIFEST}: {', '.join(f'{w} ({n})' for n, w in unhashed.items())} "
                             "not covered by the manifest's hashes")
-    unlisted = sorted(p.name for p in root.iterdir() if p.name != MANIFEST and p.name not in files)
+    unlisted = sorted(p.name for p in root.iterdir()
+                      if p.name != MANIFEST and p.name not in files and not _incidental(p.name))
     if unlisted:
         raise ManifestError(f"{root} holds files its manifest does not hash: {unlisted[:5]}; a model folder "
                             "holds only what its exporter wrote")

@@ -9,6 +9,7 @@ expands the image placeholders and tokenizes (``editreward_families.<name>.chat`
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,20 +23,66 @@ TEXT_SENTINEL = "\u0000EDITREWARD_TEXT\u0000"
 REWARD_TOKEN = "<|Reward|>"
 
 
-# Bounds on rendering a chat template (a model file, so untrusted): traced steps of the compiled
-# template (a real one takes a few thousand) and the length of any string or list it builds.
+# Bounds on rendering a chat template (a model file, so untrusted). It renders in a child process
+# with a memory cap and a time limit, which bound whatever the template does, C-level string
+# methods included; inside, traced steps (a real template takes a few thousand) and the size of
+# values built by operators are bounded too, so the usual refusals come with a reason.
 TEMPLATE_STEPS = 1_000_000
 TEMPLATE_SIZE = 1_000_000
+TEMPLATE_SECONDS = 20.0
+TEMPLATE_MEMORY = 1 << 30  # bytes of address space for the rendering process
 
 
 def render_messages(template: str, messages: list[dict]) -> str:
     """Render a chat template for ``messages`` with the generation prompt, in jinja's immutable
-    sandbox, with bounded work: a template that loops too long or builds too much raises a
-    ``CheckpointError`` instead of holding the load."""
+    sandbox, in a child process with bounded memory and time: any failure, a template that loops
+    too long or builds too much included, is a ``CheckpointError`` instead of holding the load."""
+    import subprocess
     import sys
 
-    jinja2 = require("jinja2", "torch", "rendering a base model's chat template")
-    ImmutableSandboxedEnvironment = require("jinja2.sandbox", "torch", "rendering a chat template").ImmutableSandboxedEnvironment
+    require("jinja2", "torch", "rendering a base model's chat template")
+    payload = json.dumps({"template": template, "messages": messages})
+    try:
+        done = subprocess.run([sys.executable, "-c", "from editreward_rt.prompts import _render_child; _render_child()"],
+                              input=payload, capture_output=True, text=True, timeout=TEMPLATE_SECONDS,
+                              preexec_fn=_limit_memory, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    except subprocess.TimeoutExpired:
+        raise CheckpointError(f"the chat template takes more than {TEMPLATE_SECONDS:g} s to render: refused as unbounded") from None
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        killed = "memory" if done.returncode != 0 else "output"
+        raise CheckpointError(f"the chat template could not be rendered within its {killed} bounds "
+                              f"(exit {done.returncode}): {done.stderr.strip()[-200:]}") from None
+    if "error" in answer:
+        raise CheckpointError(f"the chat template {answer['error']}")
+    return answer["rendered"]
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (TEMPLATE_MEMORY, TEMPLATE_MEMORY))
+
+
+def _render_child() -> None:
+    """The rendering process: stdin {template, messages} -> stdout {rendered} or {error}."""
+    import sys
+
+    request = json.loads(sys.stdin.read())
+    try:
+        print(json.dumps({"rendered": _render_bounded(request["template"], request["messages"])}))
+    except CheckpointError as exc:
+        print(json.dumps({"error": str(exc)}))
+    except Exception as exc:  # whatever the template raises (ZeroDivisionError, RecursionError, ...)
+        print(json.dumps({"error": f"fails to render: {type(exc).__name__}: {str(exc)[:200]}"}))
+
+
+def _render_bounded(template: str, messages: list[dict]) -> str:
+    import sys
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -48,14 +95,14 @@ def render_messages(template: str, messages: list[dict]) -> str:
             sized = [len(x) for x in (left, right) if hasattr(x, "__len__")]
             counts = [x for x in (left, right) if isinstance(x, int)]
             if operator == "*" and sized and counts and sized[0] * max(counts[0], 0) > TEMPLATE_SIZE:
-                raise CheckpointError(f"the chat template builds a value of {sized[0] * counts[0]} items (limit {TEMPLATE_SIZE})")
+                raise CheckpointError(f"builds a value of {sized[0] * counts[0]} items (limit {TEMPLATE_SIZE})")
             if operator == "**" and isinstance(right, int) and right > 64:
-                raise CheckpointError("the chat template computes a power beyond 64")
+                raise CheckpointError("computes a power beyond 64")
             result = super().call_binop(context, operator, left, right)
             if hasattr(result, "__len__") and len(result) > TEMPLATE_SIZE:
-                raise CheckpointError(f"the chat template builds a value of {len(result)} items (limit {TEMPLATE_SIZE})")
+                raise CheckpointError(f"builds a value of {len(result)} items (limit {TEMPLATE_SIZE})")
             if isinstance(result, int) and result.bit_length() > 64:
-                raise CheckpointError("the chat template computes an integer beyond 64 bits")
+                raise CheckpointError("computes an integer beyond 64 bits")
             return result
 
     env = Bounded(trim_blocks=True, lstrip_blocks=True)
@@ -64,25 +111,24 @@ def render_messages(template: str, messages: list[dict]) -> str:
     try:
         compiled = env.from_string(template)
     except jinja2.TemplateError as exc:
-        raise CheckpointError(f"the chat template does not parse: {exc}") from None
+        raise CheckpointError(f"does not parse: {exc}") from None
     steps = [0]
 
     def tracer(frame, event, arg):  # counts every line the rendering runs, nested calls included
         steps[0] += 1
         if steps[0] > TEMPLATE_STEPS:
-            raise CheckpointError(f"the chat template runs more than {TEMPLATE_STEPS} steps: refused as unbounded")
+            raise CheckpointError(f"runs more than {TEMPLATE_STEPS} steps: refused as unbounded")
         return tracer
 
-    previous = sys.gettrace()
     sys.settrace(tracer)
     try:
         rendered = compiled.render(messages=messages, add_generation_prompt=True)
     except jinja2.TemplateError as exc:
-        raise CheckpointError(f"the chat template fails to render: {exc}") from None
+        raise CheckpointError(f"fails to render: {exc}") from None
     finally:
-        sys.settrace(previous)
+        sys.settrace(None)
     if len(rendered) > TEMPLATE_SIZE:
-        raise CheckpointError(f"the chat template renders {len(rendered)} characters (limit {TEMPLATE_SIZE})")
+        raise CheckpointError(f"renders {len(rendered)} characters (limit {TEMPLATE_SIZE})")
     return rendered
 
 
@@ -135,6 +181,10 @@ def check_instruction(instruction, reserved: list[str]) -> str:
         raise InstructionError(f"instruction must be a string, got {type(instruction).__name__}")
     if not instruction.strip():
         raise InstructionError("instruction is empty")
+    try:
+        instruction.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: not text any tokenizer can take
+        raise InstructionError(f"instruction is not valid Unicode text ({exc.reason} at {exc.start})") from None
     for token in reserved:
         if token in instruction:
             raise InstructionError(f"instruction contains the reserved token {token!r}")

@@ -169,6 +169,11 @@ class Scorer:
                 if errors == "raise":
                     raise
                 results[i] = exc
+            except Exception as exc:  # a bug or an input no check foresaw: it costs this triple only
+                if errors == "raise":
+                    raise
+                log.warning("preparing triple %d failed", i, exc_info=True)
+                results[i] = InputError(f"triple {i} could not be prepared: {type(exc).__name__}: {exc}")
         batch = [p for _, p in prepared]
         if errors == "raise":
             outcomes = self.score_prepared(batch)

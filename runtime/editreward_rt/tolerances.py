@@ -95,7 +95,7 @@ def within(diff: dict, tol: Tolerance) -> bool:
 
 # ---------------------------------------------------------------- hidden-state SNR floors from first principles
 
-MARGIN_DB = 3.0  # below the model's prediction; the model fits the fixtures' measurements within 3 dB (README)
+MARGIN_DB = 3.0  # below the model's prediction; the model itself is conservative (measurements lie above it, README)
 TOKENS = 1024  # tokens in a decoder call, for per-tensor activation ranges (enters through a logarithm)
 # A whole activation tensor's range against a Gaussian's absmax: SwiGLU products and attention
 # outputs are heavier-tailed than Gaussian, so the range is taken as twice the Gaussian one.

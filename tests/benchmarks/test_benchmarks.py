@@ -150,7 +150,8 @@ def test_gpu_check_dry_runs_on_the_cpu(tmp_path):
     from editreward_bench.gpu_matrix import main as gpu_check
 
     out = tmp_path / "gpu.json"
-    assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--only", "torch-fast", "--out", str(out)]) == 0
+    assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--only", "torch-fast", "differentiable-backward",
+                      "--out", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["torch-fast"]["status"] == "ok" and rows["torch-fast"]["batch1"]["p50_ms"] > 0
     for batch in (1, 4):

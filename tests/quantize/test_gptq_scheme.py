@@ -163,7 +163,7 @@ def test_gpu_matrix_script_covers_gptq(tmp_path):
 
     out = tmp_path / "gpu-check.json"
     assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--gptq-calib", "4",
-                      "--only", "torch-fast", "gptq-int4", "--out", str(out)]) == 0
+                      "--only", "torch-fast", "gptq-int4", "differentiable-backward", "--out", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert list(rows) == ["torch-reference", "torch-fast", "gptq-int4", "differentiable-backward-b1",
                           "differentiable-backward-b4", "onnxruntime-cuda"]

@@ -82,8 +82,9 @@ def test_scheme_keeps_the_ranking(label, quantized, reference):
 
 
 def test_the_floor_model_separates_a_saturating_kernel():
-    """The int8 floor is 3 dB above what U8S8 gave on an AVX2-only CPU (22.0 dB on tiny), and each 4-bit
-    floor is below its 8-bit counterpart: the model ranks precisions the way bits say."""
+    """On tiny, the int8 floor is 3 dB above what U8S8 gave on an AVX2-only CPU (22.0 dB), and each
+    4-bit floor is below its 8-bit counterpart: the model ranks precisions the way bits say. (The
+    CPU-independence gate itself is the exactness test below.)"""
     from editreward_families.qwen2_5_vl.fixture import SIZES
 
     class Dims:  # tiny's text widths
@@ -364,3 +365,21 @@ def test_default_int8_kernel_sums_exactly_on_this_cpu(quantized):
     weights = {n.input[1] for n in decoder.graph.node if n.op_type == "MatMulInteger"}
     types = {t.data_type for t in decoder.graph.initializer if t.name in weights}
     assert types == {elem}  # the scheme's graphs really carry weights of that type
+
+
+@needs_bnb
+def test_a_torch_folder_whose_spec_does_not_fit_its_state_is_refused_at_once(quantized, tmp_path):
+    import time
+
+    from editreward_rt.errors import ManifestError
+
+    for layers, message in ((100_000, "at most 1024"), (3, "saved state holds 2")):
+        folder = tmp_path / f"int8-{layers}"
+        shutil.copytree(quantized["bnb-int8"], folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["spec"]["text"]["num_layers"] = layers
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        start = time.perf_counter()
+        with pytest.raises(ManifestError, match=message):
+            Scorer.load(folder)
+        assert time.perf_counter() - start < 2.0

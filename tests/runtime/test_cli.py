@@ -180,3 +180,12 @@ def test_usage_errors_are_typed(tiny_onnx, triples_file, tmp_path, capsys, case)
             "input is a directory": (tmp_path, tmp_path / "o")}[case]
     code, out = run_cli(["score", "--model", str(tiny_onnx), "--input", str(args[0]), "--output", str(args[1])], capsys)
     assert code == 2 and out.err.startswith("editreward: input_error: --") and "Traceback" not in out.err
+
+
+def test_an_output_file_that_is_not_results_is_not_cut(tiny_onnx, triples_file, capsys):
+    """Another triples file given as --output by mistake is refused, not cut back to nothing."""
+    target = triples_file.with_name("inputs-again.jsonl")
+    target.write_bytes(triples_file.read_bytes())
+    code, out = run_cli(["score", "--model", str(tiny_onnx), "--input", str(triples_file), "--output", str(target)], capsys)
+    assert code == 2 and "refusing to cut it" in out.err
+    assert target.read_bytes() == triples_file.read_bytes()

@@ -98,7 +98,7 @@ def test_bad_inputs_get_typed_errors(reward32, source, edited, error, message):
     edited = torch.rand(1, 3, 64, 64) if edited is None else edited
     with pytest.raises(error, match=message):
         reward32(["Add a bowl"], source, edited)
-    with pytest.raises(InputError, match="list of strings"):
+    with pytest.raises(InputError, match="non-empty list of strings"):
         reward32("Add a bowl", torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))
 
 

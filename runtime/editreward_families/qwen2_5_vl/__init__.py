@@ -16,6 +16,7 @@ from .spec import build_spec as _build_spec
 from .vision import vision_feeds
 from .weights import (
     UNUSED,
+    check_module_state,
     decoder_parameters,
     embedding_rows,
     expected_shapes,
@@ -84,6 +85,6 @@ def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):
 
 
 __all__ = ["NAME", "PUBLISHED", "FIXTURE_SIZES", "UNUSED", "build_spec", "spec_from_dict", "normalise_key", "expected_shapes",
-           "embedding_rows", "decoder_parameters", "is_embedding", "split_state_dict", "render_chat_template",
+           "embedding_rows", "decoder_parameters", "check_module_state", "is_embedding", "split_state_dict", "render_chat_template",
            "prompt_builder", "vision_feeds", "image_rows", "graph_specs", "trt_profile_axes", "fp16_fp32_pins", "torch_modules",
            "reference_runner", "export_wrappers", "dummy_inputs", "torch_image_feeds", "write_fixture"]

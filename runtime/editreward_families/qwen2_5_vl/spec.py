@@ -150,6 +150,9 @@ def check_counts(config: dict, shapes: dict) -> None:
             raise WeightMismatchError(f"the config's {what} is {value!r} but the checkpoint holds {present} of them")
 
 
+# Upper bounds far above any published model, so that no absurd size is ever allocated.
+LIMITS = {"num_layers": 1024, "depth": 1024, "hidden_size": 65536, "intermediate_size": 262144,
+          "num_heads": 1024, "num_kv_heads": 1024, "vocab_size": 1 << 23, "max_prompt_tokens": 1 << 20}
 MAX_IMAGE_TOKENS = 16384  # per image: 64x the published 256; bounds max_pixels to 16384 * 28^2 (12.8 M)
 
 
@@ -167,6 +170,8 @@ def validate(spec: ModelSpec) -> None:
                 "image.temporal_patch_size": im.temporal_patch_size, "image.min_pixels": im.min_pixels, "image.max_pixels": im.max_pixels,
                 "image.max_input_pixels": im.max_input_pixels, "max_prompt_tokens": spec.max_prompt_tokens}
     bad = [f"{k}={val!r}" for k, val in positive.items() if not isinstance(val, int) or isinstance(val, bool) or val < 1]
+    bad += [f"{k}={val!r} (at most {LIMITS[k.split('.')[-1]]})" for k, val in positive.items()
+            if k.split(".")[-1] in LIMITS and isinstance(val, int) and val > LIMITS[k.split(".")[-1]]]
     if bad:  # the relations below need positive integers
         raise ArchitectureError("the model spec is not one of a real model: " + "; ".join(bad))
     if t.num_heads % t.num_kv_heads:

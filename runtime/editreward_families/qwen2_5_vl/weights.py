@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from editreward_rt.errors import CheckpointError
+from editreward_rt.errors import CheckpointError, WeightMismatchError
 
 from .spec import ModelSpec, TokenSpec
 
@@ -114,3 +114,13 @@ def token_spec(tokenizer, config: dict, base_dir: Path) -> TokenSpec:
         reward=token_id("<|Reward|>"),
         pad=token_id(pad_text),
     )
+
+
+def check_module_state(spec: ModelSpec, shapes: dict) -> None:
+    """A saved module state (keys ``vision.``, ``decoder.``, ``heads.`` as a quantized torch folder
+    stores them) holds exactly the layers and blocks the spec says, checked before modules are built."""
+    for what, expected, prefix in (("decoder layers", spec.text.num_layers, "decoder.layers."),
+                                   ("vision blocks", spec.vision.depth, "vision.blocks.")):
+        found = {key[len(prefix):].split(".", 1)[0] for key in shapes if key.startswith(prefix)}
+        if len({i for i in found if i.isdigit()}) != expected:
+            raise WeightMismatchError(f"the spec says {expected} {what} but the saved state holds {len(found)}")

@@ -135,10 +135,18 @@ class TorchBackend:
         self.model, self.spec, self.mode, self.runner = model, model.spec, mode, None
         dev = pick_device(device)
         dt = getattr(torch, model.manifest.get("compute_dtype", "float32"))
+        weights = model.root / model.manifest["weights"]
+        from ..checkpoint import _safetensors_shapes
+        from ..errors import ManifestError, WeightMismatchError
+
+        try:  # before any module is built: a spec that does not fit the saved state costs no time
+            family(self.spec.family).check_module_state(self.spec, _safetensors_shapes(weights))
+        except WeightMismatchError as exc:
+            raise ManifestError(f"{model.root}: {exc}") from None
         self.graphs = TorchGraphs.empty(self.spec, dev, dt)
         modules = {"vision": self.graphs.vision_module, "decoder": self.graphs.decoder, "heads": self.graphs.head_module}
         load_file = require("safetensors.torch", "torch", "a torch-quantized model folder").load_file
-        state = load_file(str(model.root / model.manifest["weights"]))
+        state = load_file(str(weights))
         entry(quant["scheme"]).function("load")(modules, quant, state, dev, dt)
         self.pipeline = FastPipeline(self.graphs)
         self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", ""),

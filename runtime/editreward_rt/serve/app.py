@@ -11,6 +11,7 @@ at the gateway's handle, whose overflow becomes a 429 with a typed error body.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from .prometheus import ServeMetrics
 from .replica import ScorerReplica
 
 log = logging.getLogger("ray.serve")
+
+_REQUEST_START = contextvars.ContextVar("editreward_request_start")  # perf_counter at the request's start
 
 api = FastAPI(title="EditReward", version=__version__,
               description="Scores (instruction, source image, edited image) triples. Images are sent inline "
@@ -181,6 +184,7 @@ class Gateway:
 
     async def _serve(self, kind: str, request: Request) -> JSONResponse:
         start = time.perf_counter()
+        _REQUEST_START.set(start)  # seen by the task asyncio.wait_for runs the dispatch in
         self.metrics.inflight.inc()
         self.inflight += 1
         try:
@@ -238,13 +242,13 @@ class Gateway:
         if kind == "rank":
             edits = [S.decode_image_field(e, f"edits[{i}]") for i, e in enumerate(work.edits)]
             S.check_request_pixels([source, *edits], lim)
-            out = await self._call(self.scorer.rank.remote(instruction, source, edits, deadline=self._deadline()))
+            out = await self._call(self.scorer.rank.remote(instruction, source, edits, budget_s=self._budget()))
             results = [self._item(i, r, single=True) for i, r in enumerate(out["results"])]
             order = sorted(range(len(results)), key=lambda i: -results[i]["mu"])
             return {"results": results, "order": order}
         a, b = S.decode_image_field(work.a, "a"), S.decode_image_field(work.b, "b")
         S.check_request_pixels([source, a, b], lim)
-        out = await self._call(self.scorer.prefer.remote(instruction, source, a, b, deadline=self._deadline()))
+        out = await self._call(self.scorer.prefer.remote(instruction, source, a, b, budget_s=self._budget()))
         sa, sb = (self._item(None, r, single=True) for r in out["results"])
         return {"p_a_over_b": out["p_a_over_b"], "a": sa, "b": sb}
 
@@ -265,20 +269,25 @@ class Gateway:
             S.check_request_pixels([image for _, (_, src, edit) in checked for image in (src, edit)], self.limits)
             names = [(f"triples[{i}].source", f"triples[{i}].edited") if work.many else ("source", "edited")
                      for i, _ in checked]
-            out = await self._call(self.scorer.score.remote([t for _, t in checked], names, deadline=self._deadline()))
+            out = await self._call(self.scorer.score.remote([t for _, t in checked], names, budget_s=self._budget()))
             for (i, _), r in zip(checked, out["results"]):
                 results[i] = r
         if not work.many:
             return self._item(None, results[0], single=True)
         return {"results": [self._item(i, r, single=False) for i, r in enumerate(results)]}
 
-    def _deadline(self) -> float:
-        """Wall-clock time after which the replica drops this request's work still to be done: the
-        gateway answers 504 then, and the replica skips what no one is waiting for."""
-        return time.time() + self.limits.request_timeout_s
+    def _budget(self) -> float:
+        """Seconds the replica may still spend on this request (the request's budget less what the
+        gateway used); the replica turns it into a deadline on its own monotonic clock, so no two
+        machines' clocks are compared. Past it the gateway answers 504 and the replica skips the work."""
+        return max(0.0, self.limits.request_timeout_s - (time.perf_counter() - _REQUEST_START.get(time.perf_counter())))
 
     async def _call(self, response) -> dict:
-        out = await response
+        try:
+            out = await response
+        except asyncio.CancelledError:  # the request timed out: cancel the replica's call too
+            response.cancel()
+            raise
         for info in out.get("batches", ()):
             self.metrics.batch(info["size"], info["requests"], info["seconds"])
         return out

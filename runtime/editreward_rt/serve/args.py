@@ -20,7 +20,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (413 above)")
     p.add_argument("--max-image-pixels", type=int, default=25_000_000, help="largest decoded image (422 above)")
-    p.add_argument("--max-request-pixels", type=int, default=64_000_000,
+    p.add_argument("--max-request-pixels", type=int, default=200_000_000,
                    help="decoded pixels of all images in one request, read from their headers (413 above)")
     p.add_argument("--max-instruction-chars", type=int, default=2000)
     p.add_argument("--max-triples", type=int, default=64, help="triples per /v1/score request, edits per /v1/rank")

@@ -30,6 +30,11 @@ def _outcome(result) -> dict:
     return {"error": result.to_dict(), "status": http_status(result)}
 
 
+def _deadline(budget_s: float | None) -> float | None:
+    """A budget in seconds -> a deadline on this process's monotonic clock."""
+    return None if budget_s is None else time.monotonic() + budget_s
+
+
 def _triple_count(chunks) -> int:
     return sum(len(c) for c in chunks)
 
@@ -122,7 +127,7 @@ class ScorerReplica:
     async def _process(self, flat: list) -> list:
         # Work whose request has timed out at the gateway (its deadline passed) is skipped, before
         # decoding and again before scoring: a 504 frees the replica for the requests behind it.
-        late = lambda item: item[5] is not None and time.time() > item[5]
+        late = lambda item: item[5] is not None and time.monotonic() > item[5]
         expired = RequestTimeoutError("the request timed out before this triple was scored")
         live = [item for item in flat if not late(item)]
         distinct = {b: None for _, s, e, _, _, _ in live for b in (s, e) if not isinstance(b, PreprocessedImage)}
@@ -146,24 +151,26 @@ class ScorerReplica:
     # ------------------------------------------------------------ methods the gateway calls
 
     async def score(self, triples: list[tuple[str, bytes, bytes]], names: list[tuple[str, str]] | None = None,
-                    deadline: float | None = None) -> dict:
-        """``names``: each triple's (source, edited) field names, used in error messages; ``deadline``:
-        wall-clock time after which work not yet done is dropped."""
+                    budget_s: float | None = None) -> dict:
+        """``names``: each triple's (source, edited) field names, used in error messages; ``budget_s``:
+        seconds after which work not yet done is dropped (the gateway has answered 504 by then)."""
         names = names or [(f"triples[{n}].source", f"triples[{n}].edited") for n in range(len(triples))]
+        deadline = _deadline(budget_s)
         return await self._run_items([(*t, *n, deadline) for t, n in zip(triples, names)])
 
     async def rank(self, instruction: str, source: bytes, edits: list[bytes], names: list[str] | None = None,
-                   deadline: float | None = None) -> dict:
+                   budget_s: float | None = None) -> dict:
         """As ``Scorer.rank``: the source is preprocessed once and every triple shares it."""
         names = names or [f"edits[{i}]" for i in range(len(edits))]
+        deadline = _deadline(budget_s)
         src = (await self._preprocess_all([source]))[source]
         if isinstance(src, EditRewardError):
             err = _outcome(_named(src, "source"))
             return {"results": [err] * len(edits), "batches": []}
         return await self._run_items([(instruction, src, e, "source", n, deadline) for e, n in zip(edits, names)])
 
-    async def prefer(self, instruction: str, source: bytes, a: bytes, b: bytes, deadline: float | None = None) -> dict:
-        out = await self.rank(instruction, source, [a, b], ["a", "b"], deadline)
+    async def prefer(self, instruction: str, source: bytes, a: bytes, b: bytes, budget_s: float | None = None) -> dict:
+        out = await self.rank(instruction, source, [a, b], ["a", "b"], budget_s)
         sa, sb = out["results"]
         if "error" not in sa and "error" not in sb:
             out["p_a_over_b"] = preference(Score(sa["mu"], sa["log_sigma"], ()), Score(sb["mu"], sb["log_sigma"], ()))
