@@ -25,7 +25,11 @@ from .pipeline import common_prefix
 
 
 class DifferentiableReward:
-    def __init__(self, scorer, gradient_checkpointing: bool = False, freeze_source: bool = False):
+    def __init__(self, scorer, gradient_checkpointing: bool = False, freeze_source: bool = False,
+                 resize: str = "bilinear"):
+        if resize not in ("bilinear", "bicubic"):
+            raise InputError(f"resize must be 'bilinear' (upstream's differentiable path) or 'bicubic', not {resize!r}")
+        self.resize = resize
         self.torch = require("torch", "torch", "the differentiable reward")
         self.scorer, self.spec = scorer, scorer.spec
         self.family = family(self.spec.family)
@@ -39,18 +43,20 @@ class DifferentiableReward:
     @classmethod
     def load(cls, checkpoint_or_folder: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
              base: str | None = None, prompts_from: str | os.PathLike | None = None,
-             gradient_checkpointing: bool = False, freeze_source: bool = False) -> "DifferentiableReward":
+             gradient_checkpointing: bool = False, freeze_source: bool = False,
+             resize: str = "bilinear") -> "DifferentiableReward":
         """A checkpoint (hub id or folder) or a torch-quantized model folder (bnb-int8, bnb-nf4,
         gptq-int4: their layers pass gradients to their inputs; such a folder runs in the compute dtype
         it was quantized for, and ``dtype`` is not used). ``dtype`` float64 runs everything, heads
-        included, in float64 (for gradient checks); otherwise the heads stay float32."""
+        included, in float64 (for gradient checks); otherwise the heads stay float32. ``resize``: "bilinear"
+        (upstream's differentiable path) or "bicubic" (antialiased; nearer the reference's PIL bicubic)."""
         from .scorer import Scorer
 
         scorer = Scorer.load(checkpoint_or_folder, backend="torch", mode="fast", base=base, prompts_from=prompts_from,
                              device=device, dtype=dtype)
         if str(scorer.backend.graphs.dtype) == "torch.float64":
             scorer.backend.graphs.head_module.double()
-        return cls(scorer, gradient_checkpointing, freeze_source)
+        return cls(scorer, gradient_checkpointing, freeze_source, resize)
 
     # ------------------------------------------------------------ inputs
 
@@ -77,7 +83,7 @@ class DifferentiableReward:
 
     def _embed(self, image):
         """[3, H, W] -> merged image embeddings [n, hidden] in processor order, and n."""
-        feeds, order, n = self.family.torch_image_feeds(image, self.spec)
+        feeds, order, n = self.family.torch_image_feeds(image, self.spec, self.resize)
         return self.vision(*feeds)[order], n
 
     def _decode(self, ids, rows, start: int, table, past):

@@ -69,12 +69,12 @@ def dummy_inputs(spec: ModelSpec, kv_dtype: str) -> dict:
     return dummies(spec, kv_dtype)
 
 
-def torch_image_feeds(image, spec: ModelSpec):
+def torch_image_feeds(image, spec: ModelSpec, resize: str = "bilinear"):
     """A [3, H, W] image in [0, 1] carrying gradients -> vision inputs, output order, token count
-    (``torch_inputs``: bilinear resize to the reference's size, then the processor's arithmetic)."""
+    (``torch_inputs``: resize to the reference's size, bilinear or bicubic, then the processor's arithmetic)."""
     from .torch_inputs import image_feeds
 
-    return image_feeds(image, spec)
+    return image_feeds(image, spec, resize)
 
 
 def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):

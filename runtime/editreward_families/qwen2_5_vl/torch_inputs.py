@@ -22,11 +22,19 @@ def target_size(height: int, width: int, spec: ImageSpec) -> tuple[int, int]:
     return smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels, spec.max_aspect_ratio)
 
 
-def resize(image: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """[3, H, W] in [0, 1] -> [3, h, w] at the reference's target size (bilinear; unchanged when equal)."""
+RESIZES = ("bilinear", "bicubic")
+
+
+def resize(image: torch.Tensor, spec: ImageSpec, mode: str = "bilinear") -> torch.Tensor:
+    """[3, H, W] in [0, 1] -> [3, h, w] at the reference's target size, unchanged when equal.
+    ``bilinear``: upstream's differentiable processor; ``bicubic``: antialiased bicubic, closer to
+    the reference's PIL resize when shrinking (clamped to [0, 1], as PIL's 8-bit output is)."""
     h, w = target_size(image.shape[1], image.shape[2], spec)
     if (h, w) == tuple(image.shape[1:]):
         return image
+    if mode == "bicubic":
+        out = F.interpolate(image[None], size=(h, w), mode="bicubic", align_corners=False, antialias=True)[0]
+        return out.clamp(0, 1)
     return F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
@@ -44,10 +52,10 @@ def patchify(image: torch.Tensor, spec: ImageSpec) -> tuple[torch.Tensor, tuple[
     return x.reshape(gh * gw, channels * t * p * p), (1, gh, gw)
 
 
-def image_feeds(image: torch.Tensor, spec) -> tuple[tuple, torch.Tensor, int]:
+def image_feeds(image: torch.Tensor, spec, resize_mode: str = "bilinear") -> tuple[tuple, torch.Tensor, int]:
     """[3, H, W] in [0, 1] -> the vision graph's inputs (window-ordered patches, cos, sin, window and
     image segments), the index putting its output back in processor order, and the token count."""
-    pixels, grid = patchify(resize(image, spec.image), spec.image)
+    pixels, grid = patchify(resize(image, spec.image, resize_mode), spec.image)
     v = spec.vision
     prep = vision_inputs(grid, v.head_dim, v.spatial_merge_size, v.window_size, v.patch_size)
     n, d = pixels.shape
