@@ -134,7 +134,6 @@ def backward_rows(ckpt, device: str, dtype_name: str, batches=(1, 4)) -> list[di
     """One backward pass of the differentiable reward per batch size (gradient checkpointing on, the
     source frozen): the estimate beside the measured peak (GPU memory on CUDA, RSS on a CPU)."""
     import torch
-
     from editreward_rt.backends.torch_backend import TorchBackend
     from editreward_rt.differentiable import DifferentiableReward, backward_memory_estimate_gib
     from editreward_rt.scorer import Scorer

@@ -31,9 +31,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from PIL import Image
-
     from editreward_rt.differentiable import DifferentiableReward
+    from PIL import Image
 
     if args.ckpt is None:
         paths = ensure_fixture(Path(args.workdir), args.fixture, export=False)

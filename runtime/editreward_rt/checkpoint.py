@@ -95,7 +95,7 @@ def weight_files(folder: Path) -> list[Path]:
 SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses larger headers too
 
 
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -184,7 +184,7 @@ def open_checkpoint(name_or_path: str | os.PathLike, base: str | None = None,
     shapes = {}
     for path in files:
         if path.suffix == ".safetensors":
-            shapes.update({fam.normalise_key(k): v for k, v in _safetensors_shapes(path).items()})
+            shapes.update({fam.normalise_key(k): v for k, v in safetensors_shapes(path).items()})
     if not shapes:  # model.pth: shapes only come from loading it
         shapes = {k: tuple(v.shape) for k, v in load_state_dict(files, fam.normalise_key).items()}
     tokenizer = load_tokenizer(base_dir / "tokenizer.json", expected_size=fam.embedding_rows(shapes))

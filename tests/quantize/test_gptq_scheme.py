@@ -183,7 +183,6 @@ def test_gpu_matrix_script_covers_gptq(tmp_path):
 def test_a_gptq_folder_passes_gradients(gptq_default):
     """GPTQModel's torch kernel dequantizes and multiplies with torch ops: gradients reach the image."""
     import torch
-
     from editreward_rt.differentiable import DifferentiableReward
 
     reward = DifferentiableReward.load(gptq_default, dtype="float32")

@@ -163,9 +163,8 @@ def test_embedding_lookup_error_is_within_half_a_step(bits, block, width):
     # The torch schemes' table (same layout, dequantized by editreward_quant.layers.embedding)
     # returns the same rows as ONNX Runtime.
     import torch
-    from editreward_quant.embedding import quantize_torch_embedding
-
     from editreward_families.qwen2_5_vl.modeling import Decoder
+    from editreward_quant.embedding import quantize_torch_embedding
 
     holder = Decoder.__new__(Decoder)  # the family's decoder, with nothing but its token table
     torch.nn.Module.__init__(holder)

@@ -8,7 +8,6 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-
 from editreward_rt.differentiable import DifferentiableReward
 from editreward_rt.errors import ImageError, InputError
 

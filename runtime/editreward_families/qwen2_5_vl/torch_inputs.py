@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from editreward_rt.preprocess import ImageSpec, smart_resize
 
 from .vision import vision_inputs

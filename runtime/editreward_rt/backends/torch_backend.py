@@ -136,11 +136,11 @@ class TorchBackend:
         dev = pick_device(device)
         dt = getattr(torch, model.manifest.get("compute_dtype", "float32"))
         weights = model.root / model.manifest["weights"]
-        from ..checkpoint import _safetensors_shapes
+        from ..checkpoint import safetensors_shapes
         from ..errors import ManifestError, WeightMismatchError
 
         try:  # before any module is built: a spec that does not fit the saved state costs no time
-            family(self.spec.family).check_module_state(self.spec, _safetensors_shapes(weights))
+            family(self.spec.family).check_module_state(self.spec, safetensors_shapes(weights))
         except WeightMismatchError as exc:
             raise ManifestError(f"{model.root}: {exc}") from None
         self.graphs = TorchGraphs.empty(self.spec, dev, dt)

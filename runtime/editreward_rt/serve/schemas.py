@@ -208,11 +208,10 @@ def check_request_pixels(images: list[bytes], limits: Limits) -> None:
     """Sum the decoded sizes of a request's distinct images from their headers (nothing is
     decoded) and refuse the request above ``max_request_pixels``. A header that cannot be read
     is left for the scorer to report on that image's own line."""
+    import hashlib
     import io
 
     from PIL import Image
-
-    import hashlib
 
     total = 0
     for data in {hashlib.blake2b(b, digest_size=16).digest(): b for b in images}.values():  # distinct contents
