@@ -274,9 +274,29 @@ def build_engines(folder: Path, timing_cache: str | None = None, log=print) -> d
     return manifest
 
 
+def check_ops(folder: Path, log=print) -> dict:
+    """TensorRT's ONNX-parser support list against the graphs (``ops``), recorded in the manifest's
+    ``trt`` section; raises on any unsupported node, before a build would fail on it."""
+    from editreward_rt.manifest import read_manifest
+
+    from .ops import check_exported
+
+    report = check_exported(folder)
+    manifest = read_manifest(folder)
+    manifest["trt"]["op_check"] = {"tensorrt_version": report.tensorrt_version, "nodes": report.nodes,
+                                   "violations": [str(v) for v in report.violations]}
+    write_manifest(folder, manifest)
+    log(f"TensorRT {report.tensorrt_version} op check: {report.nodes} nodes, {len(report.violations)} unsupported")
+    if report.violations:
+        raise ExportError(f"{len(report.violations)} node(s) TensorRT's parser rejects, e.g. {report.violations[0]}")
+    return manifest
+
+
 def build_trt(ckpt: str, precision: str = "bf16", max_batch: int = 8, max_image_tokens: int | None = None,
               out=None, workspace_gb: float = 4.0, timing_cache: str | None = None, base: str | None = None,
-              prompts_from: str | None = None, max_seq: int | None = None, log=print) -> Path:
+              prompts_from: str | None = None, max_seq: int | None = None, onnx_only: bool = False, log=print) -> Path:
+    """Export, configure the profiles, check the ops, then build the engines (``onnx_only``: stop
+    before the build, which needs TensorRT and a GPU; everything before it runs anywhere)."""
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose from {sorted(PRECISIONS)}")
     settings = PRECISIONS[precision]
@@ -285,6 +305,10 @@ def build_trt(ckpt: str, precision: str = "bf16", max_batch: int = 8, max_image_
     out = Path(out or f"{Path(str(ckpt)).name}-trt-{precision}")
     folder = prepare_onnx(ckpt, settings, out, base=base, prompts_from=prompts_from, log=log)
     configure(folder, precision, max_batch, max_image_tokens, max_seq, workspace_gb, log)
+    check_ops(folder, log)
+    if onnx_only:
+        log(f"ONNX graphs, profiles and manifest written to {folder}; build the engines there with TensorRT")
+        return folder
     build_engines(folder, timing_cache, log)  # raises ExportError without tensorrt, after the above is on disk
     log(f"TensorRT engines written to {folder}")
     return folder
@@ -304,10 +328,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timing-cache", help="TensorRT timing cache file, read if present and written back")
     parser.add_argument("--base", help="base model hub id or folder (default: from the checkpoint's yaml)")
     parser.add_argument("--prompts-from", help="local clone of the upstream repository (default: download pinned files)")
+    parser.add_argument("--onnx-only", action="store_true",
+                        help="stop before the engine build: ONNX graphs, profiles, manifest and TensorRT op check")
     args = parser.parse_args(argv)
     try:
         build_trt(args.ckpt, args.precision, args.max_batch, args.max_image_tokens, args.out, args.workspace,
-                  args.timing_cache, args.base, args.prompts_from, args.max_seq)
+                  args.timing_cache, args.base, args.prompts_from, args.max_seq, onnx_only=args.onnx_only)
     except EditRewardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,10 +1,13 @@
 """ONNX Runtime schemes: rewrite the decoder graph (and the vision graph if opted in) of an
 exported model folder; the result is a new exported model folder the same backend loads.
 
-Two passes per graph: ONNX Runtime's own quantizers turn the weight MatMuls into int8
-(``MatMulInteger`` via dynamic quantization, or ``MatMulNBits``) or int4 (``MatMulNBits``);
-then the token-embedding ``Gather`` (544M of the 7B's 7.1B decoder parameters) becomes a
-quantized lookup, with ``embedding_bits`` bits:
+ONNX Runtime's own quantizers turn the weight MatMuls into int8 (``MatMulInteger`` via dynamic
+quantization, or ``MatMulNBits``) or int4 (``MatMulNBits``), and the token-embedding ``Gather``
+(544M of the 7B's 7.1B decoder parameters) becomes a quantized lookup. A graph is rewritten one
+weight group at a time (the MatMuls that read one input: q/k/v, gate/up, ...): the group alone
+goes through the quantizer as a small model, its nodes are spliced back and its new initializers
+streamed out, so memory holds one layer's weights, not the model (a 7B's float32 decoder is 28 GB).
+The embedding lookup gets ``embedding_bits`` bits:
 
 - 8 (every scheme's default): an int8 table with one float scale per row, read with plain ONNX
   ops (``Gather`` -> ``Cast`` -> ``Mul``), which every execution provider implements;
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from editreward_export.streaming import DataWriter, InitializerReader, TensorSink
 from editreward_rt.manifest import EXTERNAL_DATA_BYTES, MANIFEST, open_exported, write_manifest
 from editreward_rt.schemes import OrtInt4, OrtInt8, QuantizeError, QuantizeRequest, Scheme
 
@@ -36,48 +41,131 @@ def _bits(scheme: Scheme) -> int:
     return 8 if isinstance(scheme, OrtInt8) else 4
 
 
-def _quantize_matmuls(src: Path, dst: Path, scheme: Scheme) -> None:
-    import onnx
-
-    large = _stored_bytes(src) > EXTERNAL_DATA_BYTES
+def _quantize_group(sub, scheme: Scheme):
+    """ONNX Runtime's own quantizer on ``sub``, a small model of the weight MatMuls that read one
+    input; -> the quantized model proto."""
     if isinstance(scheme, OrtInt8) and scheme.mode == "dynamic":
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         weights = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[scheme.weight_type]
-        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=weights,
-                         op_types_to_quantize=list(OP_TYPES), use_external_data_format=large,
-                         extra_options={"MatMulConstBOnly": True})
-        return
+        with tempfile.TemporaryDirectory(prefix="editreward-q8-") as tmp:
+            quantize_dynamic(sub, Path(tmp) / "q.onnx", per_channel=True, weight_type=weights,
+                             op_types_to_quantize=list(OP_TYPES), extra_options={"MatMulConstBOnly": True})
+            return onnx.load(str(Path(tmp) / "q.onnx"))
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     bits = _bits(scheme)
     config = DefaultWeightOnlyQuantConfig(
         block_size=scheme.block_size, is_symmetric=getattr(scheme, "symmetric", True),
         accuracy_level=getattr(scheme, "accuracy_level", 0), op_types_to_quantize=OP_TYPES, bits=bits)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config, bits=bits, block_size=scheme.block_size,
+    quantizer = MatMulNBitsQuantizer(sub, algo_config=config, bits=bits, block_size=scheme.block_size,
                                      is_symmetric=getattr(scheme, "symmetric", True))
     quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
+    return quantizer.model.model
+
+
+def _weight_matmuls(nodes: list, inits: dict) -> dict[str, list]:
+    """MatMul nodes whose weight (second input) is a 2-D float32 initializer, grouped by their
+    first input: the MatMuls one quantized activation can feed (q/k/v, gate/up)."""
+    from onnx import TensorProto
+
+    groups: dict[str, list] = {}
+    for node in nodes:
+        weight = inits.get(node.input[1]) if node.op_type in OP_TYPES else None
+        if weight is not None and len(weight.dims) == 2 and weight.data_type == TensorProto.FLOAT:
+            groups.setdefault(node.input[0], []).append(node)
+    return groups
+
+
+def _sub_model(model, nodes: list, arrays: dict):
+    """A model of ``nodes`` alone: their non-initializer inputs as float graph inputs, ``arrays`` as
+    initializers, their outputs as graph outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = sorted({i for n in nodes for i in n.input if i and i not in arrays})
+    graph = helper.make_graph(
+        [_copy(n) for n in nodes], "part", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in inputs],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for n in nodes for o in n.output],
+        [numpy_helper.from_array(a, name) for name, a in arrays.items()])
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def _copy(node):
+    from onnx import NodeProto
+
+    out = NodeProto()
+    out.CopyFrom(node)
+    return out
 
 
 def _quantize_graph(src: Path, dst: Path, scheme: Scheme) -> dict:
-    """Quantize one graph from ``src`` into ``dst`` (plus ``dst.data`` when over 2 GB); returns
-    what was done to the embedding, for the manifest."""
+    """Quantize one graph from ``src`` into ``dst`` (plus ``dst.data`` when ``src``'s weights are
+    over 2 GB), one weight group at a time: no more than a layer's weights are ever in memory, so a 7B
+    quantizes in a few GB. Returns what was done to the embedding, for the manifest."""
     import onnx
+    from onnx import helper
 
-    stage = dst.parent / f".{dst.stem}-matmuls"
-    stage.mkdir()
-    try:
-        _quantize_matmuls(src, stage / dst.name, scheme)
-        model = onnx.load(str(stage / dst.name))
-        embedding = quantize_embeddings(model, scheme.embedding_bits, scheme.block_size) if scheme.embedding_bits else []
-        large = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-        onnx.save_model(model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    reader = InitializerReader(src.parent)
+    inits = {t.name: t for t in graph.initializer}
+    # Quantizing only shrinks a graph: one whose float weights fit inline stays inline.
+    large = sum(_initializer_bytes(t) for t in graph.initializer) > EXTERNAL_DATA_BYTES
+    writer = DataWriter(dst.with_name(dst.name + ".data")) if large else None
+    out = TensorSink(writer)
+    replaced: dict[int, list] = {}  # position of a group's first node -> the nodes that replace the group
+    dropped, used = set(), set()
+    original = list(graph.node)  # one wrapper per node: protobuf makes a new one on each access
+    order = {id(n): i for i, n in enumerate(original)}
+    for nodes in _weight_matmuls(original, inits).values():
+        quantized = _quantize_group(_sub_model(model, nodes, {n.input[1]: reader.array(inits[n.input[1]]) for n in nodes}), scheme)
+        _splice(quantized, nodes, order, replaced, dropped, out, model)
+        used.update(n.input[1] for n in nodes)
+    embedding = []
+    if scheme.embedding_bits:
+        for node in (original[original.index(g)] for g in _embedding_gathers(model)):
+            _check_unshared(original, node)
+            table = inits[node.input[0]]
+            new_nodes, arrays, record = embedding_lookup(node, reader.row_chunks(table, ROWS_PER_CHUNK), tuple(table.dims),
+                                                         scheme.embedding_bits, scheme.block_size)
+            replaced.setdefault(order[id(node)], []).extend(new_nodes)
+            dropped.add(id(node))
+            for name, array in arrays.items():
+                out.add(name, array, helper.np_dtype_to_tensor_dtype(array.dtype))
+            used.add(node.input[0])
+            embedding.append(record)
+        _need_contrib_domain(model, embedding)
+    nodes = []
+    for i, node in enumerate(original):
+        nodes.extend(replaced.get(i, []))
+        if id(node) not in dropped:
+            nodes.append(node)
+    for tensor in graph.initializer:
+        if tensor.name not in used:
+            out.add(tensor.name, reader.array(tensor), tensor.data_type)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(out.close())
+    onnx.save(model, str(dst))
     onnx.checker.check_model(str(dst))
     return {"tables": embedding}
+
+
+def _splice(quantized, nodes: list, order: dict, replaced: dict, dropped: set, out: "TensorSink", model) -> None:
+    """Put ``quantized``'s nodes where the first of ``nodes`` was (they read only its input and
+    constants), stream its initializers out, and add any operator domain it brought."""
+    from onnx import numpy_helper
+
+    first = min(order[id(n)] for n in nodes)
+    # Copies: a protobuf sub-message keeps its whole model (weights included) alive.
+    replaced.setdefault(first, []).extend(_copy(n) for n in quantized.graph.node)
+    dropped.update(id(n) for n in nodes)
+    for tensor in quantized.graph.initializer:
+        out.add(tensor.name, numpy_helper.to_array(tensor), tensor.data_type)
+    have = {o.domain for o in model.opset_import}
+    model.opset_import.extend(o for o in quantized.opset_import if o.domain not in have)
 
 
 def _embedding_gathers(model) -> list:
@@ -96,47 +184,71 @@ def _embedding_gathers(model) -> list:
     return found
 
 
-def quantize_embeddings(model, bits: int, block_size: int) -> list[dict]:
-    """Rewrite every embedding ``Gather`` of ``model`` (in place) into a quantized lookup with the
-    same output, in the layouts of ``editreward_quant.embedding``. Returns what each table became."""
+ROWS_PER_CHUNK = 8192  # embedding rows quantized at a time (a 7B's table is 2.2 GB in float32)
+
+
+def embedding_lookup(node, table_chunks, shape: tuple[int, int], bits: int, block_size: int):
+    """The quantized replacement of embedding ``Gather`` ``node`` over a table of ``shape`` given as
+    row chunks (rows quantize independently): -> (nodes, {initializer: array}, manifest record)."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
+
+    name = node.input[0]
+    bits_here = table_bits(shape[1], bits)
+    quantize = rowwise_int8 if bits_here == 8 else (lambda chunk: blockwise_uint4(chunk, block_size))
+    parts = [quantize(np.asarray(chunk, np.float32)) for chunk in table_chunks]
+    data, scales = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
+    if bits_here == 8:
+        arrays = {f"{name}_int8": data, f"{name}_scale": scales}
+        row_scale, values = f"{name}_row_scale", f"{name}_values"
+        nodes = [
+            helper.make_node("Gather", [f"{name}_int8", node.input[1]], [f"{name}_rows"], name=f"{node.name}_int8", axis=0),
+            helper.make_node("Gather", [f"{name}_scale", node.input[1]], [row_scale], name=f"{node.name}_scale", axis=0),
+            helper.make_node("Cast", [f"{name}_rows"], [values], name=f"{node.name}_cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [values, row_scale], list(node.output), name=f"{node.name}_dequantize"),
+        ]
+    else:
+        arrays = {f"{name}_q4": data, f"{name}_scales": scales}
+        nodes = [helper.make_node("GatherBlockQuantized", [f"{name}_q4", node.input[1], f"{name}_scales"], list(node.output),
+                                  name=f"{node.name}_q4", domain="com.microsoft", bits=4, block_size=block_size,
+                                  gather_axis=0, quantize_axis=1)]
+    record = {"table": name, "shape": list(shape), "bits": bits_here, "block_size": block_size if bits_here == 4 else shape[1]}
+    return nodes, arrays, record
+
+
+def _check_unshared(nodes: list, gather) -> None:
+    users = [n for n in nodes if gather.input[0] in n.input and n is not gather]
+    if users:
+        raise QuantizeError(f"the embedding table {gather.input[0]} is also read by {users[0].name}; not quantizing a shared table")
+
+
+def _need_contrib_domain(model, records: list[dict]) -> None:
+    from onnx import helper
+
+    if any(t["bits"] == 4 for t in records) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def quantize_embeddings(model, bits: int, block_size: int) -> list[dict]:
+    """Rewrite every embedding ``Gather`` of the in-memory ``model`` (in place) into a quantized
+    lookup with the same output (``embedding_lookup``). Returns what each table became."""
+    from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
     done = []
     for node in _embedding_gathers(model):
-        name = node.input[0]
-        table = numpy_helper.to_array(inits[name]).astype(np.float32)
-        bits_here = table_bits(table.shape[1], bits)
-        if bits_here == 8:
-            data, scales = rowwise_int8(table)
-            new_inits = [numpy_helper.from_array(data, f"{name}_int8"), numpy_helper.from_array(scales, f"{name}_scale")]
-            row_scale, values = f"{name}_row_scale", f"{name}_values"
-            nodes = [
-                helper.make_node("Gather", [f"{name}_int8", node.input[1]], [f"{name}_rows"], name=f"{node.name}_int8", axis=0),
-                helper.make_node("Gather", [f"{name}_scale", node.input[1]], [row_scale], name=f"{node.name}_scale", axis=0),
-                helper.make_node("Cast", [f"{name}_rows"], [values], name=f"{node.name}_cast", to=onnx.TensorProto.FLOAT),
-                helper.make_node("Mul", [values, row_scale], list(node.output), name=f"{node.name}_dequantize"),
-            ]
-        else:
-            data, scales = blockwise_uint4(table, block_size)
-            new_inits = [numpy_helper.from_array(data, f"{name}_q4"), numpy_helper.from_array(scales, f"{name}_scales")]
-            nodes = [helper.make_node("GatherBlockQuantized", [f"{name}_q4", node.input[1], f"{name}_scales"], list(node.output),
-                                      name=f"{node.name}_q4", domain="com.microsoft", bits=4, block_size=block_size,
-                                      gather_axis=0, quantize_axis=1)]
         graph_nodes = list(model.graph.node)
-        users = [n for n in graph_nodes if name in n.input and n is not node]
-        if users:
-            raise QuantizeError(f"the embedding table {name} is also read by {users[0].name}; not quantizing a shared table")
+        node = graph_nodes[graph_nodes.index(node)]
+        _check_unshared(graph_nodes, node)
+        table = numpy_helper.to_array(inits[node.input[0]])
+        nodes, arrays, record = embedding_lookup(node, [table], table.shape, bits, block_size)
         position = graph_nodes.index(node)
         del model.graph.node[:]
         model.graph.node.extend(graph_nodes[:position] + nodes + graph_nodes[position + 1:])
-        model.graph.initializer.remove(inits[name])
-        model.graph.initializer.extend(new_inits)
-        done.append({"table": name, "shape": list(table.shape), "bits": bits_here,
-                     "block_size": block_size if bits_here == 4 else table.shape[1]})
-    if any(t["bits"] == 4 for t in done) and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        model.graph.initializer.remove(inits[node.input[0]])
+        model.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in arrays.items())
+        done.append(record)
+    _need_contrib_domain(model, done)
     return done
 
 

@@ -135,6 +135,37 @@ def load_state_dict(files: list[Path], normalise_key=lambda key: key) -> dict:
     return state
 
 
+class TensorSource:
+    """A checkpoint's tensors read one at a time (normalised keys -> torch tensors): safetensors
+    through ``safe_open``, so a 15 GB checkpoint never sits in memory whole. A ``.pth`` file (no
+    random access) or an in-memory state dict is held."""
+
+    def __init__(self, files: list[Path] = (), normalise_key=lambda key: key, state: dict | None = None):
+        self._held = state
+        self._where: dict[str, tuple[Path, str]] = {}
+        for path in files:
+            if path.suffix == ".safetensors":
+                self._where.update({normalise_key(k): (path, k) for k in safetensors_shapes(path)})
+            elif self._held is None:
+                self._held = load_state_dict([path], normalise_key)
+
+    def keys(self) -> list[str]:
+        return list(self._where) + list(self._held or {})
+
+    def get(self, key: str):
+        if self._held is not None and key in self._held:
+            return self._held[key]
+        if key not in self._where:
+            raise WeightMismatchError(f"the checkpoint has no tensor {key}")
+        safe_open = require("safetensors", "torch", "reading checkpoint weights").safe_open
+        path, stored = self._where[key]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return f.get_tensor(stored)
+        except Exception as exc:  # safetensors raises its own error type for corrupt files
+            raise CheckpointError(f"cannot read {stored} from {path}: {exc}") from exc
+
+
 @dataclass
 class Checkpoint:
     """Everything needed to build a backend from a checkpoint."""
@@ -150,6 +181,10 @@ class Checkpoint:
     @property
     def family(self):
         return family(self.spec.family)
+
+    def tensors(self) -> TensorSource:
+        """The tensors, read one at a time (``state_dict`` reads them all)."""
+        return TensorSource(self.files, self.family.normalise_key)
 
     def state_dict(self) -> dict:
         fam = self.family

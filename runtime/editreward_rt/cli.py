@@ -138,7 +138,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_make_fixture(args) -> int:
-    for module in ("safetensors", *(("ml_dtypes",) if args.dtype == "bfloat16" else ())):
+    for module in ("safetensors", *(("ml_dtypes",) if args.dtype == "bfloat16" or args.size == "full" else ())):
         require(module, "dev" if module == "ml_dtypes" else "torch", "editreward make-fixture")
     paths = family(DEFAULT_FAMILY).write_fixture(args.out, size=args.size, seed=args.seed, weight_format=args.format,
                                                  dtype=args.dtype)
@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     fixture.add_argument("--out", required=True)
     fixture.add_argument("--size", choices=family(DEFAULT_FAMILY).FIXTURE_SIZES, default="tiny")
     fixture.add_argument("--seed", type=int, default=0)
-    fixture.add_argument("--format", choices=("safetensors", "sharded"), default="safetensors")
-    fixture.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    fixture.add_argument("--format", choices=("safetensors", "sharded"),
+                         help="default: one safetensors file; sharded for --size full, as published")
+    fixture.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32; bfloat16 for --size full")
     fixture.set_defaults(func=cmd_make_fixture)
 
     demo = sub.add_parser("demo", help="build a random checkpoint, export it to ONNX and score a triple")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import onnx
 import onnxruntime
 import pytest
@@ -147,40 +146,3 @@ def test_fp16_export_runs_within_its_tolerance(tiny, tmp_path, images, reference
     diff, tol = max_abs_diff(actual, expected), tolerance("onnxruntime", "float16")
     assert within(diff, tol), (diff, tol)
     assert diff["mu"] > 0  # really half precision: not the float32 graphs under another name
-
-
-def test_graph_over_2gb_is_one_file_plus_one_data_file(tmp_path):
-    """Over protobuf's 2 GB the TorchScript exporter writes one file per tensor (named after the
-    parameter, or ``onnx__*`` for folded constants); the exporter gathers them into
-    ``<graph>.onnx.data`` and leaves nothing else behind, so the manifest hashes only real files.
-    A single 2.2 GB table stands in for the 7B's decoder."""
-    import torch
-    from editreward_export.onnx_export import _export_graph
-    from editreward_rt.families import GraphSpec
-
-    rows = 2**31 // (4 * 256) + 4096  # just over protobuf's hard limit, so torch writes external data
-
-    class Lookup(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = torch.nn.Embedding(rows, 256)
-            with torch.no_grad():
-                self.table.weight.zero_()
-                self.table.weight[-1] = 1.0
-            self.scale = torch.nn.Parameter(torch.full((256,), 2.0))
-
-        def forward(self, ids):
-            return self.table(ids) * self.scale
-
-    gspec = GraphSpec("lookup", (("ids", "int64", ("n",)),), (("out", "float32", ("n", 256)),))
-    folder = tmp_path / "graph"
-    folder.mkdir()
-    (folder / "unrelated.txt").write_text("kept")
-    module = Lookup()
-    _export_graph(module, (torch.tensor([0, rows - 1]),), gspec, folder / "lookup.onnx", 17)
-    del module
-    assert sorted(p.name for p in folder.iterdir()) == ["lookup.onnx", "lookup.onnx.data", "unrelated.txt"]
-    assert (folder / "lookup.onnx.data").stat().st_size >= rows * 256 * 4
-    session = onnxruntime.InferenceSession(str(folder / "lookup.onnx"), providers=["CPUExecutionProvider"])
-    out = session.run(None, {"ids": np.array([0, rows - 1, 5], np.int64)})[0]
-    assert np.array_equal(out, np.stack([np.zeros(256), np.full(256, 2.0), np.zeros(256)]).astype(np.float32))

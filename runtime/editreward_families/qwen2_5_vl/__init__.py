@@ -17,6 +17,7 @@ from .vision import vision_feeds
 from .weights import (
     UNUSED,
     check_module_state,
+    checkpoint_key,
     decoder_parameters,
     embedding_rows,
     expected_shapes,
@@ -48,6 +49,20 @@ def torch_modules(spec: ModelSpec, state, dtype):
     from .modeling import build_modules
 
     return build_modules(spec, state, dtype)
+
+
+def placeholder_modules(spec: ModelSpec, dtype):
+    """``torch_modules`` at full shape without weights (``modeling.placeholder_modules``), for tracing."""
+    from .modeling import placeholder_modules as placeholders
+
+    return placeholders(spec, dtype)
+
+
+def validation_subset(spec: ModelSpec, config: dict, layers: int = 2) -> tuple[ModelSpec, dict]:
+    """``spec`` and ``config`` cut to the first ``layers`` decoder layers and the vision blocks up to
+    and including the first full-attention one (window and full attention both run): what an
+    export's self-validation runs when the whole model would not fit in memory twice."""
+    return PUBLISHED.subset(spec, config, layers)
 
 
 def reference_runner(spec: ModelSpec, config: dict, state: dict, device, dtype):
@@ -85,6 +100,7 @@ def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):
 
 
 __all__ = ["NAME", "PUBLISHED", "FIXTURE_SIZES", "UNUSED", "build_spec", "spec_from_dict", "normalise_key", "expected_shapes",
-           "embedding_rows", "decoder_parameters", "check_module_state", "is_embedding", "split_state_dict", "render_chat_template",
+           "embedding_rows", "decoder_parameters", "check_module_state", "checkpoint_key",
+           "placeholder_modules", "validation_subset", "is_embedding", "split_state_dict", "render_chat_template",
            "prompt_builder", "vision_feeds", "image_rows", "graph_specs", "trt_profile_axes", "fp16_fp32_pins", "torch_modules",
            "reference_runner", "export_wrappers", "dummy_inputs", "torch_image_feeds", "write_fixture"]

@@ -105,6 +105,8 @@ class FixtureSize:
     vision_intermediate: int
     fullatt: tuple[int, ...]
     bpe_vocab: int  # learned BPE vocabulary, 256 byte symbols included
+    vocab_rows: int | None = None  # embedding rows to reach with unused filler tokens (None: what BPE learned)
+    rubric_tokens: int | None = None  # rubric length to reach (None: the short placeholder rubrics)
 
     @property
     def head_dim(self) -> int:
@@ -114,7 +116,13 @@ class FixtureSize:
 SIZES = {
     "tiny": FixtureSize(64, 2, 4, 2, 128, (2, 3, 3), 32, 2, 2, 64, (1,), 500),
     "small": FixtureSize(512, 6, 8, 2, 1408, (8, 12, 12), 256, 4, 4, 512, (1, 3), 2000),
+    # Qwen2.5-VL-7B's published shapes (``published``): 151,666 embedding rows, rubrics of the real length.
+    "full": FixtureSize(3584, 28, 28, 4, 18944, (16, 24, 24), 1280, 32, 16, 3420, (7, 15, 23, 31), 2000,
+                        vocab_rows=151666, rubric_tokens=400),
 }
+# Per-size defaults of write_fixture: the full size is written as published, bf16 in shards of about 4 GB.
+DEFAULT_FORMAT = {"tiny": ("safetensors", "float32"), "small": ("safetensors", "float32"), "full": ("sharded", "bfloat16")}
+SHARD_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -131,12 +139,15 @@ def write_fixture(
     size: str = "tiny",
     seed: int = 0,
     *,
-    weight_format: str = "safetensors",
-    dtype: str = "float32",
+    weight_format: str | None = None,
+    dtype: str | None = None,
 ) -> FixturePaths:
-    """Write base model folder, checkpoint, yaml and rubric files under ``out_dir``."""
+    """Write base model folder, checkpoint, yaml and rubric files under ``out_dir``. Weights are
+    drawn and written one tensor at a time, so memory holds at most the largest tensor."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    weight_format = weight_format or DEFAULT_FORMAT[size][0]
+    dtype = dtype or DEFAULT_FORMAT[size][1]
     if weight_format not in ("safetensors", "sharded"):
         raise ValueError(f"weight_format must be 'safetensors' or 'sharded', got {weight_format!r}")
     if dtype not in ("float32", "bfloat16"):
@@ -147,16 +158,18 @@ def write_fixture(
     for folder in (paths.base, paths.checkpoint):
         folder.mkdir(parents=True, exist_ok=True)
 
-    token_ids = write_tokenizer(paths.base, dims.bpe_vocab)
+    # The checkpoint embedding was resized to len(tokenizer) after adding <|Reward|>.
+    token_ids = write_tokenizer(paths.base, dims.bpe_vocab, None if dims.vocab_rows is None else dims.vocab_rows - 1)
     n_tokens = len(token_ids["vocab"])
     _write_json(paths.base / "config.json", base_config(dims, token_ids, n_tokens))
     _write_json(paths.base / "preprocessor_config.json", preprocessor_config())
 
-    # The checkpoint embedding was resized to len(tokenizer) after adding <|Reward|>.
-    tensors = state_dict(dims, vocab_rows=n_tokens + 1, seed=seed)
-    write_weights(paths.checkpoint, _cast(tensors, dtype), weight_format)
+    tensors = ((name, _cast_one(name, arr, dtype)) for name, arr in iter_tensors(dims, vocab_rows=n_tokens + 1, seed=seed))
+    # The full size is never held whole: files stream tensor by tensor.
+    write_weights(paths.checkpoint, tensors, weight_format, stream=dims.vocab_rows is not None)
     paths.yaml.write_text(editreward_yaml(), encoding="utf-8")
-    write_prompt_files(paths.prompts)
+    rubrics = _PROMPTS_PY if dims.rubric_tokens is None else long_prompts_py(paths.base / "tokenizer.json", dims.rubric_tokens)
+    write_prompt_files(paths.prompts, rubrics)
     return paths
 
 
@@ -212,11 +225,27 @@ def _train_bpe(bpe_vocab: int):
     return tok
 
 
-def write_tokenizer(base: Path, bpe_vocab: int) -> dict:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.json; return token ids."""
+def _pad_vocab(tok, rows: int):
+    """``tok`` with unused filler entries appended to its BPE vocabulary up to ``rows`` ids: no merge
+    produces them, so tokenization is unchanged while the ids (and the embedding) reach full size."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    if len(vocab) > rows:
+        raise ValueError(f"the trained vocabulary ({len(vocab)}) is larger than the {rows} ids asked for")
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), rows)})
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def write_tokenizer(base: Path, bpe_vocab: int, n_tokens: int | None = None) -> dict:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.json; return token ids.
+    ``n_tokens``: the tokenizer's length, special tokens included (None: as trained)."""
     from tokenizers import AddedToken
 
     tok = _train_bpe(bpe_vocab)
+    if n_tokens is not None:
+        tok = _pad_vocab(tok, n_tokens - len(SPECIAL_TOKENS))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.save(str(base / "tokenizer.json"))
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -354,8 +383,16 @@ output_dir: ./outputs/editreward_fixture
 # ---------------------------------------------------------------- weights
 
 
+CHUNK = 1 << 24  # values drawn at a time: the same stream as one draw, without a second full-size copy
+
+
 def _normal(rng: np.random.Generator, shape: Sequence[int], std: float) -> np.ndarray:
-    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+    out = np.empty(int(np.prod(shape)), np.float32)
+    for start in range(0, out.size, CHUNK):
+        part = out[start:start + CHUNK]
+        rng.standard_normal(out=part, dtype=np.float32)
+        part *= np.float32(std)
+    return out.reshape(shape)
 
 
 def _linear(rng, out_f: int, in_f: int, bias: bool, gain: float = 1.0) -> dict[str, np.ndarray]:
@@ -425,53 +462,94 @@ def _head_tensors(rng, d: FixtureSize) -> Iterator[tuple[str, np.ndarray]]:
             in_f = out_f
 
 
-def state_dict(dims: FixtureSize, vocab_rows: int, seed: int) -> dict[str, np.ndarray]:
-    """Full float32 reward-model state dict, drawn in a fixed order from one seeded generator."""
+def iter_tensors(dims: FixtureSize, vocab_rows: int, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+    """The float32 reward-model tensors one at a time, drawn in a fixed order from one seeded generator."""
     rng = np.random.default_rng(seed)
-    tensors = {}
     for gen in (_vision_tensors(rng, dims), _text_tensors(rng, dims, vocab_rows), _head_tensors(rng, dims)):
-        tensors.update(gen)
-    return tensors
+        yield from gen
 
 
-def _cast(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+def state_dict(dims: FixtureSize, vocab_rows: int, seed: int) -> dict[str, np.ndarray]:
+    """Full float32 reward-model state dict (``iter_tensors``)."""
+    return dict(iter_tensors(dims, vocab_rows, seed))
+
+
+def _cast_one(name: str, arr: np.ndarray, dtype: str) -> np.ndarray:
     """Cast everything but the reward heads (always float32, as upstream keeps them)."""
-    if dtype == "float32":
-        return tensors
+    if dtype == "float32" or name.startswith("rm_heads."):
+        return arr
     import ml_dtypes  # safetensors.numpy writes ml_dtypes.bfloat16 arrays as BF16
 
-    return {k: v if k.startswith("rm_heads.") else v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    return arr.astype(ml_dtypes.bfloat16)
 
 
-def _shards(tensors: dict[str, np.ndarray], n_shards: int) -> list[dict[str, np.ndarray]]:
-    """Split in key order into ``n_shards`` groups of roughly equal byte size."""
-    budget = sum(v.nbytes for v in tensors.values()) / n_shards
-    groups: list[dict[str, np.ndarray]] = [{}]
-    filled = 0
-    for name, arr in tensors.items():
-        if groups[-1] and filled + arr.nbytes > budget and len(groups) < n_shards:
-            groups.append({})
-            filled = 0
-        groups[-1][name] = arr
-        filled += arr.nbytes
-    return groups
+HEADER_RESERVE = 1 << 20  # bytes kept for a streamed shard's JSON header (about 120 bytes per tensor)
+ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 
 
-def write_weights(folder: Path, tensors: dict[str, np.ndarray], weight_format: str, n_shards: int = 3) -> None:
+class _ShardWriter:
+    """One safetensors file written tensor by tensor: data after a reserved header, which is filled
+    in (padded with spaces, as the format allows) when the file is closed."""
+
+    def __init__(self, path: Path):
+        self.path, self.header, self.offset = path, {}, 0
+        self.file = open(path, "wb")
+        self.file.seek(8 + HEADER_RESERVE)
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        data = np.ascontiguousarray(arr)
+        self.header[name] = {"dtype": ST_DTYPES[str(data.dtype)], "shape": list(data.shape),
+                             "data_offsets": [self.offset, self.offset + data.nbytes]}
+        self.file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        self.offset += data.nbytes
+
+    def close(self) -> None:
+        text = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        if len(text) > HEADER_RESERVE:
+            raise ValueError(f"{self.path}: {len(self.header)} tensors need a header over {HEADER_RESERVE} bytes")
+        self.file.seek(0)
+        self.file.write(len(text.ljust(HEADER_RESERVE)).to_bytes(8, "little") + text.ljust(HEADER_RESERVE))
+        self.file.close()
+
+
+def _stream_shards(folder: Path, tensors, budget: int, max_shards: int) -> None:
+    """Shards of about ``budget`` bytes in tensor order (at most ``max_shards``), renamed to
+    ``model-0000i-of-0000n`` once n is known, plus the index transformers reads."""
+    shards: list[_ShardWriter] = []
+    for name, arr in tensors:
+        if not shards or (shards[-1].header and shards[-1].offset + arr.nbytes > budget and len(shards) < max_shards):
+            if shards:
+                shards[-1].close()
+            shards.append(_ShardWriter(folder / f".shard-{len(shards) + 1}.partial"))
+        shards[-1].add(name, arr)
+    shards[-1].close()
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        final = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        shard.path.rename(final)
+        weight_map.update({k: final.name for k in shard.header})
+    total = sum(s.offset for s in shards)
+    _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_weights(folder: Path, tensors, weight_format: str, n_shards: int = 3, stream: bool = False) -> None:
+    """``tensors``, (name, array) pairs, as one ``model.safetensors``, as ``n_shards`` shards of
+    equal size (held in memory to measure them), or with ``stream`` as shards of ``SHARD_BYTES``
+    written one tensor at a time."""
     from safetensors.numpy import save_file
 
-    meta = {"format": "pt"}  # transformers expects this metadata on safetensors it loads
-    if weight_format == "safetensors":
-        save_file(tensors, str(folder / "model.safetensors"), metadata=meta)
-        return
-    groups = _shards(tensors, n_shards)
-    weight_map = {}
-    for i, group in enumerate(groups, start=1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file(group, str(folder / name), metadata=meta)
-        weight_map.update({k: name for k in group})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
-    _write_json(folder / "model.safetensors.index.json", index)
+    if weight_format == "safetensors" and stream:
+        writer = _ShardWriter(folder / "model.safetensors")
+        for name, arr in tensors:
+            writer.add(name, arr)
+        writer.close()
+    elif weight_format == "safetensors":
+        save_file(dict(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif stream:
+        _stream_shards(folder, tensors, SHARD_BYTES, max_shards=99999)
+    else:
+        tensors = list(tensors)
+        _stream_shards(folder, tensors, -(-sum(arr.nbytes for _, arr in tensors) // n_shards), n_shards)
 
 
 # ---------------------------------------------------------------- rubric files
@@ -540,10 +618,53 @@ class QwenEditDataCollator:
 '''
 
 
-def write_prompt_files(prompts_root: Path) -> None:
+# Rubric criteria for the full size's long rubrics: placeholder wording, as long as the real rubrics.
+_CRITERIA = (
+    "Check that every object named in the request is present where the request puts it.",
+    "Check that nothing outside the requested region has moved, changed colour or disappeared.",
+    "Look for seams, halos or smudges along the borders of the edited region.",
+    "Compare the lighting of the edited region with the light falling on the rest of the picture.",
+    "Compare shadows and reflections with the positions of the light sources in the scene.",
+    "Check that textures such as wood, cloth, fur and water keep their grain after the edit.",
+    "Check that text in the picture, if any, stays readable and is not garbled by the edit.",
+    "Check that faces, hands and bodies keep natural proportions and a plausible pose.",
+    "Check that perspective and scale of added objects match the surrounding scene.",
+    "Look for repeated patterns, duplicated objects or missing parts that the request did not ask for.",
+    "Judge whether colours are saturated as in the source or washed out by the edit.",
+    "Judge whether the sharpness of the edited region matches the sharpness of the rest.",
+    "Note any noise, blocking or banding that appears only after the edit.",
+    "Decide whether a careful viewer would notice that the picture was edited at all.",
+)
+
+
+def _rubric(opening: tuple[str, ...], criteria: tuple[str, ...], count: int) -> str:
+    lines = [*opening, *(f"{i + 1}. {criteria[i % len(criteria)]}" for i in range(count)), "Text instruction - {text_prompt}"]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def long_prompts_py(tokenizer_json: Path, tokens: int) -> str:
+    """``prompts.py`` with rubrics of at least ``tokens`` tokens under the fixture tokenizer (the real
+    rubrics are about 400 tokens; the two used ones share their opening lines)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    opening = ("You compare a source picture with an edited version of it.", "Both pictures are shown above, source first.")
+    rubrics = {}
+    for name, extra, start in (("INSTRUCTION_EDIT_FOLLOWING", "Decide how completely the edit carries out the request below.", 0),
+                               ("INSTRUCTION_EDIT_QUALITY", "Decide how clean and believable the edited picture looks.", 2)):
+        criteria = _CRITERIA[start:] + _CRITERIA[:start]
+        count = 1
+        while len(tok.encode(_rubric(opening + (extra,), criteria, count)).ids) < tokens:
+            count += 1
+        rubrics[name] = _rubric(opening + (extra,), criteria, count)
+    body = "".join(f'\n{name} = """{text}"""\n' for name, text in rubrics.items())
+    return '"""Rubric prompts for the edit reward model (full-size test fixture, placeholder wording)."""\n' + body
+
+
+def write_prompt_files(prompts_root: Path, prompts_py: str = _PROMPTS_PY) -> None:
     folder = prompts_root / "EditReward" / "dataset"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompts.py").write_text(_PROMPTS_PY, encoding="utf-8")
+    (folder / "prompts.py").write_text(prompts_py, encoding="utf-8")
     (folder / "data_collator_qwen_edit.py").write_text(_COLLATOR_PY, encoding="utf-8")
 
 

@@ -116,8 +116,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         # The 3-D convolution covers each patch exactly once: a matmul with the flattened kernel.
-        weight = self.proj.weight
-        return F.linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1))
+        weight = self.proj.weight  # [H, C, T, P, P]; flatten (not reshape) exports as one Flatten the exporter folds
+        return F.linear(patches.to(weight.dtype), weight.flatten(1))
 
 
 class Merger(nn.Module):
@@ -199,6 +199,10 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
+def rope_inv_freq(spec: TextSpec) -> torch.Tensor:
+    return 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
+
+
 class Decoder(nn.Module):
     """(ids [B,S], image rows [M,H], row index [B,S] (-1: text), positions [B,S],
     mask [B,P+S], past [L,2,B,kv,P,d]) -> (final-normed hidden [B,S,H], present [L,2,B,kv,P+S,d])."""
@@ -209,8 +213,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.checkpointing = False  # gradient checkpointing over the layers (editreward_rt.differentiable)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
 
     def token_embedding(self) -> nn.Module:
         """The token table (quantizers replace it with ``set_token_embedding``)."""
@@ -283,3 +286,30 @@ def build_modules(spec: ModelSpec, state: dict[str, torch.Tensor] | None,
     decoder.to(dtype)
     decoder.inv_freq = decoder.inv_freq.float()  # RoPE frequencies stay float32, as in the reference
     return vision, decoder, heads.float()
+
+
+def _placeholder(shape: torch.Size, dtype: torch.dtype, index: int) -> torch.Tensor:
+    """A full-shape stand-in holding one row: a one-hot row broadcast over the leading dimensions,
+    different for every parameter (the ONNX exporter merges parameters of equal value)."""
+    row = torch.zeros(shape[-1] if shape else 1, dtype=dtype)
+    row[index % row.numel()] = 1 + index // row.numel()
+    return row.expand(shape) if shape else row[0]
+
+
+def placeholder_modules(spec: ModelSpec, dtype: torch.dtype) -> tuple[VisionEncoder, Decoder, RewardHeads]:
+    """The three modules at full shape with (almost) no memory: every parameter is a distinct
+    ``_placeholder``, buffers are computed. For tracing graphs whose weights are streamed in later."""
+    with torch.device("meta"):
+        modules = build_modules(spec, None, dtype)
+    index = 0
+    for module in modules:
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None:
+                    owner._parameters[name] = nn.Parameter(_placeholder(param.shape, param.dtype, index), requires_grad=False)
+                    index += 1
+    modules[1].inv_freq = rope_inv_freq(spec.text)
+    left = [name for module in modules for name, buf in module.named_buffers() if buf.is_meta]
+    if left:
+        raise RuntimeError(f"placeholder_modules: buffers {left[:3]} have no value; compute them here")
+    return modules

@@ -33,6 +33,20 @@ def full_text_spec(spec, layers: int):
     return dataclasses.replace(spec, text=text, vision=vision, heads=heads)
 
 
+def subset(spec, config: dict, layers: int):
+    """(spec, config) with the first ``layers`` decoder layers and the vision blocks up to the first
+    full-attention block (``validation_subset``)."""
+    v = spec.vision
+    depth = min(v.depth, min(v.fullatt_block_indexes, default=v.depth - 1) + 1)
+    text = dataclasses.replace(spec.text, num_layers=min(layers, spec.text.num_layers))
+    vision = dataclasses.replace(v, depth=depth, fullatt_block_indexes=tuple(i for i in v.fullatt_block_indexes if i < depth))
+    out = {**config, "num_hidden_layers": text.num_layers,
+           "vision_config": {**config["vision_config"], "depth": depth, "fullatt_block_indexes": list(vision.fullatt_block_indexes)}}
+    if "text_config" in config:  # configs saved by transformers >= 4.52 nest the text sizes
+        out["text_config"] = {**config["text_config"], "num_hidden_layers": text.num_layers}
+    return dataclasses.replace(spec, text=text, vision=vision), out
+
+
 def full_config(config: dict, spec) -> dict:
     t, v = spec.text, spec.vision
     out = {k: val for k, val in config.items() if k != "text_config"}

@@ -81,6 +81,12 @@ def is_embedding(name: str) -> bool:
     return "embed_tokens" in name
 
 
+def checkpoint_key(module: str, name: str) -> str:
+    """The checkpoint key of parameter ``name`` of module ``module`` (vision, decoder or heads):
+    the inverse of ``split_state_dict``."""
+    return PREFIXES[module] + (name[len("heads."):] if module == "heads" else name)
+
+
 def split_state_dict(state: dict) -> dict[str, dict]:
     """Checkpoint keys -> one state dict per module (vision, decoder, heads); ``lm_head`` is dropped."""
     parts: dict[str, dict] = {name: {} for name in PREFIXES}

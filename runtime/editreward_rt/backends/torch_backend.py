@@ -55,11 +55,12 @@ def pick_dtype(dtype: str | None, device) :
 class TorchGraphs:
     """The fast-path primitives on this project's torch modules (also what ONNX export traces)."""
 
-    def __init__(self, spec, state: dict | None, device, dtype):
+    def __init__(self, spec, state: dict | None, device, dtype, modules: tuple | None = None):
         torch = _torch()
         self.torch, self.spec, self.device, self.dtype = torch, spec, device, dtype
-        with torch.device(device):  # initialise on the target device: a 7B model's CPU init takes minutes
-            modules = family(spec.family).torch_modules(spec, state, dtype)
+        if modules is None:
+            with torch.device(device):  # initialise on the target device: a 7B model's CPU init takes minutes
+                modules = family(spec.family).torch_modules(spec, state, dtype)
         self.vision_module, self.decoder, self.head_module = (m.to(device) for m in modules)
 
     @classmethod

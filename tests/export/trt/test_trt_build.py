@@ -699,3 +699,22 @@ def test_progress_monitor_reports_top_level_phases():
     assert all(monitor.step_complete("Building engine", step) for step in range(4))
     monitor.phase_finish("Building engine")
     assert lines[0] == "  Building engine: 4 steps" and "  Building engine: 100%" in lines and "done in" in lines[-1]
+
+
+def test_onnx_only_stops_before_the_build(tiny, tmp_path):
+    """``build_trt.py --onnx-only`` writes everything a TensorRT build reads (graphs, profiles,
+    manifest, the op check) and no engine, on a machine without TensorRT."""
+    import subprocess
+
+    from conftest import ROOT
+
+    out = tmp_path / "onnx-only"
+    done = subprocess.run([sys.executable, "export/build_trt.py", "--ckpt", str(tiny.checkpoint), "--prompts-from",
+                           str(tiny.prompts), "--precision", "bf16", "--onnx-only", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "bfloat16" and manifest["trt"]["status"].startswith("configured")
+    assert manifest["trt"]["op_check"]["violations"] == [] and manifest["trt"]["op_check"]["nodes"] > 100
+    assert set(manifest["trt"]["profiles"]) == {"vision", "decoder", "heads"}
+    assert not list(out.glob("*.engine"))

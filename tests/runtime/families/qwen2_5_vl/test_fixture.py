@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -267,3 +268,37 @@ def test_cli_prints_paths(tmp_path, capsys):
     assert set(printed) == {"root", "base", "checkpoint", "prompts", "yaml"}
     assert (Path(printed["checkpoint"]) / "model.safetensors.index.json").is_file()
     assert Path(printed["yaml"]).is_file()
+
+
+def test_full_size_layout_scaled_down(tmp_path, monkeypatch):
+    """What ``--size full`` adds, at tiny widths: filler tokens take the tokenizer and embedding to
+    the asked rows without changing how text tokenizes, rubrics reach the asked length, and the
+    weights stream into shards (header reserved, then filled) that safetensors and the checkpoint
+    reader load as they load the held path's."""
+    from editreward_families.qwen2_5_vl import fixture
+    from editreward_rt.checkpoint import open_checkpoint
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    monkeypatch.setitem(fixture.SIZES, "tiny-full", dataclasses.replace(SIZES["tiny"], vocab_rows=1500, rubric_tokens=200))
+    monkeypatch.setattr(fixture, "SHARD_BYTES", 1 << 18)
+    paths = write_fixture(tmp_path / "f", size="tiny-full", weight_format="sharded", dtype="bfloat16")
+    held = write_fixture(tmp_path / "h", size="tiny", weight_format="sharded", dtype="bfloat16")
+    padded, plain = (Tokenizer.from_file(str(p.base / "tokenizer.json")) for p in (paths, held))
+    assert padded.get_vocab_size() == 1499
+    text = "Make the red car blue. Text instruction - keep the sky!"
+    assert padded.encode(text).tokens == plain.encode(text).tokens
+    ckpt = open_checkpoint(str(paths.checkpoint), prompts_from=str(paths.prompts))
+    assert ckpt.spec.text.vocab_size == 1500
+    shards = sorted(paths.checkpoint.glob("model-*.safetensors"))
+    assert len(shards) > 3 and not list(paths.checkpoint.glob(".shard-*"))
+    tensors = {k: v for s in shards for k, v in load_file(str(s)).items()}
+    index = json.loads((paths.checkpoint / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    reference = {k: v for s in sorted(held.checkpoint.glob("model-*.safetensors")) for k, v in load_file(str(s)).items()}
+    vision = [k for k in reference if k.startswith("model.visual.")]  # drawn before the (longer) embedding
+    assert vision and all(np.array_equal(tensors[k], reference[k]) for k in vision)
+    assert {k: v.shape for k, v in tensors.items() if "embed" not in k and "lm_head" not in k} == \
+        {k: v.shape for k, v in reference.items() if "embed" not in k and "lm_head" not in k}
+    rubrics = [text for _, text in ckpt.templates.rubrics]
+    assert len(rubrics) == 2 and all(len(padded.encode(t).ids) >= 200 for t in rubrics)

@@ -1,0 +1,71 @@
+"""python benchmarks/full_cpu.py --model DIR --examples DIR: the seconds per triple of a
+full-size exported model (``ort-int4`` / ``ort-int8`` folders of the 7B) on this CPU, with the
+fast path's stage split and the process's peak resident memory.
+
+The triples of ``DIR/triples.json`` (the real photographs of ``../shared/fixtures``: one source,
+three edits) are scored in one process ranked together (one call: the source image and the prompt
+prefix it starts are encoded once), then the first alone (a 7B triple takes minutes on a desktop
+CPU, so only one). The two scores must agree; the stage split (vision tower, shared prefix,
+per-rubric suffixes, heads) is per triple.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _timed(scorer, triples) -> tuple[list, float, dict]:
+    pipeline = scorer.backend.pipeline
+    before = pipeline.times.as_dict()
+    start = time.perf_counter()
+    scores = scorer.score_batch(triples)
+    seconds = time.perf_counter() - start
+    stages = {k: round((v - before[k]) / len(triples), 2) for k, v in pipeline.times.as_dict().items()}
+    return scores, seconds, stages
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported model folder (ort-int4 or ort-int8 of the 7B)")
+    parser.add_argument("--examples", required=True, help="folder with triples.json and its images")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--out", help="JSON results file")
+    args = parser.parse_args(argv)
+
+    from editreward_rt import Scorer
+    from PIL import Image
+
+    folder = Path(args.examples)
+    rows = json.loads((folder / "triples.json").read_text())
+    images = {name: np.asarray(Image.open(folder / name).convert("RGB")) for r in rows for name in (r["source"], r["edited"])}
+    triples = [(r["instruction"], images[r["source"]], images[r["edited"]]) for r in rows]
+    start = time.perf_counter()
+    scorer = Scorer.load(args.model, backend="onnxruntime", threads=args.threads, max_batch=len(triples))
+    load_s = time.perf_counter() - start
+    prompt_tokens = [len(p.ids) for p in scorer.prepare(*triples[0]).prompts]
+    ranked, ranked_s, ranked_stages = _timed(scorer, triples)
+    single = [_timed(scorer, [triples[0]])]
+    gap = abs(ranked[0].mu - single[0][0][0].mu)
+    result = {
+        "model": str(args.model), "quantization": scorer.backend.model.manifest.get("quantization", {}).get("scheme"),
+        "cpu": platform.processor() or platform.machine(), "threads": args.threads, "load_s": round(load_s, 1),
+        "prompt_tokens": prompt_tokens, "triples": len(triples),
+        "ranked": {"s_per_triple": round(ranked_s / len(triples), 2), "stages_s_per_triple": ranked_stages},
+        "alone": {"s_per_triple": round(sum(s[1] for s in single) / len(single), 2),
+                       "stages_s_per_triple": {k: round(np.mean([s[2][k] for s in single]), 2) for k in ranked_stages}},
+        "scores": [{"mu": round(s.mu, 4), "sigma": round(s.sigma, 4)} for s in ranked],
+        "max_mu_gap_ranked_vs_single": gap,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if gap < 1e-3 else 1
