@@ -24,7 +24,7 @@ length (~400 tokens per pass), each step in a process of its own:
 2. the PyTorch reference (two full transformers passes per triple, as upstream) in bf16 and in
    float32, timed on the same workload; a reference that fails aborts the run (exit code 2);
 3. per precision (tiny: fp32, fp16, bf16; full: bf16, fp16): export ONNX - at full size bf16 or
-   fp16 graphs (~16 GB), never float32 ones (~33 GB) and never with the exporter's CPU
+   fp16 graphs (~14 GB), never float32 ones (~29 GB) and never with the exporter's CPU
    self-validation, which for a 7B outlasts any session (fp32 and quantized precisions are tiny
    only); the static op-support check (expects no violation); the three engines with
    ``--max-batch`` and the default profiles (timing cache shared across builds);
@@ -59,7 +59,7 @@ results schema, kind "latency") holds everything: the plan and the machine's fac
 load seconds, op-check violations, engine sizes, the manifest's memory estimate next to the
 measured memory, parity, latency and throughput, and the environment. A full-size precision takes
 ~15 minutes (the ONNX export runs on the CPU, then TensorRT builds for ~10 min): give it
-``--budget-s 3600`` and ~32 GB of disk (graphs and engines, deleted after each precision unless ``--keep``).
+``--budget-s 3600`` and ~30 GB of disk (graphs and engines, deleted after each precision unless ``--keep``).
 """
 
 import sys

@@ -317,6 +317,10 @@ def run_variant(v: MatrixVariant, args, references: dict, timeout_s: float, read
 
 def execute(args) -> int:
     variants = matrix(args.dtypes)
+    unknown = set(args.only or ()) - {v.label for v in variants}
+    if unknown:
+        log(f"unknown variant(s) {sorted(unknown)}; known: {[v.label for v in variants]}")
+        return EXIT_ABORTED
     if args.only:
         keep = set(args.only) | {v.reference for v in variants if v.label in args.only}
         variants = [v for v in variants if v.label in keep]

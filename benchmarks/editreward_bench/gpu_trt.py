@@ -33,7 +33,7 @@ from .prereqs import machine, skip_reason
 # Tolerance keys: ("tensorrt", dtype) for float engines, ("tensorrt", scheme) for quantized ones.
 TOLERANCE_KEYS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
                   "fp8": "trt-fp8", "int8": "trt-int8-sq", "int4": "trt-int4-awq"}
-# At full size the engines are built from half-width graphs: float32 ones would be ~33 GB each and
+# At full size the engines are built from half-width graphs: float32 ones would be ~27 GiB each and
 # the exporter would self-validate them with ONNX Runtime on the CPU, which for a 7B outlasts any session.
 FULL_GRAPH_DTYPES = {"bf16": "bf16", "fp16": "fp16"}
 REFERENCES = ("bfloat16", "float32")
@@ -222,8 +222,10 @@ def plan(items, args) -> tuple[dict, object]:
 
 def engine_reason(engine: Engine, m, spec, args, kept_disk: float, reasons: dict) -> str | None:
     if engine.size == "full" and engine.precision not in FULL_GRAPH_DTYPES:  # on any machine
-        return ("engines from float32 graphs are not built at full size here (~33 GB of graphs, and the exporter would "
-                "validate a 7B on the CPU); build them with export/build_trt.py")
+        from .workload import weight_bytes
+
+        return (f"engines from float32 graphs are not built at full size here (~{weight_bytes(spec, 'float32') / GiB:.0f} GiB "
+                "of graphs, and the exporter would validate a 7B on the CPU); build them with export/build_trt.py")
     needs = engine_needs(engine, spec, args)
     reason = skip_reason(m, engine.libraries, ("cuda",), needs["device_gib"], needs["ram_gib"], needs["disk_gib"] + kept_disk)
     if reason is None and judged_by(engine, reasons) is None:
@@ -282,7 +284,7 @@ def table(results: list[dict]) -> str:
             continue
         drift = (r.get("parity") or {}).get("max_abs_diff", {}).get("mu", float("nan"))
         tol = ((r.get("parity") or {}).get("tolerance") or {}).get("mu", float("nan"))
-        peak = (r.get("device_memory") or {}).get("peak_mb", r.get("peak_rss_mb", float("nan"))) / 1024  # RSS on a CPU run
+        peak = ((r.get("device_memory") or {}).get("peak_mb") or r.get("peak_rss_mb", float("nan"))) / 1024  # RSS on a CPU run
         b1, tp = r["batch1"], r["throughput"]
         lines.append(f"{r['size']:<5} {r['variant']:<25} {r['status']:<13} {r.get('build_s', float('nan')):>8.1f} {drift:>9.2e} "
                      f"{tol:>7.0e} {b1['p50_ms']:>8.1f} {b1['p90_ms']:>8.1f} {tp[str(max(map(int, tp)))]:>13.1f} {peak:>8.2f}")

@@ -40,17 +40,17 @@ def _smi_reader():
     query = [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]
 
     def read():
-        return float(subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.split()[0])
+        try:
+            return float(subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.split()[0])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):  # a driver that does not answer
+            return None
 
-    try:
-        read()
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):  # a driver that does not answer: no GPU here
-        return None
-    return read
+    return read if read() is not None else None
 
 
 def device_memory_reader():
-    """A function returning MiB used on GPU 0 (device-wide, as the driver counts), or None without one."""
+    """A function returning MiB used on GPU 0 (device-wide, as the driver counts; None for a missed
+    reading), or None where there is no GPU driver to ask."""
     try:
         return _nvml_reader()
     except Exception:  # pynvml missing, or no NVIDIA driver behind it
@@ -67,15 +67,21 @@ class PeakSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _read(self) -> None:
+        value = self.reader()  # None: one reading missed (the driver busy); the peak stands
+        if value is not None:
+            self.peak = value if self.peak is None else max(self.peak, value)
+
     def _run(self):
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.reader())
+            self._read()
 
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.reader())
-        return {"peak_mb": self.peak - self.baseline, "baseline_mb": self.baseline, "source": "driver (device-wide used memory)"}
+        self._read()
+        peak = None if self.baseline is None else self.peak - self.baseline  # no baseline: nothing to measure against
+        return {"peak_mb": peak, "baseline_mb": self.baseline, "source": "driver (device-wide used memory)"}
 
 
 def _child(target, args, result_path: str) -> None:

@@ -76,6 +76,9 @@ def execute(steps: list[Step], reasons: dict, results: Results, run_step, budget
     """``run_step(step, reference_outputs, timeout_s, reader) -> (rows, outputs)`` for every planned
     step in order, while the budget lasts. -> exit code: 0, 1 (a variant failed) or 2 (a reference did)."""
     results.write()
+    if all(reasons[s.key] for s in steps if s.is_reference):
+        log("ABORT: no reference can run here (see the plan above); nothing could be judged")
+        return EXIT_ABORTED
     reader, started, (default_cap, cap_of) = device_memory_reader(), time.monotonic(), caps
     for step in (s for s in steps if not reasons[s.key]):
         left = budget_s - (time.monotonic() - started)

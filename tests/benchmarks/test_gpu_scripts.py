@@ -142,14 +142,18 @@ def test_gpu_trt_check_dry_run(tmp_path):
     assert missing in proc.stdout  # the table says why
 
 
-def test_gpu_trt_check_refuses_float32_graphs_at_full_size(tmp_path):
+def test_gpu_trt_check_refuses_float32_graphs_at_full_size(tiny):
     """At full size only half-width graphs are exported; fp32 is refused in the plan, before any export."""
     from editreward_bench import gpu_trt
     from editreward_bench.prereqs import Machine
+    from editreward_bench.workload import workload_spec
+    from editreward_rt.checkpoint import open_checkpoint
 
+    spec = workload_spec(open_checkpoint(tiny.checkpoint, prompts_from=tiny.prompts), "full", small_vocab=True)
     m = Machine("cuda", "H200", 139.0, 120.0, 60.0)
     args = types.SimpleNamespace(max_batch=8, workspace=4.0)
-    assert "not built at full size" in gpu_trt.engine_reason(gpu_trt.Engine("full", "fp32"), m, None, args, 0.0, {})
+    reason = gpu_trt.engine_reason(gpu_trt.Engine("full", "fp32"), m, spec, args, 0.0, {})
+    assert "not built at full size here (~27 GiB of graphs" in reason
     assert gpu_trt.Engine("full", "bf16").graph_dtype() == "bf16" and gpu_trt.Engine("full", "fp16").graph_dtype() == "fp16"
     assert gpu_trt.Engine("tiny", "fp16").graph_dtype() == "fp32"  # tiny keeps the exporter's own choice, validated
 
