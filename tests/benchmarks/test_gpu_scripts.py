@@ -211,3 +211,15 @@ def test_peak_sampler_counts_above_the_baseline():
     time.sleep(0.2)
     memory = sampler.stop()
     assert memory["baseline_mb"] == 1000.0 and memory["peak_mb"] == 3000.0
+
+
+def test_gpu_check_aborts_when_no_reference_can_run(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the cuda run would run, not abort")
+    out = tmp_path / "gpu.json"
+    proc = run_script("gpu_check.py", "--device", "cuda", "--size", "tiny", "--workdir", str(tmp_path / "work"), "--out", str(out))
+    assert proc.returncode == 2 and "ABORT: no reference can run here" in proc.stderr
+    rows = by_variant(results(out))
+    assert rows["torch-reference-bfloat16"] == {"variant": "torch-reference-bfloat16", "status": "skipped",
+                                                "reason": "no CUDA GPU visible to PyTorch"}
