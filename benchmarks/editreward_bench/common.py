@@ -73,11 +73,28 @@ def validate_document(doc: dict) -> None:
 
 
 def write_document(doc: dict, path: str | Path) -> Path:
+    """Write a results file atomically (a temporary file renamed over it): a run killed mid-write
+    leaves the previous complete file, so writing after every variant keeps what finished."""
     validate_document(doc)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=float), encoding="utf-8")
+    os.replace(tmp, path)
     return path
+
+
+def gate_tolerance(backend: str, precision: str, reference_dtype: str = "float32"):
+    """The bound a variant computing in ``precision`` (a dtype or a quantization scheme) on ``backend``
+    is held to against a reference run in ``reference_dtype``: its TOLERANCES row, widened by the
+    reference's own rounding (the bf16 torch row) when the reference is not float32."""
+    from editreward_rt.tolerances import Tolerance, tolerance
+
+    tol = tolerance(backend, precision)
+    if reference_dtype == "float32":
+        return tol
+    ref = tolerance("torch-fast", reference_dtype)
+    return Tolerance(max(tol.mu, ref.mu), max(tol.log_sigma, ref.log_sigma), min(tol.agreement, ref.agreement))
 
 
 def peak_rss_mb() -> float:
@@ -106,10 +123,12 @@ class Variant:
         prefix, sep, rest = self.label.partition(":")
         return rest if sep and prefix in ("model", "onnx") else None
 
-    def load(self, ckpt: str, base: str | None, prompts_from: str | None, device: str, threads: int | None):
+    def load(self, ckpt: str, base: str | None, prompts_from: str | None, device: str, threads: int | None,
+             dtype: str | None = None):
+        """``dtype``: what the torch variants compute in (default float32 on a CPU, bfloat16 on a GPU)."""
         from editreward_rt import Scorer
 
-        dtype = "float32" if device == "cpu" else None
+        dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
         known = checkpoint_variants()
         if self.label in known:
             backend, mode = known[self.label]
@@ -120,9 +139,10 @@ class Variant:
         raise ValueError(f"unknown variant {self.label!r}: use {', '.join(known)} or model:PATH")
 
     def tolerance_key(self, scorer) -> tuple[str, str]:
-        """(backend, precision or quantization scheme): the row of editreward_rt.tolerances.TOLERANCES."""
+        """(backend, precision or quantization scheme): the row of editreward_rt.tolerances.TOLERANCES,
+        from the dtype the variant actually ran in, never from its name."""
         if not self.path:
-            return ("torch-fast", "float32")
+            return ("torch-fast", scorer.description["dtype"])
         manifest = scorer.backend.model.manifest
         scheme = (manifest.get("quantization") or {}).get("scheme")
         return (scorer.description["backend"], scheme or manifest.get("precision", "float32"))

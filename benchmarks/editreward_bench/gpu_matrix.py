@@ -1,93 +1,86 @@
-"""python benchmarks/gpu_check.py: the GPU matrix in one call, on a full-size random-weight model
-of the real architecture (Qwen2.5-VL-7B body + EditReward heads), generated on the GPU in memory.
+"""python benchmarks/gpu_check.py: the GPU matrix in one call (< 8 minutes on an H100/H200), on a
+full-size random-weight model of the real architecture (Qwen2.5-VL-7B body + EditReward heads)
+generated on the GPU in memory, with rubric prompts of the real length (~400 tokens per pass,
+~926 per prompt) and 448 x 448 images (256 tokens each).
 
-Variants: PyTorch bf16 reference (two full passes per triple, as upstream), PyTorch bf16 fast
-path, bitsandbytes LLM.int8 and NF4 on the fast path, GPTQ 4-bit (GPTQModel; quantized in the
-run on synthetic triples, its time reported; skipped with the reason where gptqmodel is not
-installed). ONNX Runtime on CUDA is not run here (the model exists only in this process, and
-the lent machines' onnxruntime is CPU-only): its row says how to measure an exported folder with
-``latency.py --device cuda``. Each variant is parity-checked against the reference before it is
-timed. ``--size tiny --device cpu`` runs the same code on the tiny fixture for a dry run.
+Variants, most important first: the PyTorch reference (two full passes per triple, as upstream)
+and the fast path in bf16, then both in float32, the differentiable reward's backward pass, then
+bitsandbytes LLM.int8 and NF4 and GPTQ 4-bit (quantized in the run on synthetic triples) on the
+fast path. Each variant runs in a process of its own, under a time cap, within ``--budget-s``.
+It is parity-checked against the reference of the dtype it computes in, with the tolerance of
+that dtype (``editreward_rt.tolerances``), before it is timed; bf16 rows also report their drift
+from the float32 reference. Latency and throughput are timed after a warm-up at every batch size;
+peak GPU memory is what the driver reports for the variant's process (CUDA context included).
+
+Before anything is built, every variant's prerequisites are checked (its libraries, the GPU, the
+memory it needs): what cannot run is reported as ``skipped`` with the reason, up front. A variant
+that then fails is ``failed`` with its error; a failing reference aborts the run (exit code 2).
+The JSON results are rewritten after every variant. ONNX Runtime on CUDA is measured on an
+exported folder with ``latency.py --device cuda`` (this model exists only in memory).
+
+On the lent GPU machine (no network; torch and transformers installed, no bitsandbytes,
+gptqmodel, TensorRT or onnxruntime-gpu): ``pip install --no-build-isolation --no-deps -e .`` in
+the repository, or ``export PYTHONPATH=runtime:export:quantize:benchmarks``, then
+``python benchmarks/gpu_check.py``. ``--dry-run`` (tiny fixture, CPU) is what CI runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from editreward_rt.errors import EditRewardError
 
-from .common import environment, results_document, synthetic_groups
+from .common import gate_tolerance, peak_rss_mb
+from .isolated import log, run_isolated
+from .plan_run import EXIT_ABORTED, Results, Step, log_plan, parse_caps
+from .plan_run import execute as run_plan
+from .prereqs import machine, skip_reason
 
-
-class InMemoryCheckpoint:
-    """Quacks like editreward_rt.checkpoint.Checkpoint, weights made on the device."""
-
-    def __init__(self, base, spec, config, state):
-        self.spec, self.config, self._state = spec, config, state
-        self.tokenizer, self.chat_text, self.templates = base.tokenizer, base.chat_text, base.templates
-
-    def state_dict(self):
-        return self._state
+BATCH_SIZES = (1, 2, 4, 8)  # the workload's 8 triples: 2 sources x 4 edits
+ORT_ROW = "onnxruntime-cuda"
 
 
-def build(size: str, device: str, workdir: Path):
-    import torch
-    from editreward_rt.checkpoint import open_checkpoint
-    from editreward_rt.families import DEFAULT_FAMILY, family
+@dataclass(frozen=True)
+class MatrixVariant:
+    label: str
+    mode: str  # "reference", "fast" or "backward" (the differentiable reward's backward pass)
+    dtype: str  # what it computes in
+    scheme: str | None = None  # a torch quantization scheme on the fast path
+    libraries: tuple[str, ...] = ("torch",)
+    devices: tuple[str, ...] = ("cpu", "cuda")
 
-    fam = family(DEFAULT_FAMILY)
-    paths = fam.write_fixture(workdir / "tiny", size="tiny")
-    base = open_checkpoint(paths.checkpoint, prompts_from=paths.prompts)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if size == "tiny":
-        return InMemoryCheckpoint(base, base.spec, base.config, base.state_dict()), dtype
-    full = fam.PUBLISHED
-    spec = full.full_spec(base.spec)
-    return InMemoryCheckpoint(base, spec, full.full_config(base.config, spec), full.random_state(spec, device, dtype)), dtype
+    @property
+    def reference(self) -> str | None:
+        """The reference it is checked against: the reference mode in its own dtype."""
+        return None if self.mode == "reference" else f"torch-reference-{self.dtype}"
+
+    def tolerance_key(self, ran_in: str) -> tuple[str, str]:
+        """The TOLERANCES row: the scheme's, or the fast path's in the dtype the backend says it ran in."""
+        return ("torch", self.scheme) if self.scheme else ("torch-fast", ran_in)
 
 
-def variants(ckpt, device: str, dtype_name: str, gptq_calib: int = 16):
-    """(label, factory) in the order they run; the reference first. ``gptq-int4`` is quantized
-    here, in memory, calibrated on ``gptq_calib`` synthetic triples (skipped without gptqmodel)."""
-    from editreward_rt.backends.torch_backend import TorchBackend
+def matrix(dtypes: list[str]) -> list[MatrixVariant]:
+    """The variants in the order they run: bf16 (the deployment dtype) before float32, and the
+    quantized ones, whose libraries the lent machines lack, last."""
+    main = dtypes[0]
+    rows = []
+    for dtype in dtypes:
+        rows += [MatrixVariant(f"torch-reference-{dtype}", "reference", dtype, libraries=("torch", "transformers")),
+                 MatrixVariant(f"torch-fast-{dtype}", "fast", dtype)]
+    rows.append(MatrixVariant(f"differentiable-backward-{main}", "backward", main))
+    rows += [MatrixVariant(scheme, "fast", main, scheme, ("torch", "bitsandbytes"), ("cuda",)) for scheme in ("bnb-int8", "bnb-nf4")]
+    rows.append(MatrixVariant("gptq-int4", "fast", main, "gptq-int4", ("torch", "gptqmodel")))
+    return rows
 
-    def bnb(scheme):
-        def make():
-            from editreward_quant.layers.bnb import swap_linears
 
-            backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
-            graphs = backend.graphs
-            modules = {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
-            from editreward_quant.embedding import quantize_torch_embedding
-            from editreward_rt.schemes import EMBEDDING_BLOCK, make_scheme
-
-            config = make_scheme(scheme)
-            swap_linears(modules, config.to_dict(), graphs.device, load_float=True)
-            quantize_torch_embedding(graphs.decoder, config.embedding_bits, EMBEDDING_BLOCK)
-            backend.description["quantization"] = scheme
-            return backend
-        return make
-
-    def gptq():
-        from editreward_quant.calib import synthetic_triples
-        from editreward_quant.gptq_scheme import quantize_backend
-        from editreward_rt.schemes import GptqInt4
-        from editreward_rt.scorer import Scorer
-
-        backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
-        t0 = time.perf_counter()
-        info = quantize_backend(backend, Scorer(backend, ckpt), synthetic_triples(gptq_calib, seed=1), GptqInt4(),
-                                log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        backend.description.update(quantization="gptq-int4", quantize_s=time.perf_counter() - t0, gptq=info)
-        return backend
-
-    return [("torch-reference", lambda: TorchBackend(ckpt, mode="reference", device=device, dtype=dtype_name)),
-            ("torch-fast", lambda: TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)),
-            ("bnb-int8", bnb("bnb-int8")), ("bnb-nf4", bnb("bnb-nf4")), ("gptq-int4", gptq)]
+# ---------------------------------------------------------------- in the variant's own process
 
 
 def _sync():
@@ -97,37 +90,139 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def timings(backend, prepared, reps: int, batch_sizes) -> dict:
-    """Batch-1 latency percentiles and throughput per batch size of a backend on prepared triples."""
-    backend.head_outputs(prepared[:1])  # warm-up: first-use allocations
+def _timed(call, reps: int) -> list[float]:
     seconds = []
     for _ in range(reps):
-        _sync()
         t0 = time.perf_counter()
-        backend.head_outputs(prepared[:1])
-        _sync()
+        call()
         seconds.append(time.perf_counter() - t0)
-    ms = 1000 * np.asarray(seconds)
-    throughput = {}
-    for size in batch_sizes:
-        if size <= len(prepared):
-            backend.head_outputs(prepared[:size])
-            _sync()
-            t0 = time.perf_counter()
-            backend.head_outputs(prepared[:size])
-            _sync()
-            throughput[str(size)] = size / (time.perf_counter() - t0)
-    return {"batch1": {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-                       "p99_ms": float(np.percentile(ms, 99)), "n": reps},
-            "throughput": throughput}
+    return seconds
 
 
-def time_backend(scorer, triples, reps: int, batch_sizes) -> dict:
+def timings(backend, prepared, reps: int, batch_sizes) -> dict:
+    """Batch-1 latency percentiles over ``reps`` calls and throughput per batch size, each batch
+    size warmed up first (first-use allocations, kernel selection and autotuning at that shape)."""
+
+    def call(n):
+        backend.head_outputs(prepared[:n])
+        _sync()
+
+    throughput, batch1 = {}, None
+    for size in (s for s in batch_sizes if s <= len(prepared)):
+        call(size)
+        seconds = _timed(lambda: call(size), reps if size == 1 else max(2, reps // size))
+        throughput[str(size)] = size / float(np.median(seconds))
+        if size == 1:
+            ms = 1000 * np.asarray(seconds)
+            batch1 = {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+                      "p99_ms": float(np.percentile(ms, 99)), "n": reps}
+    return {"batch1": batch1, "throughput": throughput}
+
+
+def torch_memory() -> dict:
+    """What PyTorch's allocator saw (beside the driver's count the parent takes), or host RSS on a CPU."""
     import torch
 
-    result = timings(scorer.backend, [scorer.prepare(*t) for t in triples], reps, batch_sizes)
-    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return result
+    if not torch.cuda.is_available():
+        return {"peak_rss_mb": peak_rss_mb()}
+    return {"peak_rss_mb": peak_rss_mb(), "torch_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "torch_peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+
+
+def load_checkpoint(request: dict):
+    """The checkpoint folder given (its own rubrics), or the workload's model made in memory."""
+    from .workload import make_checkpoint
+
+    if request["ckpt"]:
+        from editreward_rt.checkpoint import open_checkpoint
+
+        return open_checkpoint(request["ckpt"], prompts_from=request["prompts_from"])
+    return make_checkpoint(request["size"], request["device"], request["dtype"], Path(request["workdir"]),
+                           small_vocab=request.get("small_vocab", False))
+
+
+def build_backend(ckpt, v: MatrixVariant, request: dict):
+    from editreward_rt.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend(ckpt, mode="reference" if v.mode == "reference" else "fast", device=request["device"], dtype=v.dtype)
+    if v.scheme and v.scheme.startswith("bnb-"):
+        _swap_bnb(backend, v.scheme)
+    elif v.scheme == "gptq-int4":
+        _quantize_gptq(backend, ckpt, request["gptq_calib"])
+    return backend
+
+
+def _swap_bnb(backend, scheme: str) -> None:
+    from editreward_quant.embedding import quantize_torch_embedding
+    from editreward_quant.layers.bnb import swap_linears
+    from editreward_rt.schemes import EMBEDDING_BLOCK, make_scheme
+
+    graphs = backend.graphs
+    modules = {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
+    config = make_scheme(scheme)
+    swap_linears(modules, config.to_dict(), graphs.device, load_float=True)
+    quantize_torch_embedding(graphs.decoder, config.embedding_bits, EMBEDDING_BLOCK)
+    backend.description["quantization"] = scheme
+
+
+def _quantize_gptq(backend, ckpt, calib: int) -> None:
+    from editreward_quant.calib import synthetic_triples
+    from editreward_quant.gptq_scheme import quantize_backend
+    from editreward_rt.schemes import GptqInt4
+    from editreward_rt.scorer import Scorer
+
+    t0 = time.perf_counter()
+    info = quantize_backend(backend, Scorer(backend, ckpt), synthetic_triples(calib, seed=1), GptqInt4(), log=log)
+    backend.description.update(quantization="gptq-int4", quantize_s=time.perf_counter() - t0, gptq=info)
+
+
+def parity(outputs, reference, tol) -> dict:
+    from editreward_rt.tolerances import max_abs_diff, within
+
+    diff = max_abs_diff(outputs, reference)
+    finite = bool(np.isfinite(outputs).all())
+    return {"max_abs_diff": diff, "tolerance": {"mu": tol.mu, "log_sigma": tol.log_sigma}, "finite": finite,
+            "passed": finite and within(diff, tol)}
+
+
+def measure_variant(v: MatrixVariant, request: dict, reference) -> dict:
+    """Build, parity-gate against ``reference`` (outputs of the same triples), then time. Runs in the variant's process."""
+    import torch
+    from editreward_rt.scorer import Scorer
+
+    from .workload import prompt_lengths, workload_triples
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if v.dtype == "float32":  # float32 means float32: no TF32 in matmuls or in the vision tower's convolution
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(request)
+    backend = build_backend(ckpt, v, request)
+    if hasattr(ckpt, "release_weights"):  # the modules hold their own copy: halve the device memory before timing
+        ckpt.release_weights()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    scorer = Scorer(backend, ckpt)
+    prepared = [scorer.prepare(*t) for t in workload_triples()]
+    row = {"variant": v.label, "mode": v.mode, "dtype": v.dtype, "backend": backend.description,
+           "load_s": time.perf_counter() - t0, "prompt_tokens": prompt_lengths(prepared[0])}
+    outputs = backend.head_outputs(prepared)
+    if reference is None:
+        row["status"] = "ok" if np.isfinite(outputs).all() else "failed-parity"
+    else:
+        row["parity"] = parity(outputs, reference, gate_tolerance(*v.tolerance_key(backend.description["dtype"]), v.dtype))
+        row["parity"]["reference"] = v.reference
+        row["status"] = "ok" if row["parity"]["passed"] else "failed-parity"
+    if row["status"] == "ok":  # validate first, time second
+        row.update(timings(backend, prepared, request["reps"], BATCH_SIZES))
+    row.update(torch_memory())
+    return {"rows": [row], "outputs": outputs}
+
+
+def measure_backward(v: MatrixVariant, request: dict, reference) -> dict:
+    """One backward pass of the differentiable reward per batch size, in the variant's process."""
+    rows = backward_rows(load_checkpoint(request), request["device"], v.dtype)
+    return {"rows": [{**row, "mode": v.mode, "dtype": v.dtype} for row in rows], "outputs": None}
 
 
 def backward_rows(ckpt, device: str, dtype_name: str, batches=(1, 4)) -> list[dict]:
@@ -137,8 +232,6 @@ def backward_rows(ckpt, device: str, dtype_name: str, batches=(1, 4)) -> list[di
     from editreward_rt.backends.torch_backend import TorchBackend
     from editreward_rt.differentiable import DifferentiableReward, backward_memory_estimate_gib
     from editreward_rt.scorer import Scorer
-
-    from .common import peak_rss_mb
 
     backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
     reward = DifferentiableReward(Scorer(backend, ckpt), gradient_checkpointing=True, freeze_source=True)
@@ -163,93 +256,136 @@ def backward_rows(ckpt, device: str, dtype_name: str, batches=(1, 4)) -> list[di
     return rows
 
 
-def run(args) -> dict:
-    import gc
+# ---------------------------------------------------------------- the plan, in the parent
 
-    import torch
-    from editreward_rt.scorer import Scorer
-    from editreward_rt.tolerances import max_abs_diff, tolerance
 
-    workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    ckpt, dtype = build(args.size, args.device, workdir)
-    dtype_name = str(dtype).replace("torch.", "")
-    groups = synthetic_groups(2, 4, seed=0)
-    triples = [(g[0], g[1], e) for g in groups for e in g[2]]
-    results, reference = [], None
-    chosen = variants(ckpt, args.device, dtype_name, args.gptq_calib)
-    if args.only:
-        unknown = set(args.only) - {label for label, _ in chosen} - {"differentiable-backward"}
-        if unknown:
-            raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {[label for label, _ in chosen]}")
-        chosen = [(label, make) for label, make in chosen if label == "torch-reference" or label in args.only]
-    for label, make in chosen:
-        print(f"== {label}", file=sys.stderr, flush=True)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        try:
-            backend = make()
-        except Exception as exc:  # a variant's library missing on this machine is a result, not a crash
-            results.append({"variant": label, "status": "skipped", "reason": f"{type(exc).__name__}: {exc}"})
-            continue
-        scorer = Scorer(backend, ckpt)
-        outputs = scorer.backend.head_outputs([scorer.prepare(*t) for t in triples[:4]])
-        result = {"variant": label, "backend": backend.description, "load_s": time.perf_counter() - t0}
-        if reference is None:
-            reference, result["status"] = outputs, "ok"
-        else:
-            tol = tolerance("torch-fast", dtype_name) if label == "torch-fast" else tolerance("torch", label)
-            diff = max_abs_diff(outputs, reference)
-            result["parity"] = {"max_abs_diff": diff, "tolerance": {"mu": tol.mu, "log_sigma": tol.log_sigma}}
-            result["status"] = "ok" if diff["mu"] <= tol.mu and diff["log_sigma"] <= tol.log_sigma else "failed-parity"
-        if result["status"] == "ok":
-            result.update(time_backend(scorer, triples, args.reps, [1, 2, 4, 8]))
-        results.append(result)
-        del scorer, backend
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    if not args.only or "differentiable-backward" in args.only:
-        try:
-            results.extend(backward_rows(ckpt, args.device, dtype_name))
-        except Exception as exc:  # out of memory, say: the rows above are kept
-            results.append({"variant": "differentiable-backward", "status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+def plan(variants: list[MatrixVariant], args, spec):
+    """Each variant's skip reason (None: it runs), decided before any model is built, and the machine."""
+    from .workload import device_memory_estimate_gib
+
+    m = machine(args.device, Path(args.workdir))
+    reasons = {}
+    for v in variants:
+        need = device_memory_estimate_gib(spec, v.dtype)
+        reason = skip_reason(m, v.libraries, v.devices, device_gib=need, disk_gib=0.1)
+        if reason is None and v.reference and reasons.get(v.reference):
+            reason = f"its reference {v.reference} is skipped"
+        reasons[v.label] = reason
+    reasons[ORT_ROW] = _ort_reason()
+    return reasons, m
+
+
+def _ort_reason() -> str:
+    how = "measure an exported folder with: python benchmarks/latency.py --ckpt CKPT --variant model:EXPORTED_DIR --device cuda"
     try:
         import onnxruntime
-
-        providers = onnxruntime.get_available_providers()
     except ImportError:
-        providers = []
-    # The random model lives only in this process; exporting a 7B to ONNX here would take most of
-    # a GPU session. ONNX Runtime on CUDA is measured on an exported folder instead.
-    how = ("measure an exported folder with: python benchmarks/latency.py --ckpt CKPT "
-           "--variant model:EXPORTED_DIR --device cuda")
-    reason = how if "CUDAExecutionProvider" in providers else f"onnxruntime has no CUDA provider here; {how}"
-    results.append({"variant": "onnxruntime-cuda", "status": "skipped", "reason": reason})
-    return results_document("latency", {"size": args.size, "dtype": dtype_name, "triples": len(triples),
-                                        "reps": args.reps, "model": "random weights, real architecture" if args.size == "full" else "tiny fixture"},
-                            results, args.device)
+        return f"onnxruntime not installed; {how}"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return f"onnxruntime has no CUDA provider (onnxruntime-gpu not installed); {how}"
+    return f"not run here (the model exists only in memory); {how}"
+
+
+def plan_spec(args):
+    """The spec of the model the variants will build, from the tiny fixture (seconds, no weights drawn)."""
+    from editreward_rt.checkpoint import open_checkpoint
+
+    from .workload import tiny_base, workload_spec
+
+    if args.ckpt:
+        return open_checkpoint(args.ckpt, prompts_from=args.prompts_from).spec
+    return workload_spec(tiny_base(Path(args.workdir)), args.size)
+
+
+def steps(variants: list[MatrixVariant]) -> list[Step]:
+    f32 = "torch-reference-float32" if any(v.label == "torch-reference-float32" for v in variants) else None
+    rows = [Step(v.label, v.mode == "reference", f32 if v.dtype != "float32" and v.mode != "backward" else None) for v in variants]
+    return rows + [Step(ORT_ROW, False)]
+
+
+def run_variant(v: MatrixVariant, args, references: dict, timeout_s: float, reader) -> tuple[list[dict], object]:
+    """The variant's result rows (one, or one per batch for the backward pass) and its outputs."""
+    request = {"size": args.size, "device": args.device, "dtype": v.dtype, "workdir": args.workdir, "ckpt": args.ckpt,
+               "prompts_from": args.prompts_from, "reps": args.reps, "gptq_calib": args.gptq_calib}
+    target = measure_backward if v.mode == "backward" else measure_variant
+    out = run_isolated(target, (v, request, references.get(v.reference)), timeout_s, reader)
+    if "rows" not in out:  # the process failed: build error, crash, time cap
+        return [{"variant": v.label, "mode": v.mode, "dtype": v.dtype, **out}], None
+    process = {k: out[k] for k in ("process_s", "device_memory") if k in out}  # the whole process's, on each row
+    return [{**row, **process} for row in out["rows"]], out["outputs"]
+
+
+def execute(args) -> int:
+    variants = matrix(args.dtypes)
+    unknown = set(args.only or ()) - {v.label for v in variants}
+    if unknown:
+        log(f"unknown variant(s) {sorted(unknown)}; known: {[v.label for v in variants]}")
+        return EXIT_ABORTED
+    if args.only:
+        keep = set(args.only) | {v.reference for v in variants if v.label in args.only}
+        variants = [v for v in variants if v.label in keep]
+    try:
+        spec = plan_spec(args)
+    except EditRewardError as exc:
+        log(f"ABORT: cannot read the model the reference needs: {exc}")
+        return EXIT_ABORTED
+    reasons, m = plan(variants, args, spec)
+    plan_steps, by_key = steps(variants), {v.label: v for v in variants}
+    log_plan(plan_steps, reasons)
+    config = {"size": args.size, "device": args.device, "dtypes": args.dtypes, "reps": args.reps, "budget_s": args.budget_s,
+              "ckpt": args.ckpt, "model": "checkpoint" if args.ckpt else ("random weights, real architecture" if args.size == "full"
+                                                                          else "tiny fixture"),
+              "workload": "8 triples (2 sources x 4 edits), 448x448 images, long rubrics", "machine": m.to_dict()}
+    results = Results(config, plan_steps, reasons, args.out, args.device)
+
+    def run_step(step, outputs, timeout_s, reader):
+        rows, out = run_variant(by_key[step.key], args, outputs, timeout_s, reader)
+        for row in rows:
+            log(summary(row))
+        return rows, out
+
+    code = run_plan(plan_steps, reasons, results, run_step, args.budget_s, parse_caps(args.cap_s, 150.0))
+    print("\n".join(summary(r) for r in results.rows))
+    print(f"wrote {args.out}")
+    return code
+
+
+def summary(r: dict) -> str:
+    if r.get("batch1"):
+        peak = (r.get("device_memory") or {}).get("peak_mb")
+        memory = f"peak GPU {peak:.0f} MB" if peak is not None else f"peak RSS {r.get('peak_rss_mb', 0):.0f} MB"
+        drift = (r.get("parity") or {}).get("max_abs_diff", {}).get("mu")
+        return (f"{r['variant']:<32} ok             p50 {r['batch1']['p50_ms']:.1f} ms, "
+                f"{max(r['throughput'].values()):.2f} triples/s, {memory}" + (f", |dmu| {drift:.2e}" if drift is not None else ""))
+    if r.get("mode") == "backward" and r["status"] == "ok":
+        peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
+        return f"{r['variant']:<32} ok             {r['seconds']:.2f} s, peak {peak:.0f} MB, estimate {r['estimate_gib']['total']} GiB"
+    return f"{r['variant']:<32} {r['status']:<14} {r.get('reason') or r.get('error') or ''}"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dry-run", action="store_true", help="the same run on the tiny fixture and the CPU (what CI runs)")
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["bfloat16", "float32"],
+                        help="torch dtypes, the first also for the quantized and backward rows (default bfloat16,float32)")
+    parser.add_argument("--ckpt", help="a checkpoint folder instead of the random-weight model (its own rubrics)")
+    parser.add_argument("--prompts-from", help="with --ckpt: the upstream clone holding its rubric prompts")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gptq-calib", type=int, default=16, help="synthetic calibration triples for gptq-int4")
-    parser.add_argument("--only", nargs="+", metavar="VARIANT",
-                        help="run only these variants (the reference always runs): torch-fast bnb-int8 bnb-nf4 gptq-int4 differentiable-backward")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (and the references they are checked against)")
+    parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget for all variants (default 480)")
+    parser.add_argument("--cap-s", action="append", metavar="[VARIANT=]SECONDS",
+                        help="time cap per variant (default 150), or for one variant; repeatable")
+    parser.add_argument("--workdir", help="where the tiny fixture (tokenizer, config) goes (default: a new temp folder)")
     parser.add_argument("--out", default="results/gpu-check.json")
     args = parser.parse_args(argv)
-    doc = run(args)
-    doc["environment"] = environment(args.device)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import json
+    if args.dry_run:
+        args.size, args.device = "tiny", "cpu"
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-check-")
+    return execute(args)
 
-    path.write_text(json.dumps(doc, indent=1))
-    for r in doc["results"]:
-        extra = f"p50 {r['batch1']['p50_ms']:.1f} ms, peak GPU {r.get('peak_gpu_mb') or 0:.0f} MB" if "batch1" in r else r.get("reason", "")
-        print(f"{r['variant']:<18} {r['status']:<14} {extra}")
-    print(f"wrote {path}")
-    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from editreward_rt.tolerances import max_abs_diff, tolerance, within
+from editreward_rt.tolerances import max_abs_diff, within
 
-from .common import REFERENCE, Variant, peak_rss_mb
+from .common import REFERENCE, Variant, gate_tolerance, peak_rss_mb
 
 
 def _gpu_peak_mb(reset: bool = False) -> float | None:
@@ -39,16 +39,19 @@ def _timed(fn, reps: int) -> list[float]:
     return out
 
 
-def parity_gate(variant: Variant, scorer, parity_triples, reference_outputs) -> dict:
+def parity_gate(variant: Variant, scorer, parity_triples, reference_outputs, reference_dtype: str) -> dict:
+    """The variant's outputs against the reference's (run in ``reference_dtype``), with the tolerance of the
+    variant's backend and the dtype or scheme it actually ran in."""
     prepared = [scorer.prepare(*t) for t in parity_triples]
     outputs = scorer.backend.head_outputs(prepared)
     if reference_outputs is None:
         return {"outputs": outputs}
     key = variant.tolerance_key(scorer)
-    tol = tolerance(*key)
+    tol = gate_tolerance(*key, reference_dtype)
     diff = max_abs_diff(outputs, reference_outputs)
     return {"outputs": outputs, "max_abs_diff": diff, "tolerance": {"mu": tol.mu, "log_sigma": tol.log_sigma},
-            "tolerance_key": list(key), "passed": within(diff, tol)}
+            "tolerance_key": list(key), "reference_dtype": reference_dtype,
+            "passed": bool(np.isfinite(outputs).all()) and within(diff, tol)}
 
 
 def stage_split(scorer, triple, reps: int) -> dict:
@@ -75,9 +78,9 @@ def measure(label: str, cfg: dict, reference_outputs) -> dict:
     variant = Variant(label)
     t0 = time.perf_counter()
     _gpu_peak_mb(reset=True)
-    scorer = variant.load(cfg["ckpt"], cfg.get("base"), cfg.get("prompts_from"), cfg["device"], cfg.get("threads"))
+    scorer = variant.load(cfg["ckpt"], cfg.get("base"), cfg.get("prompts_from"), cfg["device"], cfg.get("threads"), cfg["dtype"])
     result = {"variant": label, "backend": scorer.description, "load_s": time.perf_counter() - t0}
-    gate = parity_gate(variant, scorer, cfg["parity_triples"], reference_outputs)
+    gate = parity_gate(variant, scorer, cfg["parity_triples"], reference_outputs, cfg["dtype"])
     outputs = gate.pop("outputs")
     result["parity"] = gate
     if reference_outputs is not None and not gate["passed"]:
@@ -91,7 +94,7 @@ def measure(label: str, cfg: dict, reference_outputs) -> dict:
     result["throughput"] = _throughput(scorer, triples, cfg["batch_sizes"], cfg["reps"])
     result["scaling"] = _scaling(scorer, cfg["scaling_group"], cfg["scaling"])
     result["peak_rss_mb"] = peak_rss_mb()
-    result["peak_gpu_mb"] = _gpu_peak_mb()
+    result["torch_peak_allocated_mb"] = _gpu_peak_mb()  # the parent adds the driver's count, every allocator's
     result["status"] = "ok"
     return {"result": result, "outputs": outputs}
 

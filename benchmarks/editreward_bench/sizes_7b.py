@@ -33,7 +33,7 @@ def one_layer_7b(workdir: Path):
     from editreward_rt.checkpoint import open_checkpoint
     from editreward_rt.families import DEFAULT_FAMILY, family
 
-    from editreward_bench.gpu_matrix import InMemoryCheckpoint
+    from editreward_bench.workload import InMemoryCheckpoint
 
     fam = family(DEFAULT_FAMILY)
     paths = fam.write_fixture(workdir / "tiny", size="tiny")

@@ -142,18 +142,3 @@ def test_quant_report_measures_each_scheme(tmp_path):
     assert rows[1]["config"]["block_size"] == 128 and rows[0]["pairs"] == 28
     assert all(r["hidden_snr_db"] >= r["floor_db"] and 0 < r["bf16_ratio"] < 0.6 for r in rows)
     assert rows[0]["hidden_snr_db"] > rows[1]["hidden_snr_db"] + 10  # 8 bits against 4
-
-
-def test_gpu_check_dry_runs_on_the_cpu(tmp_path):
-    """benchmarks/gpu_check.py on the tiny fixture and the CPU: the same code the GPU run takes, so
-    the first GPU run measures instead of crashing; the differentiable reward's backward rows too."""
-    from editreward_bench.gpu_matrix import main as gpu_check
-
-    out = tmp_path / "gpu.json"
-    assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--only", "torch-fast", "differentiable-backward",
-                      "--out", str(out)]) == 0
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    assert rows["torch-fast"]["status"] == "ok" and rows["torch-fast"]["batch1"]["p50_ms"] > 0
-    for batch in (1, 4):
-        row = rows[f"differentiable-backward-b{batch}"]
-        assert row["status"] == "ok" and row["grad_finite"] and row["estimate_gib"]["total"] > 0

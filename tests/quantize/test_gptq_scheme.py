@@ -162,13 +162,13 @@ def test_gpu_matrix_script_covers_gptq(tmp_path):
     from editreward_bench.gpu_matrix import main as gpu_check
 
     out = tmp_path / "gpu-check.json"
-    assert gpu_check(["--size", "tiny", "--device", "cpu", "--reps", "1", "--gptq-calib", "4",
-                      "--only", "torch-fast", "gptq-int4", "differentiable-backward", "--out", str(out)]) == 0
+    assert gpu_check(["--dry-run", "--dtypes", "float32", "--reps", "1", "--gptq-calib", "4", "--workdir", str(tmp_path / "work"),
+                      "--only", "torch-fast-float32", "gptq-int4", "differentiable-backward-float32", "--out", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    assert list(rows) == ["torch-reference", "torch-fast", "gptq-int4", "differentiable-backward-b1",
-                          "differentiable-backward-b4", "onnxruntime-cuda"]
+    assert list(rows) == ["torch-reference-float32", "torch-fast-float32", "differentiable-backward-b1",
+                          "differentiable-backward-b4", "gptq-int4", "onnxruntime-cuda"]
     assert all(rows[f"differentiable-backward-b{b}"]["grad_finite"] for b in (1, 4))
-    assert rows["torch-fast"]["status"] == "ok"
+    assert rows["torch-fast-float32"]["status"] == "ok"
     row = rows["gptq-int4"]
     if importlib.util.find_spec("gptqmodel") is None:
         assert row["status"] == "skipped" and "gptqmodel" in row["reason"]
