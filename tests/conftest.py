@@ -84,3 +84,11 @@ def save(image: Image.Image, folder: Path, name: str) -> Path:
     path = folder / name
     image.save(path)
     return path
+
+
+def assert_same_score(got, want, tol: float = 1e-5) -> None:
+    """Two Scores equal to float round-off: fused mu and log_sigma and every head."""
+    assert abs(got.mu - want.mu) <= tol and abs(got.log_sigma - want.log_sigma) <= tol, (got, want)
+    assert [h.name for h in got.heads] == [h.name for h in want.heads]
+    for g, w in zip(got.heads, want.heads):
+        assert abs(g.mu - w.mu) <= tol and abs(g.log_sigma - w.log_sigma) <= tol, (got, want)

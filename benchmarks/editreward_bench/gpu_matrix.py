@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import rl_bench
 from .common import environment, results_document, synthetic_groups
 
 
@@ -178,7 +179,7 @@ def run(args) -> dict:
     results, reference = [], None
     chosen = variants(ckpt, args.device, dtype_name, args.gptq_calib)
     if args.only:
-        unknown = set(args.only) - {label for label, _ in chosen} - {"differentiable-backward"}
+        unknown = set(args.only) - {label for label, _ in chosen} - {"differentiable-backward", "rl"}
         if unknown:
             raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {[label for label, _ in chosen]}")
         chosen = [(label, make) for label, make in chosen if label == "torch-reference" or label in args.only]
@@ -214,6 +215,8 @@ def run(args) -> dict:
             results.extend(backward_rows(ckpt, args.device, dtype_name))
         except Exception as exc:  # out of memory, say: the rows above are kept
             results.append({"variant": "differentiable-backward", "status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+    if not args.only or "rl" in args.only:
+        results.extend(rl_bench.gpu_rows(ckpt, args.device, dtype_name))
     try:
         import onnxruntime
 
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gptq-calib", type=int, default=16, help="synthetic calibration triples for gptq-int4")
     parser.add_argument("--only", nargs="+", metavar="VARIANT",
-                        help="run only these variants (the reference always runs): torch-fast bnb-int8 bnb-nf4 gptq-int4 differentiable-backward")
+                        help="run only these variants (the reference always runs): torch-fast bnb-int8 bnb-nf4 gptq-int4 differentiable-backward rl")
     parser.add_argument("--out", default="results/gpu-check.json")
     args = parser.parse_args(argv)
     doc = run(args)
