@@ -107,9 +107,7 @@ class RewardClient:
         """Scores in order; with ``errors="return"`` a bad triple yields its typed error in place."""
         results = []
         for start in range(0, len(triples), self.batch_size):
-            chunk = triples[start : start + self.batch_size]
-            body = self.post("/v1/score", self._score_body(chunk))
-            results.extend(score_from(r) if "error" not in r else remote_error(r["error"], 422) for r in body["results"])
+            results.extend(self._score_chunk(triples[start : start + self.batch_size]))
         if errors == "raise":
             first = next((r for r in results if isinstance(r, EditRewardError)), None)
             if first is not None:
@@ -124,6 +122,16 @@ class RewardClient:
             out.append(scores[at : at + len(edits)])
             at += len(edits)
         return out
+
+    def _score_chunk(self, chunk) -> list:
+        body = self._score_body(chunk)
+        if self.encoding == "multipart" and len(chunk) == 1:  # a one-triple form is answered as one score, or its 4xx
+            try:
+                return [score_from(self.post("/v1/score", body))]
+            except InputError as exc:
+                return [exc]
+        answer = self.post("/v1/score", body)
+        return [score_from(r) if "error" not in r else remote_error(r["error"], 422) for r in answer["results"]]
 
     def ready(self) -> dict:
         return self._send(urllib.request.Request(self.url + "/readyz", method="GET"))[1]

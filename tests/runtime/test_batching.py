@@ -10,7 +10,6 @@ import time
 
 import pytest
 from conftest import assert_same_score, random_image
-
 from editreward_rt import BatchingScorer, Scorer
 from editreward_rt.errors import DeadlineError, ImageError, NotReadyError, OverloadedError
 

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 from conftest import assert_same_score, random_image
-
 from editreward_rt import Scorer
 from editreward_rt.errors import ImageError, InputError
 from editreward_rt.rl import ADVANTAGE_EPS, bt_preference, group_advantages
