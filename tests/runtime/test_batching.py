@@ -125,3 +125,17 @@ def test_asubmit_deadline_and_cancel(scorer, pictures):
     finally:
         batcher.close()
     assert batcher.stats()["triples"] == 2  # the expired and the cancelled triple were not scored
+
+
+def test_a_batch_waits_for_late_arrivals_up_to_max_wait(scorer, pictures):
+    """Triples 50 ms apart join the oldest one's batch while it waits (max_wait_ms 2000); at a full
+    batch the wait ends early."""
+    with BatchingScorer(scorer, max_batch=3, max_wait_ms=2000) as batcher:
+        start = time.monotonic()
+        futures = []
+        for e in pictures[3:6]:
+            futures.append(batcher.submit("add a cat", pictures[0], e))
+            time.sleep(0.05)
+        for f in futures:
+            f.result(timeout=60)
+        assert batcher.stats()["batches"] == 1 and time.monotonic() - start < 2.0

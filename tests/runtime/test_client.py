@@ -4,7 +4,6 @@ server's Retry-After, and a retried request whose first answer was lost is not s
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import threading
@@ -14,7 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import assert_same_score, random_image
+from conftest import assert_same_score, png_bytes, random_image, serving
 
 ray = pytest.importorskip("ray")  # the serve extra
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
@@ -24,21 +23,9 @@ from editreward_rt.client import RemoteInputError, RewardClient  # noqa: E402
 from editreward_rt.errors import ImageError, InstructionError  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pictures():
-    return [_png(random_image(500 + i, 40 + 4 * i, 56)) for i in range(6)]
+    return [png_bytes(random_image(500 + i, 40 + 4 * i, 56)) for i in range(6)]
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +35,12 @@ def local(tiny_onnx):
 
 @pytest.fixture(scope="module")
 def url(tiny_onnx):
-    from editreward_rt.serve.app import ServeConfig, build_app
-    from ray import serve
+    from editreward_rt.serve.app import ServeConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, batch_wait_ms=10)), name="main",
-              route_prefix="/")
+    main = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, batch_wait_ms=10)
     tight = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=1, batch_wait_ms=0, max_ongoing=1, max_queued=1)
-    serve.run(build_app(tight), name="tight", route_prefix="/tight")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serving({"main": ("/", main), "tight": ("/tight", tight)}) as base:
+        yield base
 
 
 def _counter(url: str, name: str, labels: str) -> float:
