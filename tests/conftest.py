@@ -7,6 +7,9 @@ none shadows a package)."""
 
 from __future__ import annotations
 
+import io
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,43 @@ def save(image: Image.Image, folder: Path, name: str) -> Path:
     path = folder / name
     image.save(path)
     return path
+
+
+def assert_same_score(got, want, tol: float = 1e-5) -> None:
+    """Two Scores equal to float round-off: fused mu and log_sigma and every head."""
+    assert abs(got.mu - want.mu) <= tol and abs(got.log_sigma - want.log_sigma) <= tol, (got, want)
+    assert [h.name for h in got.heads] == [h.name for h in want.heads]
+    for g, w in zip(got.heads, want.heads):
+        assert abs(g.mu - w.mu) <= tol and abs(g.log_sigma - w.log_sigma) <= tol, (got, want)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(apps: dict):
+    """Ray (2 CPUs) and Serve on a free loopback port running ``apps`` ({name: (route, ServeConfig)}) -> the base URL."""
+    import ray
+    from editreward_rt.serve.app import build_app
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for name, (route, cfg) in apps.items():
+            serve.run(build_app(cfg), name=name, route_prefix=route)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from editreward_rt.errors import EditRewardError
 
+from . import rl_bench
 from .common import gate_tolerance, peak_rss_mb
 from .isolated import log, run_isolated
 from .plan_run import EXIT_ABORTED, Results, Step, log_plan, parse_caps
@@ -50,7 +51,7 @@ ORT_ROW = "onnxruntime-cuda"
 @dataclass(frozen=True)
 class MatrixVariant:
     label: str
-    mode: str  # "reference", "fast" or "backward" (the differentiable reward's backward pass)
+    mode: str  # "reference", "fast", "backward" (the differentiable reward's backward pass) or "rl" (rl_bench)
     dtype: str  # what it computes in
     scheme: str | None = None  # a torch quantization scheme on the fast path
     libraries: tuple[str, ...] = ("torch",)
@@ -75,6 +76,7 @@ def matrix(dtypes: list[str]) -> list[MatrixVariant]:
         rows += [MatrixVariant(f"torch-reference-{dtype}", "reference", dtype, libraries=("torch", "transformers")),
                  MatrixVariant(f"torch-fast-{dtype}", "fast", dtype)]
     rows.append(MatrixVariant(f"differentiable-backward-{main}", "backward", main))
+    rows.append(MatrixVariant(f"rl-{main}", "rl", main))
     rows += [MatrixVariant(scheme, "fast", main, scheme, ("torch", "bitsandbytes"), ("cuda",)) for scheme in ("bnb-int8", "bnb-nf4")]
     rows.append(MatrixVariant("gptq-int4", "fast", main, "gptq-int4", ("torch", "gptqmodel")))
     return rows
@@ -225,6 +227,12 @@ def measure_backward(v: MatrixVariant, request: dict, reference) -> dict:
     return {"rows": [{**row, "mode": v.mode, "dtype": v.dtype} for row in rows], "outputs": None}
 
 
+def measure_rl(v: MatrixVariant, request: dict, reference) -> dict:
+    """The RL reward workload (``rl_bench``: producers, BatchingScorer, score_groups) on the fast path."""
+    rows = rl_bench.gpu_rows(load_checkpoint(request), request["device"], v.dtype)
+    return {"rows": [{**row, "mode": v.mode, "dtype": v.dtype} for row in rows], "outputs": None}
+
+
 def backward_rows(ckpt, device: str, dtype_name: str, batches=(1, 4)) -> list[dict]:
     """One backward pass of the differentiable reward per batch size (gradient checkpointing on, the
     source frozen): the estimate beside the measured peak (GPU memory on CUDA, RSS on a CPU)."""
@@ -299,7 +307,8 @@ def plan_spec(args):
 
 def steps(variants: list[MatrixVariant]) -> list[Step]:
     f32 = "torch-reference-float32" if any(v.label == "torch-reference-float32" for v in variants) else None
-    rows = [Step(v.label, v.mode == "reference", f32 if v.dtype != "float32" and v.mode != "backward" else None) for v in variants]
+    rows = [Step(v.label, v.mode == "reference", f32 if v.dtype != "float32" and v.mode in ("reference", "fast") else None)
+            for v in variants]
     return rows + [Step(ORT_ROW, False)]
 
 
@@ -307,7 +316,7 @@ def run_variant(v: MatrixVariant, args, references: dict, timeout_s: float, read
     """The variant's result rows (one, or one per batch for the backward pass) and its outputs."""
     request = {"size": args.size, "device": args.device, "dtype": v.dtype, "workdir": args.workdir, "ckpt": args.ckpt,
                "prompts_from": args.prompts_from, "reps": args.reps, "gptq_calib": args.gptq_calib}
-    target = measure_backward if v.mode == "backward" else measure_variant
+    target = {"backward": measure_backward, "rl": measure_rl}.get(v.mode, measure_variant)
     out = run_isolated(target, (v, request, references.get(v.reference)), timeout_s, reader)
     if "rows" not in out:  # the process failed: build error, crash, time cap
         return [{"variant": v.label, "mode": v.mode, "dtype": v.dtype, **out}], None
@@ -357,6 +366,8 @@ def summary(r: dict) -> str:
         drift = (r.get("parity") or {}).get("max_abs_diff", {}).get("mu")
         return (f"{r['variant']:<32} ok             p50 {r['batch1']['p50_ms']:.1f} ms, "
                 f"{max(r['throughput'].values()):.2f} triples/s, {memory}" + (f", |dmu| {drift:.2e}" if drift is not None else ""))
+    if r.get("mode") == "rl" and r["status"] == "ok":
+        return rl_bench.summary_line(r)
     if r.get("mode") == "backward" and r["status"] == "ok":
         peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
         return f"{r['variant']:<32} ok             {r['seconds']:.2f} s, peak {peak:.0f} MB, estimate {r['estimate_gib']['total']} GiB"

@@ -122,7 +122,7 @@ def cmd_score(args) -> int:
     if not single:
         _check_batch_paths(Path(args.input), Path(args.output))
     scorer = Scorer.load(args.model, backend=args.backend, mode=args.mode, base=args.base, prompts_from=args.prompts_from,
-                         device=args.device, threads=args.threads, max_batch=args.max_batch)
+                         device=args.device, threads=args.threads, max_batch=args.max_batch, memory=args.memory)
     if single:
         record = {"instruction": args.instruction, "source": args.source, "edited": args.edited}
         try:
@@ -169,6 +169,7 @@ TOOLS = {
         "sizes": ("editreward_quant.sizes", "quant", "decoder weight bytes of model folders against bf16"),
         "quant": ("editreward_bench.quant_report", "quant", "fidelity and size per scheme (benchmarks/quant_report.py)"),
         "resize-gap": ("editreward_bench.resize_gap", "torch", "bilinear against bicubic resize (benchmarks/resize_gap.py)"),
+        "rl": ("editreward_bench.rl_bench", "bench", "RL reward scoring: serial, batched, grouped (benchmarks/rl_bench.py)"),
         "gpu": ("editreward_bench.gpu_matrix", "torch", "the GPU matrix (benchmarks/gpu_check.py)"),
         "gpu-trt": ("editreward_bench.gpu_trt", "trt", "the TensorRT GPU check (benchmarks/gpu_trt_check.py)"),
     },
@@ -212,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="cpu", help="cpu or cuda")
     score.add_argument("--threads", type=int)
     score.add_argument("--max-batch", type=int, default=8)
+    memory = score.add_mutually_exclusive_group()
+    memory.add_argument("--resident", dest="memory", action="store_const", const="resident",
+                        help="torch backend: weights stay on the GPU (the default)")
+    memory.add_argument("--per-call", dest="memory", action="store_const", const="per-call",
+                        help="torch backend: weights in host memory, copied to the GPU for each call and freed after")
+    score.set_defaults(memory="resident")
     score.add_argument("--instruction")
     score.add_argument("--source")
     score.add_argument("--edited")

@@ -92,3 +92,32 @@ class ExportError(EditRewardError):
     """An export or its self-validation failed."""
 
     kind = "export_error"
+
+
+class OverloadedError(EditRewardError):
+    """A bounded queue is full (back-pressure): nothing was accepted; retry later."""
+
+    kind = "overloaded"
+
+
+class NotReadyError(EditRewardError):
+    """The scorer or service is closed, shutting down or not started: nothing was accepted."""
+
+    kind = "not_ready"
+
+
+class DeadlineError(EditRewardError):
+    """The triple's deadline passed before it was scored; it was dropped, not scored."""
+
+    kind = "timeout"
+
+
+def error_classes() -> dict[str, type[EditRewardError]]:
+    """Every error class defined here, by ``kind`` (what a client turns an error body back into)."""
+    out, todo = {}, [EditRewardError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__ == __name__:
+            out.setdefault(cls.kind, cls)
+        todo.extend(cls.__subclasses__())
+    return out

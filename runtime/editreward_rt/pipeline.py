@@ -1,11 +1,12 @@
 """The fast path, written once over three graph primitives (vision, decode, heads).
 
 Per call: each distinct image goes through the vision encoder once; the token prefix
-that every sequence shares (system prompt, and the source image when ranking edits of
-one source) is decoded once; each triple's prefix shared by its two rubric passes is
-decoded once on top of it; then each rubric suffix up to ``<|Reward|>`` (nothing after it
+that every sequence shares (the system prompt) is decoded once; on top of it each source's
+prefix (its image, shared by all edits of that source in the call); then each triple's prefix
+shared by its two rubric passes; then each rubric suffix up to ``<|Reward|>`` (nothing after it
 can reach the reward position under causal attention). Every level is one padded batch.
-The result equals two full passes per triple to float round-off.
+A source's prefix can also be decoded once and kept (``encode_prefix``) for the next calls that
+score edits of it. The result equals two full passes per triple to float round-off.
 """
 
 from __future__ import annotations
@@ -77,6 +78,25 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+@dataclass
+class SharedPrefix:
+    """One source's decoded prefix (the system prompt and the source image), kept across calls so
+    that the chunks of a large group of edits neither encode the source nor decode its prefix again."""
+
+    source_key: str
+    embeds: np.ndarray  # the source's merged embeddings [n_tokens, H], row 0 of every call's table
+    keyed: np.ndarray  # [2, P]: the prefix's token ids and table rows
+    cache: Any  # one cache row of P positions
+    mask: np.ndarray  # [1, P]
+
+
+def _shared(keyed: list[np.ndarray], floor: int = 0) -> int:
+    """Positions every sequence of ``keyed`` ([2, L] each: ids and rows) shares, at least ``floor``;
+    each sequence keeps at least its last (reward) token for the levels below."""
+    cut = min(common_prefix(keyed[0].T.ravel(), k.T.ravel()) // 2 for k in keyed)
+    return max(floor, min(cut, min(k.shape[1] for k in keyed) - 1))
+
+
 class FastPipeline:
     def __init__(self, graphs: GraphRunner, clock=None):
         import time
@@ -95,14 +115,41 @@ class FastPipeline:
             out[key] = np.asarray(self.graphs.vision(*feeds), dtype=np.float32)[order]
         return out
 
-    def run(self, triples: list[PreparedTriple]) -> np.ndarray:
-        """-> per-head outputs [T, K, 2] (mu, log_sigma)."""
+    def encode_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix:
+        """The prefix every triple of one source shares, up to (not into) its edited image."""
+        if len({t.source_key for t in triples}) != 1:
+            raise ValueError("a shared prefix is made from triples of one source")
         t0 = self.clock()
+        key = triples[0].source_key
+        embeds = self.encode_images({key: triples[0].source})[key]
+        self.times.vision += self.clock() - t0
+        t1 = self.clock()
+        n_src = len(embeds)  # edited rows start here, so the first row >= n_src is an edited image
+        keyed = [np.stack(self._rows(p, 0, n_src)) for t in triples for p in t.prompts]
+        first_edit = min(int(np.argmax(k[1] >= n_src)) if (k[1] >= n_src).any() else k.shape[1] for k in keyed)
+        cut = min(_shared(keyed), first_edit)
+        if cut == 0:
+            raise RuntimeError("sequences share no prefix; the chat template must start with text")
+        root = keyed[0][:, :cut]
+        _, cache, mask = self._level([(root[0], root[1])], np.zeros(1, np.int64), self.graphs.empty_cache(1),
+                                     np.zeros((1, 0), dtype=np.int64), embeds)
+        self.times.prefix += self.clock() - t1
+        return SharedPrefix(key, embeds, root, cache, mask)
+
+    def run(self, triples: list[PreparedTriple], prefix: SharedPrefix | None = None) -> np.ndarray:
+        """-> per-head outputs [T, K, 2] (mu, log_sigma). With ``prefix`` (from ``encode_prefix``),
+        every triple must be of its source, and the prefix's source and positions are not redone."""
+        t0 = self.clock()
+        embeds = {}
+        if prefix is not None:
+            if any(t.source_key != prefix.source_key for t in triples):
+                raise ValueError("a shared prefix serves triples of its own source only")
+            embeds[prefix.source_key] = prefix.embeds
         images = {}
         for t in triples:
             images.setdefault(t.source_key, t.source)
             images.setdefault(t.edited_key, t.edited)
-        embeds = self.encode_images(images)
+        embeds.update(self.encode_images({k: v for k, v in images.items() if k not in embeds}))
         t1 = self.clock()
         self.times.vision += t1 - t0
 
@@ -115,7 +162,9 @@ class FastPipeline:
             for prompt in t.prompts:
                 seqs.append(self._rows(prompt, offsets[t.source_key], offsets[t.edited_key]))
                 owner.append(ti)
-        hidden = self._decode_levels(seqs, owner, len(triples), table)
+        group_ids = {}
+        group = np.array([group_ids.setdefault(t.source_key, len(group_ids)) for t in triples], dtype=np.int64)
+        hidden = self._decode_levels(seqs, np.asarray(owner), group, table, prefix)
         t2 = self.clock()
         k = len(triples[0].prompts)
         out = self.graphs.heads(hidden.reshape(len(triples), k, -1))
@@ -126,34 +175,49 @@ class FastPipeline:
         ids = prompt.scored_ids
         return ids, self.family.image_rows(ids, self.spec, src_offset, edit_offset)
 
-    def _decode_levels(self, seqs, owner, n_triples, table) -> np.ndarray:
-        """Decode shared prefix, per-triple prefixes and suffixes; -> hidden at each <|Reward|> [2T, H]."""
-        keyed = [np.stack([ids, rows]) for ids, rows in seqs]  # [2, L]: equal columns mean identical inputs
-        last = min(k.shape[1] for k in keyed) - 1  # every sequence keeps at least its reward token
-        common = min(common_prefix(keyed[0].T.ravel(), k.T.ravel()) // 2 for k in keyed)
-        common = min(common, last)
+    def _root(self, seqs, keyed, table, prefix: SharedPrefix | None):
+        """The prefix all sequences share -> (its length, its one-row cache and mask)."""
+        if prefix is not None:
+            n = prefix.keyed.shape[1]
+            if any(k.shape[1] <= n or not np.array_equal(k[:, :n], prefix.keyed) for k in keyed):
+                raise ValueError("the triples do not continue the shared prefix")
+            return n, prefix.cache, prefix.mask
+        common = _shared(keyed)
         if common == 0:
             raise RuntimeError("sequences share no prefix; the chat template must start with text")
-        per_triple = [common] * n_triples
-        for ti in range(n_triples):
-            mine = [k for k, o in zip(keyed, owner) if o == ti]
-            cut = min(common_prefix(mine[0].T.ravel(), m.T.ravel()) // 2 for m in mine)
-            per_triple[ti] = max(common, min(cut, min(m.shape[1] for m in mine) - 1))
+        empty, no_mask = self.graphs.empty_cache(1), np.zeros((1, 0), dtype=np.int64)
+        _, cache, mask = self._level([(seqs[0][0][:common], seqs[0][1][:common])], np.zeros(1, np.int64), empty, no_mask,
+                                     table)
+        return common, cache, mask
 
+    def _decode_levels(self, seqs, owner, group, table, prefix) -> np.ndarray:
+        """Decode, each level one padded batch continuing the one above: the prefix all sequences
+        share, each source group's prefix (its source image), each triple's prefix (its edited
+        image, shared by its rubric passes), then the suffixes; -> hidden at each <|Reward|> [2T, H]."""
+        keyed = [np.stack([ids, rows]) for ids, rows in seqs]  # [2, L]: equal columns mean identical inputs
         t0 = self.clock()
-        cache, mask = self.graphs.empty_cache(1), np.zeros((1, 0), dtype=np.int64)
-        _, cache, mask = self._level([(seqs[0][0][:common], seqs[0][1][:common])], np.zeros(1, np.int64), cache, mask, table)
-        firsts = [owner.index(ti) for ti in range(n_triples)]
-        segments = [(seqs[s][0][common:per_triple[ti]], seqs[s][1][common:per_triple[ti]]) for ti, s in enumerate(firsts)]
+        root, cache, mask = self._root(seqs, keyed, table, prefix)
+        n_triples = len(group)
+        firsts = [int(np.flatnonzero(owner == ti)[0]) for ti in range(n_triples)]
+        group_cut = [_shared([keyed[s] for s in np.flatnonzero(group[owner] == g)], root) for g in range(group.max() + 1)]
+        triple_cut = [_shared([keyed[s] for s in np.flatnonzero(owner == ti)], group_cut[group[ti]])
+                      for ti in range(n_triples)]
+        # Each triple's row in the current cache, level by level.
+        row = np.zeros(n_triples, dtype=np.int64)
+        group_firsts = [firsts[int(np.flatnonzero(group == g)[0])] for g in range(len(group_cut))]
+        segments = [(seqs[s][0][root:cut], seqs[s][1][root:cut]) for s, cut in zip(group_firsts, group_cut)]
         if any(len(ids) for ids, _ in segments):
-            _, cache, mask = self._level(segments, np.zeros(n_triples, np.int64), cache, mask, table)
-            parents = np.asarray(owner, dtype=np.int64)
-        else:
-            parents = np.zeros(len(seqs), dtype=np.int64)
+            _, cache, mask = self._level(segments, np.zeros(len(segments), np.int64), cache, mask, table)
+            row = group.copy()
+        segments = [(seqs[s][0][group_cut[group[ti]]:triple_cut[ti]], seqs[s][1][group_cut[group[ti]]:triple_cut[ti]])
+                    for ti, s in enumerate(firsts)]
+        if any(len(ids) for ids, _ in segments):
+            _, cache, mask = self._level(segments, row, cache, mask, table)
+            row = np.arange(n_triples, dtype=np.int64)
         t1 = self.clock()
         self.times.prefix += t1 - t0
-        suffixes = [(ids[per_triple[o]:], rows[per_triple[o]:]) for (ids, rows), o in zip(seqs, owner)]
-        hidden, _, _ = self._level(suffixes, parents, cache, mask, table)
+        suffixes = [(ids[triple_cut[o]:], rows[triple_cut[o]:]) for (ids, rows), o in zip(seqs, owner)]
+        hidden, _, _ = self._level(suffixes, row[owner], cache, mask, table)
         lengths = np.array([len(ids) for ids, _ in suffixes])
         self.times.suffixes += self.clock() - t1
         return hidden[np.arange(len(seqs)), lengths - 1]
@@ -178,6 +242,18 @@ class FastPipeline:
         past = self.graphs.select(cache, parents) if p else self.graphs.empty_cache(b)
         hidden, present = self.graphs.decode(ids, sub, local, positions, mask, past)
         return hidden, present, mask
+
+
+class PipelineBackend:
+    """A backend on the fast path: ``head_outputs`` and a source prefix kept across calls."""
+
+    pipeline: FastPipeline
+
+    def head_outputs(self, triples: list[PreparedTriple], prefix: SharedPrefix | None = None) -> np.ndarray:
+        return self.pipeline.run(triples, prefix)
+
+    def encode_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix | None:
+        return self.pipeline.encode_prefix(triples)
 
 
 def fuse(per_head: np.ndarray, strategy: str) -> np.ndarray:

@@ -15,7 +15,7 @@ from . import backends
 from .errors import BackendError, EditRewardError, InputError
 from .families import family
 from .manifest import MANIFEST
-from .pipeline import PreparedTriple, fuse
+from .pipeline import PreparedTriple, SharedPrefix, fuse
 from .preprocess import PreprocessedImage, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,14 @@ def preference(a: Score, b: Score) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def _load_backend(path_or_id, backend, mode, **kwargs):
+def _load_backend(path_or_id, backend, mode, memory="resident", **kwargs):
     folder = Path(str(path_or_id))
     exported = folder.is_dir() and (folder / MANIFEST).is_file()
     name = backend or (_manifest_runtime(folder) if exported else backends.DEFAULT_CHECKPOINT)
+    if memory != "resident":  # only the torch backend moves its own weights; the others would ignore it
+        if name != "torch":
+            raise BackendError(f"memory {memory!r} is a torch-backend mode; the {name} backend keeps its weights resident")
+        kwargs["memory"] = memory
     return backends.backend(name).load(path_or_id, mode=mode, **kwargs)
 
 
@@ -81,6 +85,42 @@ def _unpack(index: int, triple) -> tuple:
                          f"{type(exc).__name__}: {exc}") from None
 
 
+def _unpack_group(index: int, group) -> tuple:
+    """(instruction, source, [edited, ...]) or an InputError."""
+    try:
+        instruction, source, edits = group
+        if isinstance(edits, (str, bytes)):
+            raise TypeError("edits is one value, not a list")
+        return instruction, source, list(edits)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"group {index} is not (instruction, source, [edited, ...]): {type(exc).__name__}: {exc}") from None
+
+
+def _check_errors(errors: str) -> None:
+    if errors not in ("raise", "return"):
+        raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
+
+
+def attempt(errors: str, what: str, fn, *args):
+    """``fn(*args)``, or with ``errors="return"`` its failure as an EditRewardError (anything else
+    becomes an InputError naming ``what``: a bug or an input no check foresaw costs that item only)."""
+    try:
+        return fn(*args)
+    except EditRewardError as exc:
+        if errors == "raise":
+            raise
+        return exc
+    except Exception as exc:
+        if errors == "raise":
+            raise
+        log.warning("preparing %s failed", what, exc_info=True)
+        return InputError(f"{what} could not be prepared: {type(exc).__name__}: {exc}")
+
+
+def scoring_failed(exc: Exception) -> BackendError:
+    return BackendError(f"scoring failed: {type(exc).__name__}: {exc}")
+
+
 class Scorer:
     """Scores (instruction, source image, edited image) triples. Safe to share between threads."""
 
@@ -97,11 +137,13 @@ class Scorer:
     @classmethod
     def load(cls, path_or_id: str | os.PathLike, backend: str | None = None, mode: str = "fast", base: str | None = None,
              prompts_from: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None,
-             dtype: str | None = None, max_batch: int = 8, max_input_pixels: int | None = None) -> "Scorer":
+             dtype: str | None = None, max_batch: int = 8, max_input_pixels: int | None = None,
+             memory: str = "resident") -> "Scorer":
         """``path_or_id``: a checkpoint (hub id or folder; torch backend) or an exported model folder.
-        ``max_input_pixels`` caps decoded image size (decompression-bomb guard)."""
-        impl, model = _load_backend(path_or_id, backend, mode, base=base, prompts_from=prompts_from, device=device,
-                                    threads=threads, dtype=dtype)
+        ``max_input_pixels`` caps decoded image size (decompression-bomb guard). ``memory`` (torch
+        backend): ``resident`` weights stay on the device, ``per-call`` they are there only during a call."""
+        impl, model = _load_backend(path_or_id, backend, mode, memory, base=base, prompts_from=prompts_from,
+                                    device=device, threads=threads, dtype=dtype)
         return cls(impl, model, max_batch=max_batch, max_input_pixels=max_input_pixels)
 
     @property
@@ -116,23 +158,33 @@ class Scorer:
         prompts = self.builder.build(instruction, src.n_tokens, edit.n_tokens)
         return PreparedTriple(src, edit, prompts)
 
-    def score_prepared(self, triples: list[PreparedTriple]) -> list[Score]:
+    def score_prepared(self, triples: list[PreparedTriple], prefix: SharedPrefix | None = None) -> list[Score]:
+        """Scores in chunks of ``max_batch``; with ``prefix`` (of these triples' one source) each
+        chunk continues that prefix instead of encoding the source again."""
         scores = []
         for start in range(0, len(triples), self.max_batch):
             chunk = triples[start : start + self.max_batch]
             with self._lock:
-                per_head = self.backend.head_outputs(chunk)
+                per_head = self.backend.head_outputs(chunk) if prefix is None else self.backend.head_outputs(chunk, prefix)
             scores.extend(self._scores(per_head))
         return scores
 
-    def score_prepared_isolated(self, triples: list[PreparedTriple], wrap) -> list:
+    def shared_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix | None:
+        """The prefix of these triples' one source (None where the backend decodes each triple in full)."""
+        encode = getattr(self.backend, "encode_prefix", None)
+        if encode is None:
+            return None
+        with self._lock:
+            return encode(triples)
+
+    def score_prepared_isolated(self, triples: list[PreparedTriple], wrap, prefix: SharedPrefix | None = None) -> list:
         """Score a batch; if it fails as a whole, score triple by triple so one bad triple costs
         only its own result. A failure is returned in its place: an ``EditRewardError`` as is,
         anything else as ``wrap(exc)`` (called inside the ``except``, so it may log the traceback)."""
         if not triples:
             return []
         try:
-            return self.score_prepared(triples)
+            return self.score_prepared(triples, prefix)
         except Exception:
             log.warning("a batch of %d failed; scoring its triples one by one", len(triples), exc_info=True)
         out = []
@@ -159,34 +211,75 @@ class Scorer:
     def score_batch(self, triples, errors: str = "raise") -> list:
         """``triples``: (instruction, source, edited) tuples or dicts. With ``errors="return"`` a bad
         triple yields its ``EditRewardError`` in place and every other triple is still scored."""
-        if errors not in ("raise", "return"):
-            raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
-        prepared, results = [], [None] * len(triples)
-        for i, triple in enumerate(triples):
-            try:
-                prepared.append((i, self.prepare(*_unpack(i, triple))))
-            except EditRewardError as exc:
-                if errors == "raise":
-                    raise
-                results[i] = exc
-            except Exception as exc:  # a bug or an input no check foresaw: it costs this triple only
-                if errors == "raise":
-                    raise
-                log.warning("preparing triple %d failed", i, exc_info=True)
-                results[i] = InputError(f"triple {i} could not be prepared: {type(exc).__name__}: {exc}")
-        batch = [p for _, p in prepared]
-        if errors == "raise":
-            outcomes = self.score_prepared(batch)
-        else:
-            outcomes = self.score_prepared_isolated(batch, lambda exc: BackendError(f"scoring failed: {type(exc).__name__}: {exc}"))
-        for (i, _), outcome in zip(prepared, outcomes):
-            results[i] = outcome
+        _check_errors(errors)
+        results = [attempt(errors, f"triple {i}", lambda i, t: self.prepare(*_unpack(i, t)), i, t)
+                   for i, t in enumerate(triples)]
+        self._fill(results, errors)
         return results
 
+    def _fill(self, items: list, errors: str, prefix: SharedPrefix | None = None) -> None:
+        """Replace the PreparedTriples of ``items`` by their scores (errors stay in place)."""
+        todo = [i for i, item in enumerate(items) if isinstance(item, PreparedTriple)]
+        batch = [items[i] for i in todo]
+        if errors == "raise":
+            outcomes = self.score_prepared(batch, prefix)
+        else:
+            outcomes = self.score_prepared_isolated(batch, scoring_failed, prefix)
+        for i, outcome in zip(todo, outcomes):
+            items[i] = outcome
+
+    def score_groups(self, groups, errors: str = "raise") -> list[list]:
+        """``groups``: (instruction, source, [edited, ...]) -> each group's scores, in order. Each
+        source is preprocessed once, and its image and prefix are encoded once per group, also
+        across the chunks of a group larger than ``max_batch``; smaller groups share chunks. With
+        ``errors="return"`` a bad edit (or source: all its group) yields its error in place."""
+        _check_errors(errors)
+        prepared = [self._prepare_group(gi, group, errors) for gi, group in enumerate(groups)]
+        pending: list[list] = []  # small groups waiting to fill a chunk
+        for items in prepared:
+            n = sum(isinstance(item, PreparedTriple) for item in items)
+            if n > self.max_batch:
+                self._fill(items, errors, self._group_prefix(items, errors))
+                continue
+            if sum(isinstance(i, PreparedTriple) for g in pending for i in g) + n > self.max_batch:
+                self._fill_together(pending, errors)
+                pending = []
+            pending.append(items)
+        self._fill_together(pending, errors)
+        return prepared
+
+    def _prepare_group(self, index: int, group, errors: str) -> list:
+        instruction, source, edits = attempt("raise", f"group {index}", _unpack_group, index, group)
+        src = attempt(errors, f"group {index} source", self.preprocess, source)
+        if isinstance(src, EditRewardError):
+            return [src] * len(edits)
+        return [attempt(errors, f"group {index} edit {e}", self.prepare, instruction, src, edit)
+                for e, edit in enumerate(edits)]
+
+    def _group_prefix(self, items: list, errors: str) -> SharedPrefix | None:
+        """A large group's shared prefix; if it cannot be made, its chunks are scored without it."""
+        triples = [item for item in items if isinstance(item, PreparedTriple)]
+        if errors == "raise":
+            return self.shared_prefix(triples)
+        try:
+            return self.shared_prefix(triples)
+        except Exception:
+            log.warning("the shared prefix of a group failed; scoring its chunks without it", exc_info=True)
+            return None
+
+    def _fill_together(self, groups: list[list], errors: str) -> None:
+        """Score several small groups in one call (each source's prefix is still decoded once)."""
+        flat = [item for items in groups for item in items]
+        self._fill(flat, errors)
+        at = 0
+        for items in groups:
+            items[:] = flat[at : at + len(items)]
+            at += len(items)
+
     def rank(self, instruction: str, source, edits) -> list[Score]:
-        """Scores for each edit of one source; the source is preprocessed and encoded once."""
-        src = self.preprocess(source)
-        return self.score_prepared([self.prepare(instruction, src, e) for e in edits])
+        """Scores for each edit of one source; the source is preprocessed and encoded once, and
+        its prefix decoded once, however many chunks the edits take."""
+        return self.score_groups([(instruction, source, edits)])[0]
 
     def prefer(self, instruction: str, source, a, b) -> float:
         """P(edit ``a`` is preferred over edit ``b``)."""

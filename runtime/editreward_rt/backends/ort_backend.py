@@ -10,7 +10,7 @@ from ..errors import BackendError, ManifestError
 from ..extras import require
 from ..families import family
 from ..manifest import open_exported
-from ..pipeline import FastPipeline, PreparedTriple
+from ..pipeline import FastPipeline, PipelineBackend
 from . import BACKENDS, onnx_proto
 
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -149,7 +149,8 @@ class OrtGraphs:
         return binding.get_outputs()[0]
 
 
-class OrtBackend:
+class OrtBackend(PipelineBackend):
+    # Prompt length limits are enforced per triple when prompts are built (spec.max_prompt_tokens).
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
@@ -160,7 +161,3 @@ class OrtBackend:
         self.pipeline = FastPipeline(self.graphs)
         self.description = {"backend": "onnxruntime", "mode": "fast", "providers": self.graphs.providers,
                             "precision": self.model.manifest.get("precision"), "io_binding": self.graphs.binding}
-
-    def head_outputs(self, triples: list[PreparedTriple]) -> np.ndarray:
-        # Prompt length limits are enforced per triple when prompts are built (spec.max_prompt_tokens).
-        return self.pipeline.run(triples)

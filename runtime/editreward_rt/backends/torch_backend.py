@@ -1,9 +1,14 @@
 """PyTorch backend: ``reference`` (two full transformers passes per triple, as upstream) and
 ``fast`` (the model family's torch modules on the shared fast path), from a checkpoint or from a
-torch-quantized model folder (whose layers its scheme's ``load`` rebuilds). Needs the ``torch`` extra."""
+torch-quantized model folder (whose layers its scheme's ``load`` rebuilds). Needs the ``torch`` extra.
+
+GPU memory (``memory``): ``resident`` keeps the weights on the device; ``per-call`` keeps them in
+host memory and copies them to the device for each call, freeing that copy (and the allocator's
+cache) after it, so a trainer sharing the GPU gets the memory back between reward calls."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,7 @@ from ..errors import BackendError
 from ..extras import require
 from ..families import family
 from ..manifest import MANIFEST
-from ..pipeline import FastPipeline, PreparedTriple
+from ..pipeline import FastPipeline, PipelineBackend, PreparedTriple, SharedPrefix
 from . import BACKENDS
 
 
@@ -20,18 +25,24 @@ def _torch():
     return require("torch", BACKENDS["torch"].extra, "the torch backend")
 
 
-def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device: str = "cpu", threads=None, dtype=None):
+MEMORY_MODES = ("resident", "per-call")
+
+
+def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device: str = "cpu", threads=None, dtype=None,
+         memory: str = "resident"):
     """Registry entry: a checkpoint (hub id or folder), or a quantized model folder written by the quantize tool."""
     folder = Path(str(path_or_id))
     if folder.is_dir() and (folder / MANIFEST).is_file():
         from ..manifest import open_exported
 
+        if memory != "resident":  # quantized layers pack their weights when moved; a per-call copy would repack them
+            raise BackendError(f"memory {memory!r} needs float weights; a quantized folder stays resident")
         model = open_exported(folder)
         return TorchBackend.from_quantized(model, mode=mode, device=device, threads=threads), model
     from ..checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path_or_id, base=base, prompts_from=prompts_from)
-    return TorchBackend(ckpt, mode=mode, device=device, dtype=dtype, threads=threads), ckpt
+    return TorchBackend(ckpt, mode=mode, device=device, dtype=dtype, threads=threads, memory=memory), ckpt
 
 
 def pick_device(device: str):
@@ -95,16 +106,54 @@ class TorchGraphs:
         return cache[:, :, self._t(rows)]
 
 
-class TorchBackend:
+class Residency:
+    """Where the weights of ``modules`` are between calls (see the module docstring). ``per-call``
+    keeps each tensor's host copy; a call points the tensors at fresh device copies and back at the
+    host copies after it (the weights are frozen, so nothing is copied back), freeing the device copies."""
+
+    def __init__(self, torch, modules, device, mode: str):
+        if mode not in MEMORY_MODES:
+            raise BackendError(f"unknown memory mode {mode!r}; use {' or '.join(MEMORY_MODES)}")
+        self.torch, self.device, self.mode = torch, device, mode
+        self.tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        self.host = []
+        if mode == "per-call":
+            pin = device.type == "cuda"  # page-locked host memory makes each call's copy to the GPU faster
+            self.host = [t.data.to("cpu").pin_memory() if pin else t.data.to("cpu") for t in self.tensors]
+            self._point(self.host)
+
+    def _point(self, data) -> None:
+        for tensor, value in zip(self.tensors, data):
+            tensor.data = value
+
+    @contextmanager
+    def on_device(self):
+        """The weights on the device for the body of the ``with``; released after, even on an error."""
+        if self.mode == "resident":
+            yield
+            return
+        self._point([h.to(self.device, copy=True, non_blocking=True) for h in self.host])
+        try:
+            yield
+        finally:
+            self._point(self.host)
+            if self.device.type == "cuda":
+                self.torch.cuda.synchronize(self.device)
+                self.torch.cuda.empty_cache()
+
+
+class TorchBackend(PipelineBackend):
     name = "torch"
 
     def __init__(self, checkpoint, mode: str = "fast", device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, memory: str = "resident"):
         torch = _torch()
         if threads:
             torch.set_num_threads(threads)
         if mode not in ("fast", "reference"):
             raise BackendError(f"unknown mode {mode!r}; use fast or reference")
+        if memory != "resident" and mode == "reference":
+            raise BackendError(f"memory {memory!r} applies to the fast path; the reference stays resident")
         self.spec, self.mode = checkpoint.spec, mode
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
@@ -112,10 +161,15 @@ class TorchBackend:
         if mode == "reference":
             self.runner = family(self.spec.family).reference_runner(self.spec, checkpoint.config, state, dev, dt)
             self.pipeline = None
+            self.residency = Residency(torch, [], dev, "resident")
         else:
-            self.graphs = TorchGraphs(self.spec, state, dev, dt)
-            self.pipeline = FastPipeline(self.graphs)
-        self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", "")}
+            # Per-call weights are built in host memory: the device never holds them outside a call.
+            graphs = self.graphs = TorchGraphs(self.spec, state, dev if memory == "resident" else torch.device("cpu"), dt)
+            graphs.device = dev
+            self.pipeline = FastPipeline(graphs)
+            self.residency = Residency(torch, [graphs.vision_module, graphs.decoder, graphs.head_module], dev, memory)
+        self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+                            "memory": memory}
 
     @classmethod
     def from_quantized(cls, model, mode: str = "fast", device: str = "cpu", threads: int | None = None):
@@ -134,6 +188,7 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self = cls.__new__(cls)
         self.model, self.spec, self.mode, self.runner = model, model.spec, mode, None
+        self.residency = Residency(torch, [], pick_device(device), "resident")
         dev = pick_device(device)
         dt = getattr(torch, model.manifest.get("compute_dtype", "float32"))
         weights = model.root / model.manifest["weights"]
@@ -154,7 +209,15 @@ class TorchBackend:
                             "quantization": quant["scheme"]}
         return self
 
-    def head_outputs(self, triples: list[PreparedTriple]) -> np.ndarray:
+    def head_outputs(self, triples: list[PreparedTriple], prefix: SharedPrefix | None = None) -> np.ndarray:
+        with self.residency.on_device():
+            if self.pipeline is None:
+                return self.runner.run(triples)
+            return self.pipeline.run(triples, prefix)
+
+    def encode_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix | None:
+        """None in reference mode, which decodes every triple in full."""
         if self.pipeline is None:
-            return self.runner.run(triples)
-        return self.pipeline.run(triples)
+            return None
+        with self.residency.on_device():
+            return self.pipeline.encode_prefix(triples)

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import BackendError, InputError, ManifestError, PromptTooLongError
 from ..extras import require
 from ..manifest import open_exported
-from ..pipeline import FastPipeline, PreparedTriple
+from ..pipeline import FastPipeline, PipelineBackend, PreparedTriple, SharedPrefix
 from . import BACKENDS, cuda_memory
 from .cuda_memory import DeviceBuffer, DeviceTensor, gather_batch, place_batch
 
@@ -336,7 +336,7 @@ class TrtGraphs:
         self.mem.free(self.empty.ptr)
 
 
-class TrtBackend:
+class TrtBackend(PipelineBackend):
     name = "tensorrt"
 
     def __init__(self, path: str | os.PathLike, device: str = "cuda", verify: bool = True, cuda_graphs: bool = False):
@@ -353,9 +353,13 @@ class TrtBackend:
                             "precision": self.section["precision"], "tensorrt": trt.__version__,
                             "cuda_graphs": cuda_graphs}
 
-    def head_outputs(self, triples: list[PreparedTriple]) -> np.ndarray:
+    def head_outputs(self, triples: list[PreparedTriple], prefix: SharedPrefix | None = None) -> np.ndarray:
         check_inputs(triples, self.spec, self.section["limits"])
-        return self.pipeline.run(triples)
+        return self.pipeline.run(triples, prefix)
+
+    def encode_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix:
+        check_inputs(triples, self.spec, self.section["limits"])
+        return self.pipeline.encode_prefix(triples)
 
     def close(self) -> None:
         self.graphs.close()

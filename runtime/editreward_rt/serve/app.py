@@ -5,7 +5,12 @@ multipart uploads), ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometh
 ``/openapi.json`` and ``/docs``. The gateway validates and decodes requests and keeps the metrics;
 the scorer replicas (``replica.py``) preprocess and score, merging concurrent requests into batches.
 Queue bounds are Serve's: ``max_ongoing_requests`` per scorer replica and ``max_queued_requests``
-at the gateway's handle, whose overflow becomes a 429 with a typed error body.
+at the gateway's handle, whose overflow becomes a 429 with a typed error body (429 and 503 carry
+``Retry-After``). A request with an ``Idempotency-Key`` header is answered once: a retry with the
+same key and body gets the stored answer (``idempotency.py``); the same key with another body, a 409.
+
+A batch of triples is one ``POST /v1/score`` of ``{"triples": [...]}`` (up to ``max_triples``), each
+answered in place: the endpoint for RL trainers (verl, OpenRLHF) and ``editreward_rt.client``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import EditRewardError, InputError
 from . import schemas as S
+from .idempotency import IdempotencyCache
 from .prometheus import ServeMetrics
 from .replica import ScorerReplica
 
@@ -94,7 +100,7 @@ def _doc(json_schema: dict, form: dict, ok: dict) -> dict:
         "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {"schema": json_schema},
                                                                         "multipart/form-data": form}}},
         "responses": {200: {"content": {"application/json": {"schema": ok}}},
-                      **{code: {"model": S.ErrorOut} for code in (400, 413, 415, 422, 429, 504)}},
+                      **{code: {"model": S.ErrorOut} for code in (400, 409, 413, 415, 422, 429, 503, 504)}},
     }
 
 
@@ -133,6 +139,7 @@ class Gateway:
         self.metrics = ServeMetrics()
         self.inflight = 0
         self.draining = False
+        self.replays = IdempotencyCache()
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new scoring requests (503) and wait up to ``timeout_s`` for those in flight to be
@@ -182,17 +189,37 @@ class Gateway:
 
     # ------------------------------------------------------------ request handling
 
-    async def _serve(self, kind: str, request: Request) -> JSONResponse:
+    async def _serve(self, kind: str, request: Request) -> Response:
         start = time.perf_counter()
         _REQUEST_START.set(start)  # seen by the task asyncio.wait_for runs the dispatch in
         self.metrics.inflight.inc()
         self.inflight += 1
         try:
+            response = await self._answer(kind, request)
+        finally:
+            self.metrics.inflight.dec()
+            self.inflight -= 1
+        self.metrics.request(kind, response.status_code, time.perf_counter() - start)
+        return response
+
+    async def _answer(self, kind: str, request: Request) -> Response:
+        """The response to one scoring request; with an idempotency key, a request seen before
+        gets its first answer again (``Idempotency-Replayed: true``) and is not scored twice."""
+        key, response = None, None
+        try:
             if self.draining:
                 raise S.NotReadyError("the service is shutting down")
-            work = await self._read(kind, request)
-            body = await asyncio.wait_for(self._dispatch(kind, work), timeout=self.limits.request_timeout_s)
-            response = JSONResponse(body)
+            wanted = S.idempotency_key(request.headers)
+            body = await self._body(request)
+            if wanted is not None:
+                ctype = request.headers.get("content-type", "")
+                replay = await self.replays.begin(wanted, S.fingerprint(kind, ctype, body))
+                if replay is not None:
+                    return replay
+                key = wanted
+            work = await self._parse(kind, request, body)
+            result = await asyncio.wait_for(self._dispatch(kind, work), timeout=self.limits.request_timeout_s)
+            response = JSONResponse(result)
         except asyncio.TimeoutError:
             response = self._error(S.RequestTimeoutError(f"not scored within {self.limits.request_timeout_s:g} s"))
         except BackPressureError:
@@ -203,18 +230,17 @@ class Gateway:
             log.exception("request failed")
             response = self._error(S.ServiceError(f"{type(exc).__name__}: {exc}"))
         finally:
-            self.metrics.inflight.dec()
-            self.inflight -= 1
-        self.metrics.request(kind, response.status_code, time.perf_counter() - start)
+            if key is not None:  # also when the client went away (cancelled): its retries must not wait forever
+                self.replays.finish(key, response)
         return response
 
     def _error(self, exc: EditRewardError) -> JSONResponse:
         self.metrics.error(exc.kind)
         status = S.http_status(exc)
-        headers = {"Retry-After": "1"} if status == 429 else None
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
         return JSONResponse(S.error_body(exc), status_code=status, headers=headers)
 
-    async def _read(self, kind: str, request: Request):
+    async def _body(self, request: Request) -> bytes:
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -225,7 +251,9 @@ class Gateway:
             if size > limit:
                 raise S.PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
             chunks.append(chunk)
-        body = b"".join(chunks)
+        return b"".join(chunks)
+
+    async def _parse(self, kind: str, request: Request, body: bytes):
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             return S.work_from_form(kind, await _form_fields(request, body), self.limits)

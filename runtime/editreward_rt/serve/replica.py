@@ -1,21 +1,22 @@
 """The scorer replica: one ``Scorer`` per replica (one GPU, or one group of CPU cores).
 
-Requests are cut into chunks of at most ``max_batch`` triples; ``@serve.batch`` merges the
-chunks of concurrent requests into one batch, which is preprocessed on a small thread pool
-(each distinct image once) and scored in one fast-path call. Nothing a client sends can make a
-batch raise: failures are per triple. Results cross back to the gateway as plain dicts
-(``Score.to_dict()`` or ``{"error": ...}``).
+The images of each request are decoded on a small thread pool (each distinct image once, in
+parallel), then every triple goes to the replica's ``BatchingScorer``, which merges the triples
+of concurrent requests into fast-path batches of at most ``max_batch`` (each source encoded once
+per batch). Nothing a client sends can make a batch raise: failures are per triple. Results cross
+back to the gateway as plain dicts (``Score.to_dict()`` or ``{"error": ...}``), with the batches
+run since the last answer (so the gateway's metrics count each batch once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ray import serve
-
+from ..batching import BatchingScorer
 from ..errors import EditRewardError
 from ..preprocess import PreprocessedImage
 from ..scorer import Score, Scorer, preference
@@ -35,16 +36,16 @@ def _deadline(budget_s: float | None) -> float | None:
     return None if budget_s is None else time.monotonic() + budget_s
 
 
-def _triple_count(chunks) -> int:
-    return sum(len(c) for c in chunks)
-
-
 def _named(exc: EditRewardError, field: str) -> EditRewardError:
     """The same error class with the request field it came from in front of the message."""
     try:
         return type(exc)(f"{field}: {exc}")
     except Exception:  # an error class with another constructor: keep the original
         return exc
+
+
+def _late(item) -> bool:
+    return item[5] is not None and time.monotonic() > item[5]
 
 
 class ScorerReplica:
@@ -54,13 +55,24 @@ class ScorerReplica:
                                   max_input_pixels=max_input_pixels)
         self.max_batch = max_batch
         self._prep = ThreadPoolExecutor(max_workers=max(1, threads or 1), thread_name_prefix="editreward-prep")
-        self._run = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editreward-run")
-        self._batch.set_max_batch_size(max_batch)  # 2 x max_batch <= max_ongoing_requests (see app.py)
-        self._batch.set_batch_wait_timeout_s(batch_wait_s)
+        self._infos, self._infos_lock = [], threading.Lock()
+        # Serve bounds the requests in flight (max_ongoing_requests, see app.py): no second bound here.
+        self.batcher = BatchingScorer(self.scorer, max_batch=max_batch, max_wait_ms=batch_wait_s * 1000.0, max_queue=None,
+                                      on_batch=self._record)
 
     def ready(self) -> dict:
         return {**self.scorer.description, "max_batch": self.max_batch,
                 "max_input_pixels": self.scorer.image_spec.max_input_pixels}
+
+    def _record(self, info: dict) -> None:
+        with self._infos_lock:
+            self._infos.append(info)
+
+    def _batches(self) -> list[dict]:
+        """The batches run since the last answer, each reported once."""
+        with self._infos_lock:
+            out, self._infos = self._infos, []
+        return out
 
     # ------------------------------------------------------------ preprocessing (thread pool)
 
@@ -79,74 +91,37 @@ class ScorerReplica:
         done = await asyncio.gather(*(loop.run_in_executor(self._prep, self._preprocess, b) for b in images))
         return dict(zip(images, done))
 
-    def _prepare(self, item, images: dict):
-        instruction, source, edited, src_name, edit_name, _ = item
-        try:
-            src = source if isinstance(source, PreprocessedImage) else images[source]
-            if isinstance(src, EditRewardError):
-                raise _named(src, src_name)
-            edit = images[edited]
-            if isinstance(edit, EditRewardError):
-                raise _named(edit, edit_name)
-            return self.scorer.prepare(instruction, src, edit)
-        except EditRewardError as exc:
-            return exc
-        except Exception as exc:
-            log.exception("prompt assembly failed")
-            return ServiceError(f"prompt assembly failed: {type(exc).__name__}: {exc}")
-
-    # ------------------------------------------------------------ batched preprocessing and scoring
-
-    def _score_safely(self, triples: list) -> list:
-        """Score a merged batch; if the batch fails as a whole, score triple by triple."""
-        def wrap(exc):
-            log.exception("scoring failed")
-            return ServiceError(f"scoring failed: {type(exc).__name__}: {exc}")
-
-        return self.scorer.score_prepared_isolated(triples, wrap)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2, batch_size_fn=_triple_count)
-    async def _batch(self, chunks: list[list]) -> list[tuple[list, dict | None]]:
-        """Chunks of concurrent requests -> one batch: each distinct image is decoded once, in
-        parallel, then one fast-path call. Two batches may be in flight, so one is preprocessed
-        while the other is scored."""
-        flat = [item for chunk in chunks for item in chunk]
-        start = time.perf_counter()
-        try:
-            results = await self._process(flat)
-        except Exception as exc:  # a bug, not a bad input: still answer every request
-            log.exception("a batch failed")
-            results = [ServiceError(f"batch failed: {type(exc).__name__}: {exc}")] * len(flat)
-        info = {"size": len(flat), "requests": len(chunks), "seconds": time.perf_counter() - start}
-        out, at = [], 0
-        for i, chunk in enumerate(chunks):  # the first chunk reports the batch, so it is counted once
-            out.append((results[at : at + len(chunk)], info if i == 0 else None))
-            at += len(chunk)
-        return out
-
-    async def _process(self, flat: list) -> list:
-        # Work whose request has timed out at the gateway (its deadline passed) is skipped, before
-        # decoding and again before scoring: a 504 frees the replica for the requests behind it.
-        late = lambda item: item[5] is not None and time.monotonic() > item[5]
-        expired = RequestTimeoutError("the request timed out before this triple was scored")
-        live = [item for item in flat if not late(item)]
-        distinct = {b: None for _, s, e, _, _, _ in live for b in (s, e) if not isinstance(b, PreprocessedImage)}
-        images = await self._preprocess_all(list(distinct))
-        prepared = [expired if late(item) else self._prepare(item, images) for item in flat]
-        todo = [i for i, p in enumerate(prepared) if not isinstance(p, EditRewardError)]
-        loop = asyncio.get_running_loop()
-        scores = await loop.run_in_executor(self._run, self._score_safely, [prepared[i] for i in todo])
-        results = list(prepared)
-        for i, score in zip(todo, scores):
-            results[i] = score
-        return results
+    @staticmethod
+    def _images(item, images: dict):
+        """(source, edited) as PreprocessedImages, or the first one's error named by its field."""
+        _, source, edited, src_name, edit_name, _ = item
+        src = source if isinstance(source, PreprocessedImage) else images[source]
+        for image, name in ((src, src_name), (images[edited], edit_name)):
+            if isinstance(image, EditRewardError):
+                return _named(image, name)
+        return src, images[edited]
 
     async def _run_items(self, items: list) -> dict:
-        """Items (instruction, source, edited, source name, edited name, deadline) -> results and batch infos."""
-        chunks = [items[s : s + self.max_batch] for s in range(0, len(items), self.max_batch)]
-        done = await asyncio.gather(*(self._batch(chunk) for chunk in chunks))
-        results = [_outcome(r) for part, _ in done for r in part]
-        return {"results": results, "batches": [info for _, info in done if info is not None]}
+        """Items (instruction, source, edited, source name, edited name, deadline) -> results and batch infos.
+        Work whose deadline passed (the gateway answered 504) is skipped before decoding, and the
+        batcher skips it again before scoring: a 504 frees the replica for the requests behind it."""
+        live = [item for item in items if not _late(item)]
+        distinct = {b: None for _, s, e, _, _, _ in live for b in (s, e) if not isinstance(b, PreprocessedImage)}
+        images = await self._preprocess_all(list(distinct))
+        tag, results, waiting = object(), [None] * len(items), []
+        for i, item in enumerate(items):
+            pair = RequestTimeoutError("the request timed out before this triple was scored") if _late(item) \
+                else self._images(item, images)
+            if isinstance(pair, EditRewardError):
+                results[i] = pair
+                continue
+            future = self.batcher.submit(item[0], *pair, deadline=item[5], tag=tag)
+            waiting.append((i, asyncio.wrap_future(future)))
+        # Cancelling this call (a 504 at the gateway) cancels the triples still queued.
+        done = await asyncio.gather(*(f for _, f in waiting), return_exceptions=True)
+        for (i, _), outcome in zip(waiting, done):
+            results[i] = outcome
+        return {"results": [_outcome(r) for r in results], "batches": self._batches()}
 
     # ------------------------------------------------------------ methods the gateway calls
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import errors as E
 from ..errors import EditRewardError, ImageError, InputError, InstructionError
 
 
@@ -75,19 +76,30 @@ class ServiceError(EditRewardError):
     status = 500
 
 
-class OverloadedError(ServiceError):
+class OverloadedError(ServiceError, E.OverloadedError):
     kind = "overloaded"
     status = 429
 
 
-class RequestTimeoutError(ServiceError):
+class RequestTimeoutError(ServiceError, E.DeadlineError):
     kind = "timeout"
     status = 504
 
 
-class NotReadyError(ServiceError):
+class NotReadyError(ServiceError, E.NotReadyError):
     kind = "not_ready"
     status = 503
+
+
+class IdempotencyConflictError(ApiError):
+    """An idempotency key sent again with another request body."""
+
+    kind = "idempotency_conflict"
+    status = 409
+
+
+# The runtime's own service errors (a full batching queue, a closed scorer, a passed deadline).
+_RUNTIME_STATUS = ((E.OverloadedError, 429), (E.NotReadyError, 503), (E.DeadlineError, 504))
 
 
 def http_status(exc: EditRewardError) -> int:
@@ -95,11 +107,37 @@ def http_status(exc: EditRewardError) -> int:
     status = getattr(exc, "status", None)
     if status is not None:
         return status
+    for cls, code in _RUNTIME_STATUS:
+        if isinstance(exc, cls):
+            return code
     return 422 if isinstance(exc, InputError) else 500
 
 
 def error_body(exc: EditRewardError) -> dict:
     return {"error": exc.to_dict()}
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotency-Replayed"
+
+
+def idempotency_key(headers) -> str | None:
+    """The request's idempotency key (1-255 printable ASCII characters), None without one."""
+    value = headers.get(IDEMPOTENCY_HEADER.lower())
+    if value is None:
+        return None
+    if not 0 < len(value) <= 255 or not all(" " < c <= "~" for c in value):
+        raise ApiError(f"{IDEMPOTENCY_HEADER} must be 1 to 255 printable ASCII characters without spaces")
+    return value
+
+
+def fingerprint(kind: str, content_type: str, body: bytes) -> bytes:
+    """What a request asks, so that a key sent again with another request is refused."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{kind}\n{content_type}\n".encode(), digest_size=16)
+    digest.update(body)
+    return digest.digest()
 
 
 # ---------------------------------------------------------------- request models (validation + OpenAPI)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import sys
 import threading
 import time
@@ -23,18 +22,12 @@ ray = pytest.importorskip("ray")  # the serve extra is not installed
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
 requests = pytest.importorskip("requests")
 
-from conftest import random_image  # noqa: E402
+from conftest import png_bytes, random_image, serving  # noqa: E402
 
 MAX_PIXELS = 1_000_000
 MAX_BODY = 2 * 1024 * 1024
 MAX_REQUEST_PIXELS = 8_000_000
 TIMEOUT = 60
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
 
 
 TIGHT_EDITS = 256  # edits in the rank request that must outlast the tight app's timeout
@@ -44,16 +37,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pictures():
     """Six small PNGs (as bytes): index 0 and 1 are sources, the rest edits."""
-    return [_png(random_image(100 + i, 48 + 8 * i, 64)) for i in range(6)]
+    return [png_bytes(random_image(100 + i, 48 + 8 * i, 64)) for i in range(6)]
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +52,16 @@ def local(tiny_onnx):
 
 @pytest.fixture(scope="module")
 def server(tiny_onnx):
-    from editreward_rt.serve.app import ServeConfig, build_app
+    from editreward_rt.serve.app import ServeConfig
     from editreward_rt.serve.schemas import Limits
-    from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     limits = Limits(max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS, max_instruction_chars=200, max_triples=16,
                     max_request_pixels=MAX_REQUEST_PIXELS)
     main = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, batch_wait_ms=20, limits=limits)
-    serve.run(build_app(main), name="editreward", route_prefix="/")
     tight = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=1, batch_wait_ms=0, max_ongoing=1, max_queued=1,
                         limits=Limits(request_timeout_s=2.0, max_triples=TIGHT_EDITS))
-    serve.run(build_app(tight), name="tight", route_prefix="/tight")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serving({"editreward": ("/", main), "tight": ("/tight", tight)}) as url:
+        yield url
 
 
 def post(url, path, payload=None, **kw):
@@ -219,7 +197,7 @@ def _histogram(server, name: str) -> dict:
 
 def test_bad_inputs_get_typed_4xx(server, pictures):
     good = triple(pictures)
-    big = _png(Image.new("RGB", (1200, 1000), (10, 20, 30)))  # 1.2 MP, over the 1 MP limit
+    big = png_bytes(Image.new("RGB", (1200, 1000), (10, 20, 30)))  # 1.2 MP, over the 1 MP limit
     cases = [
         ({**good, "source": "!!not base64!!"}, 422, {"image_error"}),
         ({**good, "edited": _b64(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)}, 422, {"image_error"}),
@@ -279,7 +257,7 @@ def test_queue_bound_gives_429_and_slow_requests_504(server, pictures):
 
     # TIGHT_EDITS edits at max_batch 1 take well over the tight app's 2 s limit on any CPU: one
     # tiny-model triple costs >= ~25 ms on a fast core (measured), so 256 of them take >= ~6 s.
-    edits = [_b64(_png(random_image(300 + i, 40, 50))) for i in range(TIGHT_EDITS)]
+    edits = [_b64(png_bytes(random_image(300 + i, 40, 50))) for i in range(TIGHT_EDITS)]
     rank = {"instruction": "x", "source": payload["source"], "edits": edits}
     assert error_of(requests.post(server + "/tight/v1/rank", json=rank, timeout=TIMEOUT), 504) == "timeout"
     # The 504 cancels the work: the replica drops the timed-out request's remaining edits (>= ~4 s
@@ -296,7 +274,7 @@ def test_deeply_nested_json_is_a_400(server):
     assert error_of(response, 400) == "invalid_json"
 
 
-def _flat_png(width: int, height: int, seed: int) -> bytes:
+def _flatpng_bytes(width: int, height: int, seed: int) -> bytes:
     """A nearly flat picture: a few KB to send, width x height pixels to decode."""
     from PIL import Image
 
@@ -311,7 +289,7 @@ def test_decode_cost_is_bounded_per_request(server, pictures):
     """16 distinct nearly flat PNGs, each within the per-image limit, in one small body ask for 16 M
     decoded pixels, twice the per-request limit: the request is refused from the headers alone
     (413), and a small request at the same time stays fast."""
-    big = [_b64(_flat_png(1000, 1000, i)) for i in range(16)]
+    big = [_b64(_flatpng_bytes(1000, 1000, i)) for i in range(16)]
     hostile = {"triples": [{"instruction": "x", "source": big[i], "edited": big[(i + 1) % 16]} for i in range(16)]}
     assert len(json.dumps(hostile)) < MAX_BODY
     with ThreadPoolExecutor(2) as pool:

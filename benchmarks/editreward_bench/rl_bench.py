@@ -1,0 +1,222 @@
+"""python benchmarks/rl_bench.py: EditReward as an RL reward. P prompts x G edits arrive from K
+producer threads (rollout workers); each producer asks for its prompts' rewards. Methods:
+
+- ``reference-serial``: upstream-style, the torch reference mode, one triple per call;
+- ``score``: ``Scorer.score`` one triple per call on the fast path (callers serialised by its lock);
+- ``batching``: ``BatchingScorer``, every producer's triples merged into batches;
+- ``score-groups``: ``Scorer.score_groups``, one call per prompt (its source encoded once).
+
+Parity comes first: every method's scores must equal ``Scorer.score`` (the reference within its
+tolerance) before anything is timed. Reports throughput (edits/s), p50/p99 latency per edit
+(from the producer's request to its reward) and the mean triples per backend call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .common import ensure_fixture, results_document, synthetic_groups, write_document
+
+METHODS = ("reference-serial", "score", "batching", "score-groups")
+
+
+@contextmanager
+def counting_calls(scorer):
+    """Counts the backend calls and triples while the body runs: {"calls", "triples"}."""
+    counts, backend = {"calls": 0, "triples": 0}, scorer.backend
+    original = backend.head_outputs
+
+    def counted(triples, *args, **kwargs):
+        counts["calls"] += 1
+        counts["triples"] += len(triples)
+        return original(triples, *args, **kwargs)
+
+    backend.head_outputs = counted
+    try:
+        yield counts
+    finally:
+        del backend.head_outputs  # the instance attribute goes; the class's method shows again
+
+
+def produce(groups: list, producers: int, work) -> tuple[list, float]:
+    """Each producer thread takes every ``producers``-th group; ``work(group) -> [(latency_s, Score)]``.
+    -> (per group, its edits' (latency, score) in order), and the wall time."""
+    out = [None] * len(groups)
+
+    def run(k: int) -> None:
+        for g in range(k, len(groups), producers):
+            out[g] = work(groups[g])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(producers)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, time.perf_counter() - start
+
+
+def serial_work(scorer):
+    def work(group):
+        instruction, source, edits = group
+        out = []
+        for edit in edits:
+            t0 = time.perf_counter()
+            score = scorer.score(instruction, source, edit)
+            out.append((time.perf_counter() - t0, score))
+        return out
+    return work
+
+
+def groups_work(scorer):
+    def work(group):
+        t0 = time.perf_counter()
+        scores = scorer.score_groups([group])[0]
+        return [(time.perf_counter() - t0, s) for s in scores]
+    return work
+
+
+def batching_work(batcher):
+    def work(group):
+        instruction, source, edits = group
+        t0 = time.perf_counter()
+        done = [None] * len(edits)
+        futures = [batcher.submit(instruction, source, e) for e in edits]
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda _, i=i: done.__setitem__(i, time.perf_counter()))
+        scores = [f.result() for f in futures]
+        return [(end - t0, s) for end, s in zip(done, scores)]
+    return work
+
+
+def run_method(method: str, fast, reference, groups: list, producers: int, max_wait_ms: float) -> tuple[dict, list]:
+    """One method over the whole workload -> (its row, its scores in workload order)."""
+    from editreward_rt import BatchingScorer
+
+    scorer = reference if method == "reference-serial" else fast
+    with counting_calls(scorer) as counts:
+        if method == "batching":
+            batcher = BatchingScorer(fast, max_wait_ms=max_wait_ms)
+            try:
+                per_group, wall = produce(groups, producers, batching_work(batcher))
+            finally:
+                batcher.close()
+        else:
+            work = groups_work(fast) if method == "score-groups" else serial_work(scorer)
+            per_group, wall = produce(groups, producers, work)
+    flat = [pair for part in per_group for pair in part]
+    ms = 1000.0 * np.array([latency for latency, _ in flat])
+    row = {"variant": method, "status": "ok", "edits": len(flat), "wall_s": wall, "edits_per_s": len(flat) / wall,
+           "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+           "mean_batch": counts["triples"] / max(counts["calls"], 1), "backend_calls": counts["calls"]}
+    return row, [score for _, score in flat]
+
+
+def parity(fast, reference, groups: list, tolerance) -> dict:
+    """Each method's scores on the first group against ``Scorer.score``: max |d mu|, |d log_sigma|."""
+    from editreward_rt import BatchingScorer
+
+    probe = groups[:1]
+    want = [fast.score(probe[0][0], probe[0][1], e) for e in probe[0][2]]
+    got = {"score-groups": fast.score_groups(probe)[0]}
+    with BatchingScorer(fast, max_wait_ms=50) as batcher:
+        got["batching"] = [f.result() for f in [batcher.submit(probe[0][0], probe[0][1], e) for e in probe[0][2]]]
+    if reference is not None:
+        got["reference-serial"] = [reference.score(probe[0][0], probe[0][1], e) for e in probe[0][2]]
+    out = {}
+    for method, scores in got.items():
+        limit = tolerance if method == "reference-serial" else 1e-5
+        d_mu = max(abs(a.mu - b.mu) for a, b in zip(scores, want))
+        d_ls = max(abs(a.log_sigma - b.log_sigma) for a, b in zip(scores, want))
+        out[method] = {"max_abs_mu": d_mu, "max_abs_log_sigma": d_ls, "limit": limit, "passed": max(d_mu, d_ls) <= limit}
+    return out
+
+
+def bench(fast, reference, groups: list, producers: int, max_wait_ms: float, methods=METHODS, tolerance: float = 1e-4) -> list:
+    """Parity, then each method timed (a method whose parity failed is reported, not timed)."""
+    fast.score(groups[0][0], groups[0][1], groups[0][2][0])  # warm-up: first-use allocations
+    checks = parity(fast, reference if "reference-serial" in methods else None, groups, tolerance)
+    rows = []
+    for method in methods:
+        check = checks.get(method, {"passed": True})
+        if not check["passed"]:
+            rows.append({"variant": method, "status": "failed-parity", "parity": check})
+            continue
+        row, _ = run_method(method, fast, reference, groups, producers, max_wait_ms)
+        rows.append({**row, "parity": check})
+    return rows
+
+
+def workload(prompts: int, edits: int, seed: int = 0, size: tuple[int, int] | None = None) -> list:
+    """P (instruction, source, [G edits]) groups of synthetic photos (``size``: HxW crop, for speed)."""
+    groups = synthetic_groups(prompts, edits, seed=seed)
+    if size is None:
+        return groups
+    h, w = size
+    return [(i, s[:h, :w], [e[:h, :w] for e in es]) for i, s, es in groups]
+
+
+def gpu_rows(ckpt, device: str, dtype_name: str, prompts: int = 4, edits: int = 8, producers: int = 4) -> list:
+    """The GPU matrix's RL rows: the torch fast path on its in-memory checkpoint (the matrix times
+    the reference itself). A failure (out of memory, say) is a row, so the matrix keeps its others."""
+    from editreward_rt.backends.torch_backend import TorchBackend
+    from editreward_rt.scorer import Scorer
+
+    try:
+        fast = Scorer(TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name), ckpt, max_batch=8)
+        rows = bench(fast, None, workload(prompts, edits), producers, max_wait_ms=10.0,
+                     methods=("score", "batching", "score-groups"))
+    except Exception as exc:
+        return [{"variant": "rl", "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}]
+    return [{**row, "variant": f"rl-{row['variant']}"} for row in rows]
+
+
+def summary_line(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['variant']:<18} {row['status']}: {row['parity']}"
+    return (f"{row['variant']:<18} {row['edits_per_s']:8.2f} edits/s  p50 {row['p50_ms']:8.1f} ms  "
+            f"p99 {row['p99_ms']:8.1f} ms  mean batch {row['mean_batch']:5.2f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixture", choices=("tiny", "small"), default="small")
+    parser.add_argument("--workdir", default="results/work", help="where the generated fixture and its export are kept")
+    parser.add_argument("--prompts", type=int, default=4, help="P: prompts (sources) per step")
+    parser.add_argument("--edits", type=int, default=8, help="G: edits per prompt")
+    parser.add_argument("--producers", type=int, default=4, help="K: producer threads")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, help="scorer threads")
+    parser.add_argument("--image", default=None, help="HxW crop of the synthetic photos (default: full photos)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", default="results/rl.json")
+    args = parser.parse_args(argv)
+    from editreward_rt import Scorer
+
+    paths = ensure_fixture(Path(args.workdir), args.fixture)
+    fast = Scorer.load(paths["onnx"], threads=args.threads, max_batch=args.max_batch)
+    reference = None
+    if "reference-serial" in args.methods:
+        reference = Scorer.load(paths["ckpt"], backend="torch", mode="reference", prompts_from=paths["prompts_from"],
+                                threads=args.threads, dtype="float32")
+    size = tuple(int(x) for x in args.image.split("x")) if args.image else None
+    groups = workload(args.prompts, args.edits, size=size)
+    from editreward_rt.tolerances import tolerance
+
+    tol = tolerance("onnxruntime", "float32")
+    rows = bench(fast, reference, groups, args.producers, args.max_wait_ms, args.methods, max(tol.mu, tol.log_sigma))
+    config = {k: getattr(args, k) for k in ("fixture", "prompts", "edits", "producers", "max_batch", "max_wait_ms",
+                                            "threads", "image")}
+    path = write_document(results_document("rl", config, rows, "cpu"), args.out)
+    for row in rows:
+        print(summary_line(row))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -1,0 +1,47 @@
+"""The RL benchmark on the tiny fixture (parity before timing, every method's row), its
+``editreward bench rl`` subcommand, and its rows in the GPU matrix's CPU dry run."""
+
+from __future__ import annotations
+
+import json
+
+from editreward_bench import gpu_matrix, rl_bench
+from editreward_bench.common import validate_document
+from editreward_rt.cli import main as cli
+
+
+def test_rl_bench_cli_runs_every_method_after_parity(tmp_path):
+    out = tmp_path / "rl.json"
+    code = cli(["bench", "rl", "--fixture", "tiny", "--workdir", str(tmp_path / "work"), "--prompts", "2", "--edits", "3",
+                "--producers", "2", "--image", "64x80", "--out", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    validate_document(doc)
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert set(rows) == set(rl_bench.METHODS)
+    for row in rows.values():
+        assert row["status"] == "ok" and row["edits"] == 6 and row["parity"]["passed"]
+        assert row["p99_ms"] >= row["p50_ms"] > 0 and row["edits_per_s"] > 0
+    assert rows["score"]["mean_batch"] == 1 and rows["score-groups"]["mean_batch"] == 3  # one call per group of 3
+    assert rows["reference-serial"]["parity"]["limit"] >= 1e-4
+
+
+def test_a_method_off_parity_is_not_timed(tiny_onnx):
+    from editreward_rt import Scorer
+
+    fast = Scorer.load(tiny_onnx, threads=1)
+    groups = rl_bench.workload(1, 2, size=(48, 64))
+    original = fast.score_groups
+    fast.score_groups = lambda g, errors="raise": [[s.__class__(s.mu + 0.1, s.log_sigma, s.heads) for s in r]
+                                                   for r in original(g, errors)]
+    rows = rl_bench.bench(fast, None, groups, 1, 1.0, methods=("score", "score-groups"))
+    assert [r["status"] for r in rows] == ["ok", "failed-parity"] and "p50_ms" not in rows[1]
+
+
+def test_gpu_matrix_dry_run_has_the_rl_rows(tmp_path):
+    out = tmp_path / "gpu.json"
+    assert gpu_matrix.main(["--dry-run", "--dtypes", "float32", "--reps", "1", "--only", "rl-float32", "--out", str(out),
+                            "--workdir", str(tmp_path / "work")]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"rl-score", "rl-batching", "rl-score-groups"} <= set(rows)
+    assert all(rows[v]["status"] == "ok" for v in ("rl-score", "rl-batching", "rl-score-groups"))
