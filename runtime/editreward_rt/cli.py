@@ -65,8 +65,22 @@ def _result(index: int, record: dict | None, outcome) -> dict:
     return {"index": index, **outcome.to_dict(), **fields}
 
 
+def _groups(triples: list[tuple]) -> list[tuple]:
+    """Consecutive (index, (instruction, source, edited)) with one instruction and source ->
+    (indices, (instruction, source, [edited, ...])): a ranked set's source is encoded once."""
+    out = []
+    for i, (instruction, source, edited) in triples:
+        if out and out[-1][1][:2] == (instruction, source):
+            out[-1][0].append(i)
+            out[-1][1][2].append(edited)
+        else:
+            out.append(([i], (instruction, source, [edited])))
+    return out
+
+
 def score_file(scorer, input_path: Path, output_path: Path, chunk: int = 8) -> dict:
-    """Score every line of a JSONL file; resumable; one error record per bad line."""
+    """Score every line of a JSONL file, ``chunk`` lines at a time; resumable; one error record per
+    bad line. Consecutive lines with the same instruction and source are scored as one group."""
     lines = read_lines(input_path)
     done = _done_indices(output_path)
     todo = [i for i, line in enumerate(lines) if i not in done and not is_blank(line)]
@@ -82,8 +96,9 @@ def score_file(scorer, input_path: Path, output_path: Path, chunk: int = 8) -> d
                     triples.append((i, resolve(records[i], input_path.parent)))
                 except EditRewardError as exc:
                     outcomes[i] = exc
-            for (i, _), res in zip(triples, scorer.score_batch([t for _, t in triples], errors="return")):
-                outcomes[i] = res
+            groups = _groups(triples)
+            for (indices, _), results in zip(groups, scorer.score_groups([g for _, g in groups], errors="return")):
+                outcomes.update(zip(indices, results))
             for i in batch:
                 result = _result(i, records.get(i), outcomes[i])
                 counts["errors" if "error" in result else "scored"] += 1
@@ -132,7 +147,7 @@ def cmd_score(args) -> int:
             return 2
         print(json.dumps({**score.to_dict(), **record}))
         return 0
-    counts = score_file(scorer, Path(args.input), Path(args.output), chunk=args.max_batch)
+    counts = score_file(scorer, Path(args.input), Path(args.output), chunk=max(8, scorer.max_batch))
     print(json.dumps(counts), file=sys.stderr)
     return 0
 
@@ -212,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prompts-from", help="local clone of the upstream repository (torch backend)")
     score.add_argument("--device", default="cpu", help="cpu or cuda")
     score.add_argument("--threads", type=int)
-    score.add_argument("--max-batch", type=int, default=8)
+    score.add_argument("--max-batch", type=int,
+                       help="triples per model call (default 8; on a CPU fewer for large models: Scorer.default_max_batch)")
     memory = score.add_mutually_exclusive_group()
     memory.add_argument("--resident", dest="memory", action="store_const", const="resident",
                         help="torch backend: weights stay on the GPU (the default)")

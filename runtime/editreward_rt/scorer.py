@@ -121,6 +121,22 @@ def scoring_failed(exc: Exception) -> BackendError:
     return BackendError(f"scoring failed: {type(exc).__name__}: {exc}")
 
 
+CPU_BATCH_BYTES = 1 << 30  # host memory one CPU call's activations may take beyond the weights
+
+
+def default_max_batch(spec, device: str = "cpu") -> int:
+    """Triples per fast-path call: 8, or on a CPU as many as fit ``CPU_BATCH_BYTES``, a triple's
+    activations taking about five times its prompts' float32 key/value cache (measured on the 7B
+    at ~1,000-token prompts: 1.2 GB a triple). So a 7B on a CPU scores one triple per call; a
+    group's source image and prefix are still encoded once (``score_groups``)."""
+    if device != "cpu":
+        return 8
+    t, image = spec.text, spec.image
+    tokens = 2 * image.max_pixels // (image.patch_size * image.merge_size) ** 2 + 512  # two images and the text
+    per_triple = 5 * spec.heads.num_heads * t.num_layers * 2 * t.num_kv_heads * t.head_dim * tokens * 4
+    return max(1, min(8, CPU_BATCH_BYTES // per_triple))
+
+
 class Scorer:
     """Scores (instruction, source image, edited image) triples. Safe to share between threads."""
 
@@ -137,14 +153,15 @@ class Scorer:
     @classmethod
     def load(cls, path_or_id: str | os.PathLike, backend: str | None = None, mode: str = "fast", base: str | None = None,
              prompts_from: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None,
-             dtype: str | None = None, max_batch: int = 8, max_input_pixels: int | None = None,
+             dtype: str | None = None, max_batch: int | None = None, max_input_pixels: int | None = None,
              memory: str = "resident") -> "Scorer":
         """``path_or_id``: a checkpoint (hub id or folder; torch backend) or an exported model folder.
+        ``max_batch``: triples per fast-path call (default: ``default_max_batch``).
         ``max_input_pixels`` caps decoded image size (decompression-bomb guard). ``memory`` (torch
         backend): ``resident`` weights stay on the device, ``per-call`` they are there only during a call."""
         impl, model = _load_backend(path_or_id, backend, mode, memory, base=base, prompts_from=prompts_from,
                                     device=device, threads=threads, dtype=dtype)
-        return cls(impl, model, max_batch=max_batch, max_input_pixels=max_input_pixels)
+        return cls(impl, model, max_batch=max_batch or default_max_batch(model.spec, device), max_input_pixels=max_input_pixels)
 
     @property
     def description(self) -> dict:

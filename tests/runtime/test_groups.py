@@ -3,6 +3,7 @@ encoded once per group, across batch chunks too; group-relative advantages."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -121,3 +122,32 @@ def test_bt_preference_is_upstreams_expectation():
     z = np.random.default_rng(0).normal(a.mu - b.mu, math.hypot(a.sigma, b.sigma), 2_000_000)
     assert bt_preference(a, b) == pytest.approx(float(np.mean(1 / (1 + np.exp(-z)))), abs=2e-3)
     assert bt_preference(a, b) + bt_preference(b, a) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a_jsonl_ranked_set_encodes_its_source_once(tiny_onnx, pictures, tmp_path):
+    """``editreward score --input``: consecutive lines with one instruction and source are one
+    group, so at one triple per call (a 7B on a CPU) the source is still encoded once."""
+    from editreward_rt.cli import score_file
+
+    for i in (0, 3, 4, 5):
+        pictures[i].save(tmp_path / f"{i}.png")
+    rows = [{"instruction": "add a cat", "source": "0.png", "edited": f"{e}.png"} for e in (3, 4, 5)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one = Scorer.load(tiny_onnx, threads=1, max_batch=1)
+    with Counting(one) as seen:
+        score_file(one, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    assert seen.vision == 1 + 3
+    got = [json.loads(line)["mu"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert got == pytest.approx([one.score(r["instruction"], tmp_path / "0.png", tmp_path / r["edited"]).mu for r in rows], abs=1e-5)
+
+
+def test_default_max_batch_fits_a_cpu(tiny_onnx):
+    """8 triples per call for the fixtures and on a GPU; one for the 7B on a CPU (its activations
+    take about 1.2 GB a triple)."""
+    from editreward_families.qwen2_5_vl.published import full_spec
+    from editreward_rt.manifest import open_exported
+    from editreward_rt.scorer import default_max_batch
+
+    tiny = open_exported(tiny_onnx, verify=False).spec
+    assert default_max_batch(tiny, "cpu") == 8 and Scorer.load(tiny_onnx).max_batch == 8
+    assert default_max_batch(full_spec(tiny), "cpu") == 1 and default_max_batch(full_spec(tiny), "cuda") == 8
