@@ -3,8 +3,8 @@ full-size exported model (``ort-int4`` / ``ort-int8`` folders of the 7B) on this
 fast path's stage split and the process's peak resident memory.
 
 The triples of ``DIR/triples.json`` (the real photographs of ``../shared/fixtures``: one source,
-three edits) are scored in one process ranked together (one call: the source image and the prompt
-prefix it starts are encoded once), then the first alone (a 7B triple takes minutes on a desktop
+three edits) are scored in one process ranked together (``Scorer.rank``: the source image and the
+prompt prefix it starts are encoded once, also at one triple per call), then the first alone (a 7B triple takes minutes on a desktop
 CPU, so only one). The two scores must agree; the stage split (vision tower, shared prefix,
 per-rubric suffixes, heads) is per triple.
 """
@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 
-def _timed(scorer, triples) -> tuple[list, float, dict]:
+def _timed(scorer, call, n: int) -> tuple[list, float, dict]:
+    """``call()``'s scores, its seconds, and the pipeline's stage seconds per triple (``n`` triples)."""
     pipeline = scorer.backend.pipeline
     before = pipeline.times.as_dict()
     start = time.perf_counter()
-    scores = scorer.score_batch(triples)
+    scores = call()
     seconds = time.perf_counter() - start
-    stages = {k: round((v - before[k]) / len(triples), 2) for k, v in pipeline.times.as_dict().items()}
+    stages = {k: round((v - before[k]) / n, 2) for k, v in pipeline.times.as_dict().items()}
     return scores, seconds, stages
 
 
@@ -47,15 +48,20 @@ def main(argv=None) -> int:
     images = {name: np.asarray(Image.open(folder / name).convert("RGB")) for r in rows for name in (r["source"], r["edited"])}
     triples = [(r["instruction"], images[r["source"]], images[r["edited"]]) for r in rows]
     start = time.perf_counter()
-    scorer = Scorer.load(args.model, backend="onnxruntime", threads=args.threads, max_batch=len(triples))
+    scorer = Scorer.load(args.model, backend="onnxruntime", threads=args.threads)  # the default triples per call
     load_s = time.perf_counter() - start
     prompt_tokens = [len(p.ids) for p in scorer.prepare(*triples[0]).prompts]
-    ranked, ranked_s, ranked_stages = _timed(scorer, triples)
-    single = [_timed(scorer, [triples[0]])]
+    instruction, source = triples[0][:2]
+    if any(t[:2] != (instruction, source) for t in triples):
+        raise SystemExit("the examples must be edits of one source under one instruction (a ranked set)")
+    ranked, ranked_s, ranked_stages = _timed(scorer, lambda: scorer.rank(instruction, source, [t[2] for t in triples]),
+                                             len(triples))
+    single = [_timed(scorer, lambda: [scorer.score(*triples[0])], 1)]
     gap = abs(ranked[0].mu - single[0][0][0].mu)
     result = {
         "model": str(args.model), "quantization": scorer.backend.model.manifest.get("quantization", {}).get("scheme"),
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads, "load_s": round(load_s, 1),
+        "cpu": platform.processor() or platform.machine(), "threads": args.threads, "max_batch": scorer.max_batch,
+        "load_s": round(load_s, 1),
         "prompt_tokens": prompt_tokens, "triples": len(triples),
         "ranked": {"s_per_triple": round(ranked_s / len(triples), 2), "stages_s_per_triple": ranked_stages},
         "alone": {"s_per_triple": round(sum(s[1] for s in single) / len(single), 2),
