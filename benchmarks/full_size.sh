@@ -3,7 +3,7 @@
 # in the published layout, its float32 ONNX export (validated on a subset), ort-int4 and ort-int8
 # quantization, scoring the real photographs with each, and the bf16 graphs a TensorRT build
 # reads. Prints one line per step: peak resident memory and wall time (the README's "Full size").
-# Needs about 75 GB of free disk in WORK (the float32 export, 31 GB, is removed at the end).
+# Needs about 80 GB of free disk in WORK (the float32 export, 31 GB, is removed at the end).
 #   bash benchmarks/full_size.sh [WORK]    (default: ./full-size)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +28,9 @@ PY
 step export "$py" export/build_onnx.py --ckpt "$work/ckpt/checkpoint" --prompts-from "$work/ckpt/prompts" --out "$work/fp32"
 step ort-int4 "$py" quantize/quantize.py --model-dir "$work/fp32" --scheme ort-int4 --out "$work/int4"
 step ort-int8 "$py" quantize/quantize.py --model-dir "$work/fp32" --scheme ort-int8 --out "$work/int8"
+step ort-int4-vision "$py" quantize/quantize.py --model-dir "$work/fp32" --scheme ort-int4 --include-vision --out "$work/int4v"
 rm -rf "$work/fp32"
-for q in int4 int8; do
+for q in int4 int4v int8; do
   step "score-$q" .venv/bin/editreward score --model "$work/$q" --input "$work/triples.jsonl" --output "$work/scores-$q.jsonl"
   "$py" benchmarks/full_cpu.py --model "$work/$q" --examples "$examples" --out "$work/bench-$q.json" > /dev/null
 done

@@ -3,10 +3,11 @@ full-size exported model (``ort-int4`` / ``ort-int8`` folders of the 7B) on this
 fast path's stage split and the process's peak resident memory.
 
 The triples of ``DIR/triples.json`` (the real photographs of ``../shared/fixtures``: one source,
-three edits) are scored in one process ranked together (``Scorer.rank``: the source image and the
-prompt prefix it starts are encoded once, also at one triple per call), then the first alone (a 7B triple takes minutes on a desktop
-CPU, so only one). The two scores must agree; the stage split (vision tower, shared prefix,
-per-rubric suffixes, heads) is per triple.
+three edits) are scored in one process ranked together (``Scorer.rank``: the source image and
+the prompt prefix it starts are encoded once, also at one triple per call), then the first alone
+(a 7B triple takes a minute or more on a desktop CPU, so only one). The first triple's two scores
+must agree (within the scheme's tolerance for a quantized folder); the stage split (vision tower,
+shared prefix, per-rubric suffixes, heads) is per triple.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from editreward_rt import Scorer
+    from editreward_rt.tolerances import tolerance
     from PIL import Image
 
     folder = Path(args.examples)
@@ -74,4 +76,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return 0 if gap < 1e-3 else 1
+    # Dynamic int8 quantizes each call's activations with one scale, so a call of another shape
+    # (a source's prefix decoded on its own) moves the score a little: within the scheme's tolerance.
+    scheme = result["quantization"]
+    bound = tolerance("onnxruntime", scheme).mu if scheme else 1e-3
+    return 0 if gap <= bound else 1

@@ -65,28 +65,60 @@ def _quantize_group(sub, scheme: Scheme):
     return quantizer.model.model
 
 
+def _plain_gemm(node) -> bool:
+    """A ``Gemm`` that is a linear layer: ``A @ op(B) + C`` with unit alpha and beta, A untransposed."""
+    attrs = {a.name: a for a in node.attribute}
+    return node.op_type == "Gemm" and ("transA" not in attrs or attrs["transA"].i == 0) and \
+        all(attrs[k].f == 1.0 for k in ("alpha", "beta") if k in attrs)
+
+
 def _weight_matmuls(nodes: list, inits: dict) -> dict[str, list]:
-    """MatMul nodes whose weight (second input) is a 2-D float32 initializer, grouped by their
-    first input: the MatMuls one quantized activation can feed (q/k/v, gate/up)."""
+    """MatMul nodes (and linear-layer Gemms: the vision tower's, on 2-D activations) whose weight
+    (second input) is a 2-D float32 initializer, grouped by their first input: the products one
+    quantized activation can feed (q/k/v, gate/up)."""
     from onnx import TensorProto
 
     groups: dict[str, list] = {}
     for node in nodes:
-        weight = inits.get(node.input[1]) if node.op_type in OP_TYPES else None
+        if node.op_type not in OP_TYPES and not (node.op_type == "Gemm" and _plain_gemm(node)):
+            continue
+        weight = inits.get(node.input[1])
         if weight is not None and len(weight.dims) == 2 and weight.data_type == TensorProto.FLOAT:
             groups.setdefault(node.input[0], []).append(node)
     return groups
 
 
+def _as_matmuls(nodes: list, arrays: dict) -> tuple[list, dict]:
+    """The group with each Gemm written as MatMul (+ Add of its bias), its weight transposed to
+    [in, out] where ``transB``: the form ONNX Runtime's weight quantizers take (they skip Gemm)."""
+    from onnx import helper
+
+    out, weights = [], dict(arrays)
+    for node in nodes:
+        if node.op_type != "Gemm":
+            out.append(_copy(node))
+            continue
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        weight = f"{node.input[1]}.kn" if trans_b else node.input[1]
+        weights[weight] = np.ascontiguousarray(weights.pop(node.input[1]).T) if trans_b else weights[node.input[1]]
+        product = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}_matmul"
+        out.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_matmul"))
+        if product != node.output[0]:
+            out.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    return out, weights
+
+
 def _sub_model(model, nodes: list, arrays: dict):
-    """A model of ``nodes`` alone: their non-initializer inputs as float graph inputs, ``arrays`` as
-    initializers, their outputs as graph outputs."""
+    """A model of ``nodes`` alone: the values they read but neither make nor get in ``arrays`` (the
+    initializers) as float graph inputs, the values they make and do not read as graph outputs."""
     from onnx import TensorProto, helper, numpy_helper
 
-    inputs = sorted({i for n in nodes for i in n.input if i and i not in arrays})
+    made = {o for n in nodes for o in n.output}
+    read = {i for n in nodes for i in n.input if i}
+    inputs = sorted(read - made - set(arrays))
     graph = helper.make_graph(
         [_copy(n) for n in nodes], "part", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in inputs],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for n in nodes for o in n.output],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for n in nodes for o in n.output if o not in read],
         [numpy_helper.from_array(a, name) for name, a in arrays.items()])
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
@@ -119,9 +151,12 @@ def _quantize_graph(src: Path, dst: Path, scheme: Scheme) -> dict:
     original = list(graph.node)  # one wrapper per node: protobuf makes a new one on each access
     order = {id(n): i for i, n in enumerate(original)}
     for nodes in _weight_matmuls(original, inits).values():
-        quantized = _quantize_group(_sub_model(model, nodes, {n.input[1]: reader.array(inits[n.input[1]]) for n in nodes}), scheme)
+        arrays = {n.input[1]: reader.array(inits[n.input[1]]) for n in nodes}
+        biases = {n.input[2] for n in nodes if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in inits}
+        arrays.update({b: reader.array(inits[b]) for b in biases})
+        quantized = _quantize_group(_sub_model(model, *_as_matmuls(nodes, arrays)), scheme)
         _splice(quantized, nodes, order, replaced, dropped, out, model)
-        used.update(n.input[1] for n in nodes)
+        used.update({n.input[1] for n in nodes} | biases)
     embedding = []
     if scheme.embedding_bits:
         for node in (original[original.index(g)] for g in _embedding_gathers(model)):
