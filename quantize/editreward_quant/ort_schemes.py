@@ -96,7 +96,7 @@ def _as_matmuls(nodes: list, arrays: dict) -> tuple[list, dict]:
     out, weights = [], dict(arrays)
     for node in nodes:
         if node.op_type != "Gemm":
-            out.append(_copy(node))
+            out.append(node)
             continue
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
         weight = f"{node.input[1]}.kn" if trans_b else node.input[1]
@@ -117,7 +117,7 @@ def _sub_model(model, nodes: list, arrays: dict):
     read = {i for n in nodes for i in n.input if i}
     inputs = sorted(read - made - set(arrays))
     graph = helper.make_graph(
-        [_copy(n) for n in nodes], "part", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in inputs],
+        nodes, "part", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in inputs],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for n in nodes for o in n.output if o not in read],
         [numpy_helper.from_array(a, name) for name, a in arrays.items()])
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
