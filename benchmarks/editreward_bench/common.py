@@ -65,7 +65,7 @@ def validate_document(doc: dict) -> None:
         raise ValueError(f"results file lacks {sorted(missing)}")
     if doc["schema"] != SCHEMA or doc["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"unknown results schema {doc['schema']} v{doc['schema_version']}")
-    if doc["kind"] not in ("latency", "parity", "rl"):
+    if doc["kind"] not in ("latency", "parity", "rl", "cpu-speed"):
         raise ValueError(f"unknown results kind {doc['kind']!r}")
     for result in doc["results"]:
         if "variant" not in result or "status" not in result:

@@ -56,6 +56,9 @@ class ModelFamily(Protocol):
     PUBLISHED: Any  # full-size dimensions of the published checkpoints (``published.py``)
     UNUSED: tuple[str, ...]  # checkpoint tensors the reward never reads (may be present or not)
     FIXTURE_SIZES: tuple[str, ...]  # sizes ``write_fixture`` makes
+    # matmul FLOPs from the spec (``flops.py``): vision_call(spec, *vision inputs),
+    # decode_call(spec, attention_mask, seq), heads(spec, rows), reference_triple(spec, prompts, segments)
+    FLOPS: Any
 
     # spec, checkpoint keys and shapes
     def build_spec(self, config: dict, shapes: dict, tokenizer, base_dir, yaml_cfg: dict): ...
