@@ -50,7 +50,7 @@ def _quantize_group(sub, scheme: Scheme):
 
         weights = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[scheme.weight_type]
         with tempfile.TemporaryDirectory(prefix="editreward-q8-") as tmp:
-            quantize_dynamic(sub, Path(tmp) / "q.onnx", per_channel=True, weight_type=weights,
+            quantize_dynamic(sub, Path(tmp) / "q.onnx", per_channel=True, weight_type=weights, reduce_range=scheme.reduce_range,
                              op_types_to_quantize=list(OP_TYPES), extra_options={"MatMulConstBOnly": True})
             return onnx.load(str(Path(tmp) / "q.onnx"))
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer

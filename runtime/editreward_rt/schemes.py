@@ -55,16 +55,22 @@ class OrtInt8(Scheme):
     at run time: the fast CPU path) or ``weight_only`` (MatMulNBits with 8 bits, for CPU and CUDA)."""
 
     name: ClassVar[str] = "ort-int8"
-    version: ClassVar[int] = 3  # 2: the token embedding is quantized too; 3: uint8 weights (U8U8) by default
+    # 2: the token embedding is quantized too; 3: uint8 weights (U8U8) by default; 4: 7-bit signed
+    # weights (U8S8, reduce_range) by default.
+    version: ClassVar[int] = 4
     target: ClassVar[str] = "onnx"
     extra: ClassVar[str] = "onnx"
     modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
     mode: str = "dynamic"
-    # dynamic only. "uint8": U8U8 MatMulInteger, whose integer products ONNX Runtime sums exactly on
-    # every x86-64 CPU, so the numerics do not depend on the CPU. "int8": U8S8, faster where the
-    # CPU has VNNI, but without VNNI (AVX2, AVX-512F) its kernels add pairs of u8*s8 products in
-    # saturating 16-bit lanes: measured 22 dB instead of 33 dB of hidden-state SNR on an AVX2 EPYC.
-    weight_type: str = "uint8"
+    # dynamic only. "int8" (U8S8, uint8 activations x int8 weights) runs ONNX Runtime's fastest CPU
+    # kernels: VNNI's dot products where the CPU has them, else pairs of u8*s8 products added in
+    # saturating 16-bit lanes (AVX2, AVX-512F). ``reduce_range`` keeps the weights in [-64, 64], so a
+    # pair never exceeds 2 * 255 * 64 = 32640 < 2**15: the sums are exact, the same on every x86-64
+    # CPU. Measured here (1 thread, AVX-512 VNNI): 3.5x float32 MatMul, where "uint8" (U8U8, also
+    # exact everywhere, full 8-bit weights) is 1.5x. int8 weights without reduce_range saturate
+    # without VNNI: 22 dB instead of 33 dB of hidden-state SNR on an AVX2 EPYC.
+    weight_type: str = "int8"
+    reduce_range: bool | None = None  # default: on for int8 weights (dynamic), off otherwise
     block_size: int = 128  # weight_only only
     embedding_bits: int = 8  # token embedding: 8 (int8 rows, a float scale each) or 0 (float32)
 
@@ -74,6 +80,11 @@ class OrtInt8(Scheme):
             raise QuantizeError(f"ort-int8 mode must be dynamic or weight_only, not {self.mode!r}")
         if self.weight_type not in ("uint8", "int8"):
             raise QuantizeError(f"ort-int8 weight_type must be uint8 or int8, not {self.weight_type!r}")
+        applies = self.mode == "dynamic" and self.weight_type == "int8"
+        if self.reduce_range is None:
+            object.__setattr__(self, "reduce_range", applies)
+        elif self.reduce_range and not applies:
+            raise QuantizeError("ort-int8 reduce_range applies to mode=dynamic with weight_type=int8 only")
         _check_block(self.block_size)
         _check_embedding_bits(self.embedding_bits, (0, 8))
 
@@ -313,7 +324,7 @@ def make_scheme(name: str, options: dict | None = None) -> Scheme:
 def _convert(value, type_name):
     if not isinstance(value, str):
         return value
-    if type_name in ("bool", bool):
+    if type_name in ("bool", bool, "bool | None"):
         if value.lower() not in ("true", "false", "1", "0"):
             raise QuantizeError(f"not a boolean: {value!r}")
         return value.lower() in ("true", "1")

@@ -352,17 +352,22 @@ def test_a_quantized_folder_is_checked_against_its_scheme_when_opened(quantized,
 
 def test_default_int8_kernel_sums_exactly_on_this_cpu(quantized):
     """ort-int8's default numerics do not depend on the CPU: its MatMulInteger (uint8 activations x
-    the default weight type) must equal exact integer arithmetic on worst-case operands, where a
-    kernel adding u8 x s8 products in saturating 16-bit lanes (AVX2, AVX-512 without VNNI) differs."""
+    the default weights: int8 in [-64, 64]) must equal exact integer arithmetic on worst-case
+    operands, the largest activations times the extreme weights. A kernel adding pairs of u8 x s8
+    products in saturating 16-bit lanes (AVX2, AVX-512 without VNNI) is exact there only while
+    2 * 255 * max|w| < 2**15, so the weights of the scheme's real graphs must keep that bound too."""
+    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    weight_type = make_scheme("ort-int8").weight_type
-    dtype, elem, zero = {"uint8": (np.uint8, TensorProto.UINT8, 128), "int8": (np.int8, TensorProto.INT8, 0)}[weight_type]
-    info = np.iinfo(dtype)
+    scheme = make_scheme("ort-int8")
+    dtype, elem, zero = {"uint8": (np.uint8, TensorProto.UINT8, 128), "int8": (np.int8, TensorProto.INT8, 0)}[scheme.weight_type]
+    low, high = (-64, 64) if scheme.reduce_range else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    if dtype is np.int8:
+        assert 2 * 255 * max(-low, high) < 2**15  # the weights a saturating 16-bit pair sum can carry
     rng = np.random.default_rng(0)
     k, n = 512, 64
-    b = np.where(rng.random((k, n)) < 0.5, info.max, info.min).astype(dtype)  # extreme weights...
+    b = np.where(rng.random((k, n)) < 0.5, high, low).astype(dtype)  # extreme weights...
     a = np.full((32, k), 255, np.uint8)  # ...times the largest activations: the saturating case
     a[::2] = rng.integers(0, 256, (16, k))
     graph = helper.make_graph(
@@ -373,12 +378,12 @@ def test_default_int8_kernel_sums_exactly_on_this_cpu(quantized):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
     np.testing.assert_array_equal(got, a.astype(np.int64) @ (b.astype(np.int64) - zero))
-    import onnx
 
     decoder = onnx.load(str(quantized["ort-int8"] / "decoder.onnx"))
-    weights = {n.input[1] for n in decoder.graph.node if n.op_type == "MatMulInteger"}
-    types = {t.data_type for t in decoder.graph.initializer if t.name in weights}
-    assert types == {elem}  # the scheme's graphs really carry weights of that type
+    weights = [t for t in decoder.graph.initializer if t.name in {n.input[1] for n in decoder.graph.node if n.op_type == "MatMulInteger"}]
+    assert weights and {t.data_type for t in weights} == {elem}  # the scheme's graphs really carry weights of that type...
+    stored = np.concatenate([numpy_helper.to_array(t).ravel().astype(np.int64) for t in weights])
+    assert low <= stored.min() and stored.max() <= high  # ...within the range the exact case above covers
 
 
 @needs_bnb
