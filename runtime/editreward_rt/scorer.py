@@ -121,20 +121,21 @@ def scoring_failed(exc: Exception) -> BackendError:
     return BackendError(f"scoring failed: {type(exc).__name__}: {exc}")
 
 
-CPU_BATCH_BYTES = 1 << 30  # host memory one CPU call's activations may take beyond the weights
+def _device_of(description: dict, asked: str) -> str:
+    """Where a loaded backend runs: ``cpu`` or the GPU device (``auto`` resolved)."""
+    if "providers" in description:
+        return "cpu" if description["providers"][0] == "CPUExecutionProvider" else "cuda"
+    return str(description.get("device", asked))
 
 
 def default_max_batch(spec, device: str = "cpu") -> int:
-    """Triples per fast-path call: 8, or on a CPU as many as fit ``CPU_BATCH_BYTES``, a triple's
-    activations taking about five times its prompts' float32 key/value cache (measured on the 7B
-    at ~1,000-token prompts: 1.2 GB a triple). So a 7B on a CPU scores one triple per call; a
-    group's source image and prefix are still encoded once (``score_groups``)."""
-    if device != "cpu":
-        return 8
-    t, image = spec.text, spec.image
-    tokens = 2 * image.max_pixels // (image.patch_size * image.merge_size) ** 2 + 512  # two images and the text
-    per_triple = 5 * spec.heads.num_heads * t.num_layers * 2 * t.num_kv_heads * t.head_dim * tokens * 4
-    return max(1, min(8, CPU_BATCH_BYTES // per_triple))
+    """Triples per fast-path call: 8 on a GPU, 1 on a CPU. On a CPU one triple's matmuls already
+    have hundreds of rows (each rubric suffix is hundreds of tokens), so its kernels run near their
+    peak alone; a batch only adds padding (images and rubrics differ in length) and cache copies:
+    8 per call was 11% slower than 1 on the small fixture (``benchmarks/cpu_speed.py``), and a 7B
+    triple takes about 1.2 GB of activations. Edits of one source still share its encoding:
+    ``Scorer.score_prepared`` gives them one prefix across calls."""
+    return 1 if device == "cpu" else 8
 
 
 class Scorer:
@@ -161,7 +162,8 @@ class Scorer:
         backend): ``resident`` weights stay on the device, ``per-call`` they are there only during a call."""
         impl, model = _load_backend(path_or_id, backend, mode, memory, base=base, prompts_from=prompts_from,
                                     device=device, threads=threads, dtype=dtype)
-        return cls(impl, model, max_batch=max_batch or default_max_batch(model.spec, device), max_input_pixels=max_input_pixels)
+        return cls(impl, model, max_batch=max_batch or default_max_batch(model.spec, _device_of(impl.description, device)),
+                   max_input_pixels=max_input_pixels)
 
     @property
     def description(self) -> dict:
@@ -177,7 +179,14 @@ class Scorer:
 
     def score_prepared(self, triples: list[PreparedTriple], prefix: SharedPrefix | None = None) -> list[Score]:
         """Scores in chunks of ``max_batch``; with ``prefix`` (of these triples' one source) each
-        chunk continues that prefix instead of encoding the source again."""
+        chunk continues that prefix instead of encoding the source again. Without one, when the
+        triples take more than one call, the edits of each source continue one prefix of it, so a
+        source is encoded once however small the calls."""
+        if prefix is None and len(triples) > self.max_batch:
+            return self._score_by_source(triples)
+        return self._chunks(triples, prefix)
+
+    def _chunks(self, triples: list[PreparedTriple], prefix: SharedPrefix | None) -> list[Score]:
         scores = []
         for start in range(0, len(triples), self.max_batch):
             chunk = triples[start : start + self.max_batch]
@@ -185,6 +194,23 @@ class Scorer:
                 per_head = self.backend.head_outputs(chunk) if prefix is None else self.backend.head_outputs(chunk, prefix)
             scores.extend(self._scores(per_head))
         return scores
+
+    def _score_by_source(self, triples: list[PreparedTriple]) -> list[Score]:
+        by_source: dict[str, list[int]] = {}
+        for i, t in enumerate(triples):
+            by_source.setdefault(t.source_key, []).append(i)
+        shared = [idx for idx in by_source.values() if len(idx) > 1]
+        if not shared or getattr(self.backend, "encode_prefix", None) is None:
+            return self._chunks(triples, None)
+        out: list = [None] * len(triples)
+        for idx in shared:
+            group = [triples[i] for i in idx]
+            for i, score in zip(idx, self._chunks(group, self.shared_prefix(group))):
+                out[i] = score
+        singles = [idx[0] for idx in by_source.values() if len(idx) == 1]
+        for i, score in zip(singles, self._chunks([triples[i] for i in singles], None)):
+            out[i] = score
+        return out
 
     def shared_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix | None:
         """The prefix of these triples' one source (None where the backend decodes each triple in full)."""

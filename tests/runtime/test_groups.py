@@ -141,13 +141,29 @@ def test_a_jsonl_ranked_set_encodes_its_source_once(tiny_onnx, pictures, tmp_pat
     assert got == pytest.approx([one.score(r["instruction"], tmp_path / "0.png", tmp_path / r["edited"]).mu for r in rows], abs=1e-5)
 
 
-def test_default_max_batch_fits_a_cpu(tiny_onnx):
-    """8 triples per call for the fixtures and on a GPU; one for the 7B on a CPU (its activations
-    take about 1.2 GB a triple)."""
+def test_default_max_batch_per_device(tiny_onnx):
+    """One triple per call on a CPU (batches only add padding there: benchmarks/cpu_speed.py), 8 on
+    a GPU; ``auto`` follows where the backend really runs."""
     from editreward_families.qwen2_5_vl.published import full_spec
     from editreward_rt.manifest import open_exported
     from editreward_rt.scorer import default_max_batch
 
     tiny = open_exported(tiny_onnx, verify=False).spec
-    assert default_max_batch(tiny, "cpu") == 8 and Scorer.load(tiny_onnx).max_batch == 8
+    assert default_max_batch(tiny, "cpu") == 1 and Scorer.load(tiny_onnx).max_batch == 1
+    assert Scorer.load(tiny_onnx, device="auto").max_batch == 1  # this machine's ONNX Runtime has no GPU provider
     assert default_max_batch(full_spec(tiny), "cpu") == 1 and default_max_batch(full_spec(tiny), "cuda") == 8
+
+
+def test_score_batch_encodes_each_source_once_at_one_triple_per_call(tiny_onnx, pictures):
+    """At the CPU default of one triple per call, a batch's edits of one source continue one prefix:
+    the source is encoded once (3 + 1 sources, 6 edits: 4 + 6 vision calls, not 12), and the
+    scores, in the caller's order, equal per-triple scoring."""
+    one = Scorer.load(tiny_onnx, threads=1, max_batch=1)
+    triples = [("add a cat", pictures[0], pictures[3]), ("snow", pictures[1], pictures[4]),
+               ("add a cat", pictures[0], pictures[5]), ("make it red", pictures[0], pictures[6]),
+               ("snow", pictures[1], pictures[7]), ("fog", pictures[2], pictures[8])]
+    with Counting(one) as count:
+        got = one.score_batch(triples)
+    assert count.vision == 3 + len(triples)
+    for triple, score in zip(triples, got, strict=True):
+        assert_same_score(score, one.score(*triple))
