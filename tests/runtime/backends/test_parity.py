@@ -108,3 +108,13 @@ def test_fast_mode_decodes_less_than_reference(fast, images):
     shared = next(i for i, (a, b) in enumerate(zip(*(p.ids for p in triple.prompts))) if a != b)
     assert sum(scored) - shared < full
     assert all(p.ids[p.reward_pos] == fast.spec.tokens.reward for p in triple.prompts)
+
+
+def test_onnxruntime_sessions_do_not_spin_between_runs(tiny_onnx):
+    """The fast path alternates between its sessions, each with its own intra-op pool: a pool that
+    spins after its run takes a core from the next one (benchmarks/cpu_speed.py, 2 threads)."""
+    scorer = Scorer.load(tiny_onnx, threads=2)
+    sessions = scorer.backend.graphs.sessions
+    assert set(sessions) >= {"vision", "decoder", "heads"}
+    for session in sessions.values():
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
