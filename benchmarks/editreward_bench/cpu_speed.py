@@ -167,8 +167,52 @@ def run_variant(label: str, cfg: dict, threads: int, with_parity: bool) -> dict:
     if with_parity:
         scorer.max_batch = default
         result["parity_mu"] = [_mu(scorer.rank(instruction, source, edits)) for instruction, source, edits in cfg["parity_groups"]]
+    if cfg.get("profile"):
+        result["op_profile_ms_per_triple"] = op_profile(scorer, triples, threads)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def op_profile(scorer, triples, threads: int) -> dict | None:
+    """Where ONNX Runtime's time goes: {graph: {op type: ms per triple}} (largest first), from its
+    profiler over one pass of ``triples`` (one per call); None for other backends."""
+    import collections
+    import json
+    import tempfile
+
+    graphs = getattr(scorer.backend, "graphs", None)
+    if not hasattr(graphs, "sessions"):
+        return None
+    import onnxruntime as ort
+
+    saved = dict(graphs.sessions)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="editreward-profile-") as tmp:
+        for name in ("vision", "decoder"):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.enable_profiling, options.profile_file_prefix = True, f"{tmp}/{name}"
+            graphs.sessions[name] = ort.InferenceSession(str(scorer.backend.model.graph_path(name)), options,
+                                                         providers=["CPUExecutionProvider"])
+        scorer.max_batch = 1
+        scorer.score_batch(triples[:1])  # warm-up, profiled too: subtracted below by taking the last runs only
+        for name in ("vision", "decoder"):
+            graphs.sessions[name].end_profiling()
+            options = graphs.sessions[name].get_session_options()
+            options.enable_profiling, options.profile_file_prefix = True, f"{tmp}/{name}-timed"
+            graphs.sessions[name] = ort.InferenceSession(str(scorer.backend.model.graph_path(name)), options,
+                                                         providers=["CPUExecutionProvider"])
+        scorer.score_batch(triples)
+        for name in ("vision", "decoder"):
+            events = json.loads(open(graphs.sessions[name].end_profiling()).read())
+            by_op = collections.Counter()
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    by_op[e["args"]["op_name"]] += e["dur"] / 1000 / len(triples)
+            out[name] = dict(by_op.most_common(12))
+    graphs.sessions.update(saved)
+    return out
 
 
 def _agreement(base: list[list[float]], other: list[list[float]]) -> dict:
@@ -247,12 +291,13 @@ def main(argv=None) -> int:
     parser.add_argument("--parity-groups", type=int, default=4)
     parser.add_argument("--parity-edits", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also ONNX Runtime's per-op-type time (ms per triple)")
     parser.add_argument("--out", default="results/cpu-speed.json")
     args = parser.parse_args(argv)
     resolve_model_args(args)
     images = synthetic_images(2 * args.triples, seed=1)
     instructions = [g[0] for g in synthetic_groups(args.triples, 0)]
-    cfg = {"ckpt": args.ckpt, "base": args.base, "prompts_from": args.prompts_from, "reps": args.reps,
+    cfg = {"ckpt": args.ckpt, "base": args.base, "prompts_from": args.prompts_from, "reps": args.reps, "profile": args.profile,
            "triples": [(instructions[i], images[2 * i], images[2 * i + 1]) for i in range(args.triples)],
            "parity_groups": synthetic_groups(args.parity_groups, args.parity_edits, seed=2)}
     labels = [REFERENCE] + [v for v in args.variant if v != REFERENCE]
@@ -290,6 +335,10 @@ def main(argv=None) -> int:
                 a = r["agreement_vs_float32"]
                 print(f"  {r['label']}: agreement with fp32 {a['agreement']:.3f} ({a['flipped']} of {a['pairs']} pairs flipped, "
                       f"margins {', '.join(f'{m:.3g}' for m in a['flip_margins']) or '-'}; median pair gap {a['median_pair_gap']:.3g})")
+            if r.get("stages_ms"):
+                print(f"  {r['label']}: ms per triple " + ", ".join(f"{k} {v:.0f}" for k, v in r["stages_ms"].items()))
+            for graph, ops in (r.get("op_profile_ms_per_triple") or {}).items():
+                print(f"    {graph}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in ops.items()))
         print()
     print(f"wrote {path}")
     failed = [r["variant"] for b in results.values() for r in b["rows"] if r["status"] != "ok" or not r["parity"]["within"]]
