@@ -2,9 +2,9 @@
 in one run, at each thread count, with the machine's GEMM peak measured in the same run.
 
 For each thread count (``--threads 1,2``), each in its own process:
-- a GEMM microbenchmark: ONNX Runtime's float32 MatMul (and its uint8 MatMulInteger, the
-  ort-int8 kernels) on a large square problem, best of several runs: the peak the "% of peak"
-  column divides by;
+- a GEMM microbenchmark: ONNX Runtime's float32 MatMul on a large problem, best of several runs
+  (the peak the "% of peak" column divides by), and the integer and 4-bit kernels the quantized
+  schemes run (``gemm_peak``);
 - the reference (two full passes per triple, the upstream computation) and every variant, scoring
   the same triples: one triple per call, then at the default triples per call
   (``Scorer.default_max_batch``), then 8 per call.
@@ -12,7 +12,7 @@ For each thread count (``--threads 1,2``), each in its own process:
 The FLOPs per triple come from the model spec (the family's ``FLOPS``), counted on the tokens each
 call actually decodes, padding excluded: what the fast path needs, and for the reference what its
 two passes compute. Achieved GFLOP/s = FLOPs per triple x triples/s; "% of peak" divides that by
-the float32 GEMM peak (int8 variants also against the int8 peak).
+the float32 GEMM peak (ort-int8 variants also against their integer kernel's peak).
 
 Fidelity, in the same run: every variant's scores against the reference's (the tolerance of its
 backend and precision, ``tolerances.py``), and pairwise agreement with float32 ONNX Runtime on
@@ -36,33 +36,55 @@ from .rank_metrics import group_pairs
 GEMM = (1024, 2048, 2048)  # M, K, N: large enough that the kernel, not the call, is timed
 
 
+def _matmul_model(op: str, a_elem, b, out_elem, extra=()):
+    from onnx import helper, numpy_helper
+
+    m, k = GEMM[0], b.shape[0]
+    inits = [numpy_helper.from_array(b, "b")] + [numpy_helper.from_array(v, n) for n, v in extra]
+    graph = helper.make_graph([helper.make_node(op, ["a", "b"] + [n for n, _ in extra], ["c"])], "gemm",
+                              [helper.make_tensor_value_info("a", a_elem, [m, k])],
+                              [helper.make_tensor_value_info("c", out_elem, [m, b.shape[1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def gemm_peak(threads: int, reps: int = 7) -> dict:
-    """GFLOP/s of ONNX Runtime's float32 MatMul and uint8 x uint8 MatMulInteger (best of ``reps``)."""
+    """GFLOP/s (GOP/s for integers) of ONNX Runtime's CPU kernels on one large product, best of
+    ``reps``, the weight a constant as in the graphs: float32 MatMul (the peak "% of peak" divides
+    by), MatMulInteger with uint8 activations x uint8 weights (U8U8) and x int8 weights in [-64, 64]
+    (U8S8, ort-int8's default: VNNI where the CPU has it), and 4-bit MatMulNBits with int8 compute
+    (accuracy_level 4) at blocks of 32 and 128: which kernels are fast on this CPU."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     m, k, n = GEMM
     rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    act_f, act_u8 = rng.standard_normal((m, k)).astype(np.float32), rng.integers(0, 256, (m, k), dtype=np.uint8)
+    zero = ("a_zero", np.array(0, np.uint8))
+    models = {
+        "float32": (_matmul_model("MatMul", TensorProto.FLOAT, weight, TensorProto.FLOAT), act_f),
+        "u8u8": (_matmul_model("MatMulInteger", TensorProto.UINT8, rng.integers(0, 256, (k, n), dtype=np.uint8), TensorProto.INT32,
+                               (zero, ("b_zero", np.array(128, np.uint8)))), act_u8),
+        "u8s8": (_matmul_model("MatMulInteger", TensorProto.UINT8, rng.integers(-64, 65, (k, n), dtype=np.int8), TensorProto.INT32,
+                               (zero, ("b_zero", np.array(0, np.int8)))), act_u8),
+    }
+    for block in (32, 128):
+        config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=4)
+        quantizer = MatMulNBitsQuantizer(_matmul_model("MatMul", TensorProto.FLOAT, weight, TensorProto.FLOAT), algo_config=config,
+                                         bits=4, block_size=block, is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+        models[f"int4_block{block}"] = (quantizer.model.model, act_f)
     out = {"shape_mkn": [m, k, n], "threads": threads}
-    cases = {"float32": ("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, np.float32),
-             "int8": ("MatMulInteger", TensorProto.UINT8, TensorProto.INT32, np.uint8)}
-    for name, (op, elem, out_elem, dtype) in cases.items():
-        graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["c"])], "gemm",
-                                  [helper.make_tensor_value_info("a", elem, [m, k]), helper.make_tensor_value_info("b", elem, [k, n])],
-                                  [helper.make_tensor_value_info("c", out_elem, [m, n])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for name, (model, a) in models.items():
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        if dtype is np.float32:
-            a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
-        else:
-            a, b = rng.integers(0, 255, (m, k), dtype=np.uint8), rng.integers(0, 255, (k, n), dtype=np.uint8)
-        session.run(None, {"a": a, "b": b})
+        session.run(None, {"a": a})
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            session.run(None, {"a": a, "b": b})
+            session.run(None, {"a": a})
             best = min(best, time.perf_counter() - t0)
         out[f"{name}_gflops"] = 2.0 * m * k * n / best / 1e9
     return out
@@ -143,6 +165,9 @@ def run_variant(label: str, cfg: dict, threads: int, with_parity: bool) -> dict:
     result = {"variant": label, "threads": threads, "backend": scorer.description, "flops_per_triple": flops,
               "mu": _mu(scores), "log_sigma": [s.log_sigma for s in scores], "default_batch": default,
               "tolerance_key": list(variant.tolerance_key(scorer)) if variant.path else ["torch-fast", "float32"]}
+    model = getattr(scorer.backend, "model", None)
+    if variant.path and model is not None and (model.manifest.get("quantization") or {}).get("config"):
+        result["quant_config"] = model.manifest["quantization"]["config"]
     if pipeline is not None:
         before = pipeline.times.as_dict()
     seconds = {"1": min(first, _timed_run(scorer, triples, 1, cfg["reps"]))}
@@ -245,8 +270,9 @@ def summarise(rows: list[dict], peaks: dict) -> None:
         r["group_default_vs_batch1"] = g.get(str(r["default_batch"]), g["1"]) / g["1"]
         r["gflops_achieved"] = r["flops_per_triple"] * best / 1e9
         r["pct_of_float32_peak"] = 100 * r["gflops_achieved"] / peaks["float32_gflops"]
-        if "int8" in r["tolerance_key"][1]:
-            r["pct_of_int8_peak"] = 100 * r["gflops_achieved"] / peaks["int8_gflops"]
+        if r.get("quant_config", {}).get("mode") == "dynamic":  # ort-int8: against its own integer kernel's peak
+            kernel = "u8s8" if r["quant_config"].get("weight_type") == "int8" else "u8u8"
+            r["pct_of_int8_peak"] = 100 * r["gflops_achieved"] / peaks[f"{kernel}_gflops"]
         diff = np.abs(np.asarray(r["mu"]) - np.asarray(reference["mu"]))
         tol = gate_tolerance(*r["tolerance_key"], "float32")
         r["parity"] = {"max_abs_dmu": float(diff.max()),
@@ -259,7 +285,9 @@ def summarise(rows: list[dict], peaks: dict) -> None:
 def table(rows: list[dict], peaks: dict) -> str:
     """The README's table for one thread count."""
     lines = [f"GEMM peak ({peaks['threads']} thread{'s' if peaks['threads'] > 1 else ''}, ONNX Runtime {GEMM[0]}x{GEMM[1]}x{GEMM[2]}): "
-             f"float32 {peaks['float32_gflops']:.0f} GFLOP/s, uint8 {peaks['int8_gflops']:.0f} GOP/s",
+             f"float32 {peaks['float32_gflops']:.0f} GFLOP/s; MatMulInteger U8S8 {peaks['u8s8_gflops']:.0f}, U8U8 "
+             f"{peaks['u8u8_gflops']:.0f} GOP/s; MatMulNBits 4-bit (accuracy_level 4) block 32 {peaks['int4_block32_gflops']:.0f}, "
+             f"block 128 {peaks['int4_block128_gflops']:.0f}",
              "| variant | triples/s (1 per call) | default batch | batch 8 | x reference | ranked group of 8, triples/s (default batch) | "
              "GFLOP/triple | GFLOP/s | % of fp32 peak | max abs d mu |",
              "|---|---|---|---|---|---|---|---|---|---|"]
