@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="cpu", help="cpu or cuda")
     score.add_argument("--threads", type=int)
     score.add_argument("--max-batch", type=int,
-                       help="triples per model call (default 8; on a CPU fewer for large models: Scorer.default_max_batch)")
+                       help="triples per model call (default: 1 on a CPU, where batches only add padding, 8 on a GPU: "
+                            "Scorer.default_max_batch); edits of one source share its encoding at any size")
     memory = score.add_mutually_exclusive_group()
     memory.add_argument("--resident", dest="memory", action="store_const", const="resident",
                         help="torch backend: weights stay on the GPU (the default)")
