@@ -116,13 +116,8 @@ class FlopCounter:
 def _reference_flops(scorer, triples) -> float:
     from editreward_rt.families import family
 
-    fam = family(scorer.spec.family)
-    total = 0.0
-    for t in triples:
-        prepared = scorer.prepare(*t)
-        segments = [fam.vision_feeds(img, scorer.spec)[0][3:5] for img in (prepared.source, prepared.edited)]
-        total += fam.FLOPS.reference_triple(scorer.spec, prepared.prompts, segments)
-    return total / len(triples)
+    flops = family(scorer.spec.family).FLOPS
+    return sum(flops.reference_triple(scorer.spec, scorer.prepare(*t)) for t in triples) / len(triples)
 
 
 def _timed_run(scorer, triples, max_batch: int, reps: int) -> float:

@@ -57,7 +57,7 @@ class ModelFamily(Protocol):
     UNUSED: tuple[str, ...]  # checkpoint tensors the reward never reads (may be present or not)
     FIXTURE_SIZES: tuple[str, ...]  # sizes ``write_fixture`` makes
     # matmul FLOPs from the spec (``flops.py``): vision_call(spec, *vision inputs),
-    # decode_call(spec, attention_mask, seq), heads(spec, rows), reference_triple(spec, prompts, segments)
+    # decode_call(spec, attention_mask, seq), heads(spec, rows), reference_triple(spec, prepared triple)
     FLOPS: Any
 
     # spec, checkpoint keys and shapes

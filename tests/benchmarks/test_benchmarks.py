@@ -142,3 +142,29 @@ def test_quant_report_measures_each_scheme(tmp_path):
     assert rows[1]["config"]["block_size"] == 128 and rows[0]["pairs"] == 28
     assert all(r["hidden_snr_db"] >= r["floor_db"] and 0 < r["bf16_ratio"] < 0.6 for r in rows)
     assert rows[0]["hidden_snr_db"] > rows[1]["hidden_snr_db"] + 10  # 8 bits against 4
+
+
+def test_cpu_speed_smoke(tiny, tiny_onnx, perturbed, tmp_path):
+    """One run: the reference and each variant at one thread count, the GEMM peaks, FLOPs from the
+    spec, % of peak, batching, the op profile; a variant beyond its tolerance fails the run."""
+    from editreward_bench import cpu_speed
+
+    out = tmp_path / "cpu-speed.json"
+    code = cpu_speed.main(["--ckpt", str(tiny.checkpoint), "--prompts-from", str(tiny.prompts), "--variant", f"model:{tiny_onnx}",
+                           "--variant", f"model:{perturbed}", "--threads", "1", "--triples", "2", "--parity-groups", "1",
+                           "--parity-edits", "3", "--reps", "1", "--profile", "--out", str(out)])
+    assert code == 1  # the perturbed heads are beyond the float32 tolerance
+    doc = json.loads(out.read_text())
+    validate_document(doc)
+    peaks = doc["config"]["gemm_peaks"]["1"]
+    assert {"float32_gflops", "u8u8_gflops", "u8s8_gflops", "int4_block32_gflops", "int4_block128_gflops"} <= set(peaks)
+    by = {r["variant"]: r for r in doc["results"]}
+    reference, onnx_row, bad = by["torch-reference"], by[f"model:{tiny_onnx}"], by[f"model:{perturbed}"]
+    assert onnx_row["parity"]["within"] and not bad["parity"]["within"]
+    assert reference["flops_per_triple"] > 1.3 * onnx_row["flops_per_triple"] > 0  # two full passes against the fast path
+    assert 0 < onnx_row["pct_of_float32_peak"] == pytest.approx(
+        100 * onnx_row["flops_per_triple"] * max(onnx_row["triples_per_s"].values()) / 1e9 / peaks["float32_gflops"])
+    assert onnx_row["default_batch"] == 1 and set(onnx_row["triples_per_s"]) == {"1", "8"}
+    assert onnx_row["vs_reference"]["1"] > 0 and onnx_row["group_triples_per_s"]["1"] > 0
+    assert "MatMul" in onnx_row["op_profile_ms_per_triple"]["decoder"]
+    assert bad["agreement_vs_float32"]["pairs"] == 3

@@ -64,10 +64,12 @@ def decode_call(spec, attention_mask: np.ndarray, seq: int) -> float:
     return decoder(spec, mask[:, :split].sum(1), mask[:, split:].sum(1))
 
 
-def reference_triple(spec, prompts, image_segments: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    """What the reference computes for one triple: per rubric, the vision tower on both images
-    and the whole prompt (tokens after <|Reward|> included) from scratch, then that rubric's head
-    on every position (it keeps the one at <|Reward|>)."""
-    images = sum(vision(spec, w, i) for w, i in image_segments)
+def reference_triple(spec, triple) -> float:
+    """What the reference computes for one ``PreparedTriple``: per rubric, the vision tower on both
+    images and the whole prompt (tokens after <|Reward|> included) from scratch, then that rubric's
+    head on every position (it keeps the one at <|Reward|>)."""
+    from .vision import vision_feeds
+
+    images = sum(vision_call(spec, *vision_feeds(image, spec)[0]) for image in (triple.source, triple.edited))
     one_head = lambda rows: heads(spec, rows) / spec.heads.num_heads
-    return float(sum(images + decoder(spec, [0], [len(p.ids)]) + one_head(len(p.ids)) for p in prompts))
+    return float(sum(images + decoder(spec, [0], [len(p.ids)]) + one_head(len(p.ids)) for p in triple.prompts))
