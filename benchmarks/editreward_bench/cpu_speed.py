@@ -28,8 +28,17 @@ import time
 
 import numpy as np
 
-from .common import REFERENCE, Variant, gate_tolerance, peak_rss_mb, resolve_model_args, results_document, synthetic_groups
-from .common import synthetic_images, write_document
+from .common import (
+    REFERENCE,
+    Variant,
+    gate_tolerance,
+    peak_rss_mb,
+    resolve_model_args,
+    results_document,
+    synthetic_groups,
+    synthetic_images,
+    write_document,
+)
 from .isolated import log, run_isolated
 from .rank_metrics import group_pairs
 

@@ -7,7 +7,7 @@ exporter's wrappers) are imported when a torch-side caller asks for them.
 
 from __future__ import annotations
 
-from . import flops as FLOPS
+from . import flops as FLOPS  # noqa: F401 (a family name: ModelFamily.FLOPS)
 from . import published as PUBLISHED
 from .chat import PromptBuilder, image_rows, render_chat_template
 from .fixture import SIZES as _FIXTURE_SIZES
