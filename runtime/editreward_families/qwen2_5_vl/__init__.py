@@ -7,7 +7,7 @@ exporter's wrappers) are imported when a torch-side caller asks for them.
 
 from __future__ import annotations
 
-from . import flops as FLOPS  # noqa: F401 (a family name: ModelFamily.FLOPS)
+from . import flops as FLOPS
 from . import published as PUBLISHED
 from .chat import PromptBuilder, image_rows, render_chat_template
 from .fixture import SIZES as _FIXTURE_SIZES
@@ -100,7 +100,7 @@ def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):
     return write(out_dir, size=size, seed=seed, **kw)
 
 
-__all__ = ["NAME", "PUBLISHED", "FIXTURE_SIZES", "UNUSED", "build_spec", "spec_from_dict", "normalise_key", "expected_shapes",
+__all__ = ["NAME", "PUBLISHED", "FLOPS", "FIXTURE_SIZES", "UNUSED", "build_spec", "spec_from_dict", "normalise_key", "expected_shapes",
            "embedding_rows", "decoder_parameters", "check_module_state", "checkpoint_key",
            "placeholder_modules", "validation_subset", "is_embedding", "split_state_dict", "render_chat_template",
            "prompt_builder", "vision_feeds", "image_rows", "graph_specs", "trt_profile_axes", "fp16_fp32_pins", "torch_modules",
