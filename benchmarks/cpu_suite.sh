@@ -23,7 +23,7 @@ python benchmarks/latency.py --fixture small --workdir "$work" "${variants[@]}" 
 # Throughput against the reference at 1 and 2 threads, GEMM peak and % of it, batching, agreement.
 python benchmarks/cpu_speed.py --fixture small --workdir "$work" --variant "model:$fixture/onnx-fp32" \
     --variant "model:$work/small-ort-int8" --variant "model:$work/small-ort-int4" --variant "model:$work/small-ort-int4-b32" \
-    --out "$out/cpu-speed-small.json" | tee "$out/cpu-speed-small.md"
+    --profile --out "$out/cpu-speed-small.json" | tee "$out/cpu-speed-small.md"
 python benchmarks/report.py "$out/latency-small.json" "$out/parity-small.json" --out "$out/report"
 python -m editreward_quant.sizes "$fixture/onnx-fp32" "$work/small-ort-int8" "$work/small-ort-int4" \
     "$work/small-ort-int4-b32" "$work/small-bnb-int8" "$work/small-bnb-nf4" --json "$out/sizes-small.json"
