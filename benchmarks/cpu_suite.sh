@@ -18,7 +18,7 @@ quant bnb-nf4 "--ckpt $fixture/checkpoint --prompts-from $fixture/bench-prompts"
 variants=(--variant torch-fast --variant "model:$fixture/onnx-fp32" --variant "model:$work/small-ort-int8"
           --variant "model:$work/small-ort-int4" --variant "model:$work/small-ort-int4-b32"
           --variant "model:$work/small-bnb-int8" --variant "model:$work/small-bnb-nf4")
-python benchmarks/parity.py --fixture small --workdir "$work" "${variants[@]}" --groups 4 --edits 4 --out "$out/parity-small.json" || true
+python benchmarks/parity.py --fixture small --workdir "$work" "${variants[@]}" --groups 6 --edits 6 --out "$out/parity-small.json" || true
 python benchmarks/latency.py --fixture small --workdir "$work" "${variants[@]}" --reps 6 --out "$out/latency-small.json"
 # Throughput against the reference at 1 and 2 threads, GEMM peak and % of it, batching, agreement.
 python benchmarks/cpu_speed.py --fixture small --workdir "$work" --variant "model:$fixture/onnx-fp32" \

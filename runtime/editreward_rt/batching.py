@@ -40,6 +40,9 @@ class _Item:
     arrived: float = field(default_factory=time.monotonic)
 
 
+DEFAULT_BATCH = 8  # triples merged per batch unless asked otherwise
+
+
 class BatchingScorer:
     """Thread-safe ``submit(instruction, source, edited) -> Future[Score]`` (and ``await asubmit``).
 
@@ -54,7 +57,9 @@ class BatchingScorer:
         if max_queue is not None and max_queue < 1:
             raise ValueError("max_queue must be at least 1, or None")
         self.scorer = scorer
-        self.max_batch = max(1, max_batch or scorer.max_batch)
+        # Triples the worker takes per batch; the scorer then splits them into its own calls (one
+        # triple per call on a CPU) with each source's edits continuing one prefix of it.
+        self.max_batch = max(1, max_batch or max(DEFAULT_BATCH, scorer.max_batch))
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch

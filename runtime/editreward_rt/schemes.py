@@ -2,8 +2,10 @@
 dataclass per scheme, validated on creation and serialised with its version into the output
 model's manifest, and one registry line that ties it to its ``quantize`` function and, for the
 schemes whose layers the torch backend rebuilds, its ``load`` function. Loading a folder
-rebuilds its config through ``scheme_from_dict``, which refuses another version. Nothing is
-ever guessed from a file name.
+rebuilds its config through ``scheme_from_dict``, which refuses another version, except the
+older versions a scheme lists in ``reads`` (whose stored configs mean the same, only a default
+having changed since), with the values their missing options had. Nothing is ever guessed from a
+file name.
 
 The configs are data the runtime checks when it opens a quantized folder, so they live here; the
 functions live in the build-time package ``editreward_quant`` (quantize) and its ``layers``
@@ -58,6 +60,7 @@ class OrtInt8(Scheme):
     # 2: the token embedding is quantized too; 3: uint8 weights (U8U8) by default; 4: 7-bit signed
     # weights (U8S8, reduce_range) by default.
     version: ClassVar[int] = 4
+    reads: ClassVar[dict[int, dict]] = {2: {"reduce_range": False}, 3: {"reduce_range": False}}
     target: ClassVar[str] = "onnx"
     extra: ClassVar[str] = "onnx"
     modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
@@ -99,6 +102,7 @@ class OrtInt4(Scheme):
     # within 10 GB on a CPU (8.9 GB measured; 10.7 GB at 32, where the scales and the int8 kernels'
     # block sums cost a quarter byte per weight), and 128 is GPTQ's and AWQ's usual group size.
     version: ClassVar[int] = 3
+    reads: ClassVar[dict[int, dict]] = {2: {}}  # blocks of 32 were the default; every config stores its block size
     target: ClassVar[str] = "onnx"
     extra: ClassVar[str] = "onnx"
     modules: ClassVar[tuple[str, ...]] = ("onnxruntime",)
@@ -340,14 +344,15 @@ def scheme_from_dict(data: dict) -> Scheme:
     cls = SCHEMES.get(data.get("scheme"))
     if cls is None:
         raise QuantizeError(f"unknown scheme in manifest: {data.get('scheme')!r}")
-    if data.get("version") != cls.version:
+    older = getattr(cls, "reads", {}).get(data.get("version"))
+    if data.get("version") != cls.version and older is None:
         raise QuantizeError(f"{cls.name} config version {data.get('version')} is not {cls.version}: "
                             "written by another editreward-deploy; re-quantize the model with this one")
     names = {f.name for f in fields(cls)}
     config = data.get("config", {})
     if not isinstance(config, dict) or set(config) - names:
         raise QuantizeError(f"{cls.name} config in manifest has unknown options {sorted(set(config) - names)}")
-    return cls(**config)
+    return cls(**{**(older or {}), **config})
 
 
 def check_available(scheme: Scheme) -> None:

@@ -196,20 +196,31 @@ class Scorer:
         return scores
 
     def _score_by_source(self, triples: list[PreparedTriple]) -> list[Score]:
+        """``score_groups``' policy on a flat list: a source with more triples than a call takes
+        continues one prefix of it across its calls; the other sources share calls, never split
+        across two (so each is still encoded once per call), in the order they first appear."""
         by_source: dict[str, list[int]] = {}
         for i, t in enumerate(triples):
             by_source.setdefault(t.source_key, []).append(i)
-        shared = [idx for idx in by_source.values() if len(idx) > 1]
-        if not shared or getattr(self.backend, "encode_prefix", None) is None:
+        large = [idx for idx in by_source.values() if len(idx) > self.max_batch]
+        if getattr(self.backend, "encode_prefix", None) is None:  # the reference: every triple in full anyway
             return self._chunks(triples, None)
         out: list = [None] * len(triples)
-        for idx in shared:
-            group = [triples[i] for i in idx]
-            for i, score in zip(idx, self._chunks(group, self.shared_prefix(group))):
+
+        def place(idx: list[int], prefix) -> None:
+            for i, score in zip(idx, self._chunks([triples[i] for i in idx], prefix)):
                 out[i] = score
-        singles = [idx[0] for idx in by_source.values() if len(idx) == 1]
-        for i, score in zip(singles, self._chunks([triples[i] for i in singles], None)):
-            out[i] = score
+
+        for idx in large:
+            place(idx, self.shared_prefix([triples[i] for i in idx]))
+        pending: list[int] = []
+        for idx in (idx for idx in by_source.values() if len(idx) <= self.max_batch):
+            if len(pending) + len(idx) > self.max_batch:
+                place(pending, None)
+                pending = []
+            pending.extend(idx)
+        if pending:
+            place(pending, None)
         return out
 
     def shared_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix | None:

@@ -139,3 +139,22 @@ def test_a_batch_waits_for_late_arrivals_up_to_max_wait(scorer, pictures):
         for f in futures:
             f.result(timeout=60)
         assert batcher.stats()["batches"] == 1 and time.monotonic() - start < 2.0
+
+
+def test_a_cpu_default_scorer_still_merges_and_shares_sources(tiny_onnx, pictures):
+    """With the CPU default of one triple per model call, the batcher still takes 8 triples a batch,
+    and the scorer gives the edits of one source one prefix: 4 edits of one source submitted
+    together encode that source once (1 + 4 vision calls, not 8)."""
+    from test_groups import Counting
+
+    one = Scorer.load(tiny_onnx, threads=1)
+    assert one.max_batch == 1
+    cases = [("add a hat", pictures[0], pictures[1 + j]) for j in range(4)]
+    want = [one.score(*c) for c in cases]
+    with BatchingScorer(one, max_wait_ms=500) as batcher, Counting(one) as count:
+        assert batcher.max_batch == 8
+        futures = [batcher.submit(*c) for c in cases]
+        got = [f.result(timeout=60) for f in futures]
+    assert count.vision == 1 + len(cases)
+    for g, w in zip(got, want, strict=True):
+        assert_same_score(g, w)

@@ -150,7 +150,10 @@ def test_default_max_batch_per_device(tiny_onnx):
 
     tiny = open_exported(tiny_onnx, verify=False).spec
     assert default_max_batch(tiny, "cpu") == 1 and Scorer.load(tiny_onnx).max_batch == 1
-    assert Scorer.load(tiny_onnx, device="auto").max_batch == 1  # this machine's ONNX Runtime has no GPU provider
+    import onnxruntime as ort
+
+    on_gpu = "CUDAExecutionProvider" in ort.get_available_providers()  # where "auto" really runs
+    assert Scorer.load(tiny_onnx, device="auto").max_batch == (8 if on_gpu else 1)
     assert default_max_batch(full_spec(tiny), "cpu") == 1 and default_max_batch(full_spec(tiny), "cuda") == 8
 
 
@@ -167,3 +170,22 @@ def test_score_batch_encodes_each_source_once_at_one_triple_per_call(tiny_onnx, 
     assert count.vision == 3 + len(triples)
     for triple, score in zip(triples, got, strict=True):
         assert_same_score(score, one.score(*triple))
+
+
+def test_sources_that_fit_a_call_keep_sharing_calls(tiny_onnx, pictures):
+    """At 4 triples per call, 6 triples over 4 sources (2, 2, 1, 1) take two calls, [A A B B] and
+    [C D]: grouping by source never splits a call's worth of small sources into one call each."""
+    four = Scorer.load(tiny_onnx, threads=1, max_batch=4)
+    triples = [("a", pictures[0], pictures[4]), ("b", pictures[1], pictures[5]), ("c", pictures[2], pictures[6]),
+               ("a", pictures[0], pictures[7]), ("b", pictures[1], pictures[8]), ("d", pictures[3], pictures[9])]
+    calls = []
+    original = four.backend.head_outputs
+    four.backend.head_outputs = lambda chunk, *a: calls.append(len(chunk)) or original(chunk, *a)
+    try:
+        with Counting(four) as count:
+            got = four.score_batch(triples)
+    finally:
+        del four.backend.head_outputs
+    assert calls == [4, 2] and count.vision == 4 + len(triples)
+    for triple, score in zip(triples, got, strict=True):
+        assert_same_score(score, four.score(*triple))

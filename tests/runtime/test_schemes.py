@@ -46,3 +46,20 @@ def test_one_registry_line_adds_a_scheme_to_the_cli(tmp_path, monkeypatch):
     assert main(["--model-dir", str(tmp_path), "--scheme", "test-int3", "--option", "group=4", "--out", str(tmp_path / "q")]) == 0
     assert CALLS[-1].scheme == Int3(group=4) and CALLS[-1].source == str(tmp_path)
     assert schemes.scheme_from_dict(Int3(group=4).to_dict()) == Int3(group=4)
+
+
+def test_older_configs_whose_meaning_is_unchanged_are_read():
+    """ort-int8 v3 (U8U8 default) and ort-int4 v2 (blocks of 32 default) stored every option, so
+    their folders still open, with the options they lacked as they were then; an unlisted older
+    version is refused."""
+    import pytest
+    from editreward_rt.schemes import QuantizeError, scheme_from_dict
+
+    v3 = {"scheme": "ort-int8", "version": 3, "config": {"include_vision": False, "include_heads": False, "mode": "dynamic",
+                                                           "weight_type": "int8", "block_size": 128, "embedding_bits": 8}}
+    assert scheme_from_dict(v3).reduce_range is False  # a v3 int8 folder's weights are full range
+    v2 = {"scheme": "ort-int4", "version": 2, "config": {"include_vision": False, "include_heads": False, "block_size": 32,
+                                                           "symmetric": True, "accuracy_level": 4, "embedding_bits": 8}}
+    assert scheme_from_dict(v2).block_size == 32
+    with pytest.raises(QuantizeError, match="version 1 is not"):
+        scheme_from_dict({**v2, "version": 1})
