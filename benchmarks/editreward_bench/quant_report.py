@@ -24,7 +24,7 @@ import numpy as np
 from .common import ensure_fixture, synthetic_images
 
 DEFAULT = ("ort-int8", "ort-int8:weight_type=uint8", "ort-int8:mode=weight_only", "ort-int8:embedding_bits=0",
-           "ort-int4", "ort-int4:block_size=32", "ort-int4:embedding_bits=4", "bnb-int8", "bnb-nf4",
+           "ort-int4", "ort-int4:block_size=32", "ort-int4:block_size=128", "ort-int4:embedding_bits=4", "bnb-int8", "bnb-nf4",
            "bnb-nf4:embedding_bits=4")
 
 
