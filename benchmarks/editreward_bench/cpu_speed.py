@@ -41,6 +41,7 @@ from .common import (
     write_document,
 )
 from .isolated import log, run_isolated
+from .measure import _timed
 from .rank_metrics import group_pairs
 
 GEMM = (1024, 2048, 2048)  # M, K, N: large enough that the kernel, not the call, is timed
@@ -133,12 +134,7 @@ def _reference_flops(scorer, triples) -> float:
 def _timed_run(scorer, triples, max_batch: int, reps: int) -> float:
     """Median seconds to score ``triples`` at ``max_batch`` triples per call."""
     scorer.max_batch = max_batch
-    seconds = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        scorer.score_batch(triples)
-        seconds.append(time.perf_counter() - t0)
-    return float(np.median(seconds))
+    return float(np.median(_timed(lambda: scorer.score_batch(triples), reps)))
 
 
 def _mu(scores) -> list[float]:
@@ -198,50 +194,49 @@ def run_variant(label: str, cfg: dict, threads: int, with_parity: bool) -> dict:
         scorer.max_batch = default
         result["parity_mu"] = [_mu(scorer.rank(instruction, source, edits)) for instruction, source, edits in cfg["parity_groups"]]
     if cfg.get("profile"):
-        result["op_profile_ms_per_triple"] = op_profile(scorer, triples, threads)
+        result["op_profile_ms_per_triple"] = op_profile(scorer, triples)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
-def op_profile(scorer, triples, threads: int) -> dict | None:
+def op_profile(scorer, triples) -> dict | None:
     """Where ONNX Runtime's time goes: {graph: {op type: ms per triple}} (largest first), from its
-    profiler over one pass of ``triples`` (one per call); None for other backends."""
+    profiler over one pass of ``triples`` (one per call); None for other backends. The profiled
+    sessions are made with the backend's own options; a first pass warms them and is not counted."""
     import collections
     import json
     import tempfile
 
     graphs = getattr(scorer.backend, "graphs", None)
-    if not hasattr(graphs, "sessions"):
+    if not hasattr(graphs, "options"):
         return None
-    import onnxruntime as ort
+    saved, options, names = dict(graphs.sessions), graphs.options, ("vision", "decoder")
 
-    saved = dict(graphs.sessions)
+    def profiled_pass(prefix: str, batch) -> dict[str, str]:
+        """Score ``batch`` on fresh profiling sessions -> each graph's profile file."""
+        options.enable_profiling, options.profile_file_prefix = True, prefix
+        try:
+            for name in names:
+                graphs.sessions[name] = graphs.ort.InferenceSession(str(scorer.backend.model.graph_path(name)), options,
+                                                                    providers=graphs.providers_asked)
+        finally:
+            options.enable_profiling = False
+        scorer.score_batch(batch)
+        return {name: graphs.sessions[name].end_profiling() for name in names}
+
+    scorer.max_batch = 1
     out = {}
-    with tempfile.TemporaryDirectory(prefix="editreward-profile-") as tmp:
-        for name in ("vision", "decoder"):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            options.enable_profiling, options.profile_file_prefix = True, f"{tmp}/{name}"
-            graphs.sessions[name] = ort.InferenceSession(str(scorer.backend.model.graph_path(name)), options,
-                                                         providers=["CPUExecutionProvider"])
-        scorer.max_batch = 1
-        scorer.score_batch(triples[:1])  # warm-up, profiled too: subtracted below by taking the last runs only
-        for name in ("vision", "decoder"):
-            graphs.sessions[name].end_profiling()
-            options = graphs.sessions[name].get_session_options()
-            options.enable_profiling, options.profile_file_prefix = True, f"{tmp}/{name}-timed"
-            graphs.sessions[name] = ort.InferenceSession(str(scorer.backend.model.graph_path(name)), options,
-                                                         providers=["CPUExecutionProvider"])
-        scorer.score_batch(triples)
-        for name in ("vision", "decoder"):
-            events = json.loads(open(graphs.sessions[name].end_profiling()).read())
-            by_op = collections.Counter()
-            for e in events:
-                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                    by_op[e["args"]["op_name"]] += e["dur"] / 1000 / len(triples)
-            out[name] = dict(by_op.most_common(12))
-    graphs.sessions.update(saved)
+    try:
+        with tempfile.TemporaryDirectory(prefix="editreward-profile-") as tmp:
+            profiled_pass(f"{tmp}/warm", triples[:1])  # a new session's first run allocates: not what is measured
+            for name, path in profiled_pass(f"{tmp}/timed", triples).items():
+                by_op = collections.Counter()
+                for e in json.loads(open(path).read()):
+                    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                        by_op[e["args"]["op_name"]] += e["dur"] / 1000 / len(triples)
+                out[name] = dict(by_op.most_common(12))
+    finally:
+        graphs.sessions.update(saved)
     return out
 
 

@@ -36,6 +36,7 @@ class QuantizeError(EditRewardError):
 class Scheme:
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    reads: ClassVar[dict[int, dict]] = {}  # older versions still read: {version: values of options it lacked}
     target: ClassVar[str]  # "onnx" (an exported folder), "torch" (a checkpoint) or "trt" (Q/DQ ONNX for TensorRT)
     extra: ClassVar[str]  # the pip extra that brings the library
     modules: ClassVar[tuple[str, ...]] = ()  # importable modules the scheme needs
@@ -345,7 +346,7 @@ def scheme_from_dict(data: dict) -> Scheme:
     cls = SCHEMES.get(data.get("scheme"))
     if cls is None:
         raise QuantizeError(f"unknown scheme in manifest: {data.get('scheme')!r}")
-    older = getattr(cls, "reads", {}).get(data.get("version"))
+    older = cls.reads.get(data.get("version"))
     if data.get("version") != cls.version and older is None:
         raise QuantizeError(f"{cls.name} config version {data.get('version')} is not {cls.version}: "
                             "written by another editreward-deploy; re-quantize the model with this one")

@@ -88,6 +88,7 @@ class OrtGraphs:
             ort.GraphOptimizationLevel, {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                                          "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}[optimization])
         providers = providers_for(device)
+        self.options, self.providers_asked = options, providers  # what every session of these graphs is made with
         self.ort, self.spec = ort, model.spec
         self.kv_dtype = np.dtype(model.manifest.get("kv_dtype", "float32"))
         self.sessions = {}
