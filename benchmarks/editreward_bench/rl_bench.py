@@ -120,8 +120,10 @@ def run_method(method: str, fast, reference, groups: list, producers: int, max_w
 
 
 def parity(fast, reference, groups: list, tolerance) -> dict:
-    """Each method's scores on the first group against ``Scorer.score``: max |d mu|, |d log_sigma|."""
+    """Each method's scores on the first group against ``Scorer.score``: max |d mu|, |d log_sigma|.
+    Batched methods are held to the batch-shape bound of the precision the fast path runs in."""
     from editreward_rt import BatchingScorer
+    from editreward_rt.tolerances import batch_shape_tolerance
 
     probe = groups[:1]
     want = [fast.score(probe[0][0], probe[0][1], e) for e in probe[0][2]]
@@ -130,13 +132,22 @@ def parity(fast, reference, groups: list, tolerance) -> dict:
         got["batching"] = [f.result() for f in [batcher.submit(probe[0][0], probe[0][1], e) for e in probe[0][2]]]
     if reference is not None:
         got["reference-serial"] = [reference.score(probe[0][0], probe[0][1], e) for e in probe[0][2]]
+    description = fast.description
+    batched = batch_shape_tolerance(*tolerance_key(description))
     out = {}
     for method, scores in got.items():
-        limit = tolerance if method == "reference-serial" else 1e-5
+        limit = tolerance if method == "reference-serial" else batched
         d_mu = max(abs(a.mu - b.mu) for a, b in zip(scores, want))
         d_ls = max(abs(a.log_sigma - b.log_sigma) for a, b in zip(scores, want))
         out[method] = {"max_abs_mu": d_mu, "max_abs_log_sigma": d_ls, "limit": limit, "passed": max(d_mu, d_ls) <= limit}
     return out
+
+
+def tolerance_key(description: dict) -> tuple[str, str]:
+    """A fast scorer's description -> its (backend, precision) row of the tolerance table."""
+    if description["backend"] == "torch":
+        return "torch-fast", description.get("quantization", description["dtype"])
+    return description["backend"], description.get("quantization") or description.get("precision") or "float32"
 
 
 def bench(fast, reference, groups: list, producers: int, max_wait_ms: float, methods=METHODS, tolerance: float = 1e-4) -> list:

@@ -45,3 +45,17 @@ def test_gpu_matrix_dry_run_has_the_rl_rows(tmp_path):
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert {"rl-score", "rl-batching", "rl-score-groups"} <= set(rows)
     assert all(rows[v]["status"] == "ok" for v in ("rl-score", "rl-batching", "rl-score-groups"))
+
+
+def test_batched_parity_is_held_to_the_precision_it_ran_in(tiny):
+    """bf16 kernels block by batch shape (AMX, cuBLAS): batched bf16 scores are held to the bf16
+    row of the tolerance table, float32 ones to the float32 batch-shape bound."""
+    from editreward_rt import Scorer
+    from editreward_rt.tolerances import BATCH_SHAPE_FLOAT32, tolerance
+
+    groups = rl_bench.workload(1, 2, size=(48, 64))
+    for dtype, want in (("float32", BATCH_SHAPE_FLOAT32), ("bfloat16", tolerance("torch-fast", "bfloat16").mu)):
+        fast = Scorer.load(tiny.checkpoint, backend="torch", dtype=dtype, prompts_from=tiny.prompts, threads=1)
+        checks = rl_bench.parity(fast, None, groups, 1e-4)
+        assert {c["limit"] for c in checks.values()} == {want}, dtype
+        assert all(c["passed"] for c in checks.values()), checks

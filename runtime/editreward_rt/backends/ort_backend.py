@@ -165,4 +165,5 @@ class OrtBackend(PipelineBackend):
         self.graphs = OrtGraphs(self.model, device, threads, optimization, io_binding)
         self.pipeline = FastPipeline(self.graphs)
         self.description = {"backend": "onnxruntime", "mode": "fast", "providers": self.graphs.providers,
-                            "precision": self.model.manifest.get("precision"), "io_binding": self.graphs.binding}
+                            "precision": self.model.manifest.get("precision"), "io_binding": self.graphs.binding,
+                            "quantization": (self.model.manifest.get("quantization") or {}).get("scheme")}
