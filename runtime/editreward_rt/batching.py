@@ -3,17 +3,21 @@ server's requests).
 
 ``BatchingScorer`` queues each ``submit`` and returns a future at once; its images start
 preprocessing at once on ``prep_threads`` threads (an image submitted again while still
-remembered, such as the source of a group's edits, is preprocessed once). One worker thread takes
-what arrived within ``max_wait_ms`` of the oldest waiting triple (up to ``max_batch``) and scores
-it in one fast-path call, in which each source image and its prefix are encoded once for all its
-edits (the pipeline's source level), while the next batch's images are preprocessed. The scores equal
-``Scorer.score`` of each triple; a bad triple fails only its own future.
+remembered, such as the source of a group's edits, is preprocessed once; remembered by its
+content, so a file rewritten at the same path or an image edited in place is a new image). One
+worker thread takes what arrived within ``max_wait_ms`` of the oldest waiting triple (up to
+``max_batch``) and scores it in one fast-path call, in which each source image and its prefix are
+encoded once for all its edits (the pipeline's source level), while the next batch's images are
+preprocessed. The scores equal ``Scorer.score`` of each triple; a bad triple fails only its own future.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+import stat
 import threading
 import time
 from collections import OrderedDict, deque
@@ -21,8 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import BackendError, DeadlineError, EditRewardError, NotReadyError, OverloadedError
-from .images import identity
+import numpy as np
+from PIL import Image
+
+from .errors import BackendError, DeadlineError, EditRewardError, ImageError, NotReadyError, OverloadedError
 from .scorer import Score, Scorer, attempt, scoring_failed
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,51 @@ class _Item:
     arrived: float = field(default_factory=time.monotonic)
 
 
-DEFAULT_BATCH = 8  # triples merged per batch unless asked otherwise
+# Triples a batch merges unless asked otherwise, whatever the scorer's per-call size
+# (``backends.default_max_batch``): the scorer splits a batch into its own calls, each source's edits
+# continuing one prefix of it, so a wider batch still shares sources on a CPU's one-triple calls.
+MERGE_WIDTH = 8
+
+
+# A file larger than this is preprocessed from its path, unremembered, rather than read whole on the
+# caller's thread to be hashed (a 12-megapixel PNG is about 20 MB).
+SNAPSHOT_MAX_BYTES = 1 << 27
+
+
+def _digest(*parts) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _content(image, max_pixels: int) -> tuple[tuple | None, Any, str | None]:
+    """(key, source, name) of an image as submitted. ``key`` comes from its content, never from a
+    path string or an object's id: a file rewritten at one path, or a PIL image or array edited in
+    place, is a new image. ``source`` is a copy of that content, so what the caller changes after
+    the submit cannot reach the queued triple; ``name`` is the path a file's bytes came from. ``key``
+    None: not remembered, ``source`` the image as given (what cannot be read here, or is too large
+    to copy, the scorer reports as its typed error)."""
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            info = os.stat(image)
+            if stat.S_ISREG(info.st_mode) and info.st_size <= SNAPSHOT_MAX_BYTES:
+                with open(image, "rb") as f:
+                    data = f.read(SNAPSHOT_MAX_BYTES + 1)
+                return ("bytes", _digest(data)), data, os.fspath(image)
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+            return ("bytes", _digest(data)), data, None
+        elif isinstance(image, np.ndarray) and not image.dtype.hasobject:
+            copy = np.array(image, order="C", copy=True)
+            return ("array", copy.shape, copy.dtype.str, _digest(copy.data)), copy, None
+        elif isinstance(image, Image.Image) and image.width * image.height <= max_pixels:
+            copy = image.copy()  # decodes a lazily opened image
+            palette = copy.palette.mode.encode() + copy.palette.tobytes() if copy.palette else b""
+            return ("pil", copy.mode, copy.size, _digest(copy.tobytes(), palette)), copy, None
+    except Exception:  # whatever fails here fails again, typed, when the scorer reads the image as given
+        pass
+    return None, image, None
 
 
 class BatchingScorer:
@@ -57,9 +107,8 @@ class BatchingScorer:
         if max_queue is not None and max_queue < 1:
             raise ValueError("max_queue must be at least 1, or None")
         self.scorer = scorer
-        # Triples the worker takes per batch; the scorer then splits them into its own calls (one
-        # triple per call on a CPU) with each source's edits continuing one prefix of it.
-        self.max_batch = max(1, max_batch or max(DEFAULT_BATCH, scorer.max_batch))
+        # Triples the worker takes per batch (None: MERGE_WIDTH, or the scorer's per-call size if larger).
+        self.max_batch = max(1, max_batch or max(MERGE_WIDTH, scorer.max_batch))
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
@@ -68,8 +117,8 @@ class BatchingScorer:
         self._closed = False
         self._counts = {"batches": 0, "triples": 0, "rejected": 0, "expired": 0}
         self._prep = ThreadPoolExecutor(max_workers=max(1, prep_threads), thread_name_prefix="editreward-prep")
-        # identity -> (image, its preprocessing); holding the image keeps an id-keyed one from being reused.
-        self._recent: OrderedDict[tuple, tuple[Any, Future]] = OrderedDict()
+        # content key -> its preprocessing (a PreprocessedImage or its error), least recent first
+        self._recent: OrderedDict[tuple, Future] = OrderedDict()
         self._recent_max = max(16, 2 * self.max_batch)  # a preprocessed photo is ~5 MB
         self._worker = threading.Thread(target=self._loop, name="editreward-batcher", daemon=True)
         self._worker.start()
@@ -79,28 +128,40 @@ class BatchingScorer:
     def submit(self, instruction: str, source, edited, *, deadline: float | None = None, tag=None) -> Future:
         """Queue one triple; its future resolves to its ``Score`` or its typed error. ``deadline``
         (``time.monotonic()`` seconds): dropped with a ``DeadlineError`` if not scored by then."""
+        max_pixels = self.scorer.image_spec.max_input_pixels
+        images = (_content(source, max_pixels), _content(edited, max_pixels))  # read and hashed outside the lock
         with self._cond:
             if self._closed:
                 raise NotReadyError("the BatchingScorer is closed")
             if self.max_queue is not None and len(self._queue) >= self.max_queue:
                 self._counts["rejected"] += 1
                 raise OverloadedError(f"{len(self._queue)} triples are queued (max_queue {self.max_queue}); retry later")
-            item = _Item(instruction, source, edited, deadline, tag, (self._preprocess(source), self._preprocess(edited)))
+            item = _Item(instruction, source, edited, deadline, tag, tuple(self._preprocess(*image) for image in images))
             self._queue.append(item)
             self._cond.notify()
         return item.future
 
-    def _preprocess(self, image) -> Future:
-        """The image's preprocessing (PreprocessedImage or its error), started now or shared with a recent submit."""
-        key = identity(image)
+    def _preprocess(self, key: tuple | None, source, name: str | None) -> Future:
+        """The image's preprocessing (PreprocessedImage or its error), started now or shared with a
+        recent submit of the same content. Called under the lock."""
         if key in self._recent:
             self._recent.move_to_end(key)
-            return self._recent[key][1]
-        future = self._prep.submit(attempt, "return", "an image", self.scorer.preprocess, image)
-        self._recent[key] = (image, future)
-        while len(self._recent) > self._recent_max:
-            self._recent.popitem(last=False)
+            return self._recent[key]
+        future = self._prep.submit(attempt, "return", "an image", self._preprocess_named, source, name)
+        if key is not None:
+            self._recent[key] = future
+            while len(self._recent) > self._recent_max:
+                self._recent.popitem(last=False)
         return future
+
+    def _preprocess_named(self, source, name: str | None):
+        """``scorer.preprocess`` of a file's bytes names the file in its error, as it would the path."""
+        try:
+            return self.scorer.preprocess(source)
+        except ImageError as exc:
+            if name is None:
+                raise
+            raise type(exc)(f"{name!r}: {exc}") from None
 
     async def asubmit(self, instruction: str, source, edited, *, deadline: float | None = None, tag=None) -> Score:
         """``submit`` for asyncio callers; cancelling the await cancels the triple if not yet taken."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, WeightMismatchError
 from .extras import require
-from .families import family
+from .families import family, family_for
 from .prompts import load_tokenizer, read_chat_template
 from .templates import Templates, resolve_templates
 
@@ -69,18 +69,20 @@ def _read_yaml(folder: Path) -> tuple[dict, Path | None]:
         return {}, None
     try:
         data = yaml.safe_load(found[0].read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"cannot parse {found[0]}: {exc}") from exc
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise CheckpointError(f"cannot parse {found[0]}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{found[0]} holds a YAML {type(data).__name__}, not a mapping of settings")
     return data, found[0]
 
 
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"malformed {index}: {exc}") from exc
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise CheckpointError(f"malformed {index}: weight_map must map tensor names to shard file names")
+        names = sorted(set(weight_map.values()))
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -180,7 +182,7 @@ class Checkpoint:
 
     @property
     def family(self):
-        return family(self.spec.family)
+        return family_for(self.spec)
 
     def tensors(self) -> TensorSource:
         """The tensors, read one at a time (``state_dict`` reads them all)."""
@@ -189,7 +191,7 @@ class Checkpoint:
     def state_dict(self) -> dict:
         fam = self.family
         state = load_state_dict(self.files, fam.normalise_key)
-        check_state(state, fam.expected_shapes(self.spec), fam.UNUSED)
+        check_state(state, fam.expected_shapes(), fam.UNUSED)
         return state
 
 
@@ -233,12 +235,17 @@ def open_checkpoint(name_or_path: str | os.PathLike, base: str | None = None,
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object file, or a ``CheckpointError``: missing, not JSON, nested past the parser's
+    recursion limit (a model file, so untrusted), or not an object."""
     if not path.is_file():
         raise CheckpointError(f"missing {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def check_state(state: dict, expected: dict[str, tuple[int, ...]], optional: tuple[str, ...] = ()) -> None:

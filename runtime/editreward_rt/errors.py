@@ -76,6 +76,12 @@ class ManifestError(CheckpointError):
     kind = "manifest_error"
 
 
+class OutputError(EditRewardError):
+    """A results file cannot be written (a full disk, a lost mount); what was written before stays."""
+
+    kind = "output_error"
+
+
 class TemplateError(EditRewardError):
     """Prompt templates cannot be found, verified or extracted."""
 

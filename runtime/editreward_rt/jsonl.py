@@ -8,7 +8,10 @@ costs that line only.
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import stat
 from pathlib import Path
 
 from .errors import InputError
@@ -16,9 +19,32 @@ from .errors import InputError
 TRIPLE_FIELDS = ("instruction", "source", "edited")
 
 
+def not_regular(path: Path) -> str | None:
+    """None for a regular file (or a link to one), else what the path is: reading a FIFO or a
+    device would block or never end, and "no such file" would misname them."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file"
+    except (OSError, ValueError) as exc:  # ValueError: a path the OS refuses (a NUL byte)
+        return f"cannot be read ({exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return "not a regular file but " + next((what for test, what in kinds if test(mode)), "a special file")
+
+
 def read_lines(path: Path) -> list[bytes]:
-    """The file's lines as bytes (line i is index i), without their ``\\n`` or a ``\\r`` before it."""
-    data = Path(path).read_bytes()
+    """The file's lines as bytes (line i is index i), without their ``\\n`` or a ``\\r`` before it.
+    A UTF-8 byte-order mark (editors on Windows write one) is not part of line 0."""
+    problem = not_regular(path)
+    if problem is not None:
+        raise InputError(f"{path}: {problem}")
+    try:
+        data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc})") from None
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline that ends the last line

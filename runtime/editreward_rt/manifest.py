@@ -13,8 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ArchitectureError, ManifestError
-from .families import family_of_manifest
+from .backends import BACKENDS, DEFAULT_EXPORTED
+from .errors import ArchitectureError, ManifestError, TemplateError
+from .families import FAMILIES, family_for, family_of_manifest
+from .manifest_schema import check_fields, check_graph_io, check_header
 from .prompts import load_tokenizer
 from .templates import Templates
 
@@ -22,6 +24,8 @@ MANIFEST = "manifest.json"
 FORMAT = "editreward-exported-model"
 MANIFEST_VERSION = 1
 KNOWN_VERSIONS = (1,)
+# The backends that read a model folder: what the manifest's "runtime" may name.
+EXPORTED_RUNTIMES = tuple(name for name, entry in BACKENDS.items() if "exported" in entry.reads)
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB cap, with margin: larger graphs keep their weights in <graph>.onnx.data
 
 
@@ -52,21 +56,32 @@ class ExportedModel:
 
 
 def read_manifest(root: Path) -> dict:
+    """The manifest's JSON and the header fields read before the folder is opened (version,
+    family, runtime); the rest is checked by ``open_exported``."""
     path = root / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{root} is not an exported model folder: no {MANIFEST}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
-        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: arrays or objects nested too deeply to read") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path} is not an EditReward exported-model manifest")
-    if manifest.get("manifest_version") not in KNOWN_VERSIONS:
-        raise ManifestError(
-            f"{path} has manifest_version {manifest.get('manifest_version')!r}; this runtime reads {KNOWN_VERSIONS}. "
-            "Upgrade editreward-deploy or re-export the model."
-        )
+    with named(path):
+        check_header(manifest, KNOWN_VERSIONS, FAMILIES, EXPORTED_RUNTIMES)
     return manifest
+
+
+@contextlib.contextmanager
+def named(path: Path):
+    """Schema errors (a field's JSON path and its problem) prefixed with the manifest's path; a
+    family's refusal of the spec it reads becomes one too."""
+    try:
+        yield
+    except (ManifestError, ArchitectureError) as exc:
+        raise ManifestError(f"{path}: {exc}") from None
 
 
 def referenced_files(manifest: dict) -> dict[str, str]:
@@ -131,35 +146,37 @@ def verify_files(root: Path, manifest: dict) -> None:
 
 
 def open_exported(root, verify: bool = True) -> ExportedModel:
+    """Read a model folder: its manifest through the schema (every field, and the declared graph
+    I/O against what the spec implies), then its files against their hashes, then its tokenizer."""
     root = Path(root)
     manifest = read_manifest(root)
+    with named(root / MANIFEST):
+        check_fields(manifest, needs_graphs=manifest.get("runtime", DEFAULT_EXPORTED) != "torch")
+        spec = family_of_manifest(manifest).spec_from_dict(manifest["spec"])
+        check_graph_io(manifest.get("graphs", {}), family_for(spec).graph_specs(manifest.get("kv_dtype", "float32")))
+        try:
+            templates = Templates.from_dict(manifest["templates"])
+        except TemplateError as exc:
+            raise ManifestError(f"templates: {exc}") from None
+        check_quantization(manifest)
     if verify:
         check_layout(root, manifest)
         verify_files(root, manifest)
-    try:
-        spec = family_of_manifest(manifest).spec_from_dict(manifest["spec"])
-        templates = Templates.from_dict(manifest["templates"])
-        chat_text = manifest["chat_text"]
-    except (KeyError, TypeError) as exc:
-        raise ManifestError(f"{root / MANIFEST} lacks {exc}") from exc
-    except ArchitectureError as exc:
-        raise ManifestError(f"{root / MANIFEST}: {exc}") from exc
-    check_quantization(root, manifest)
     tokenizer = load_tokenizer(root / manifest.get("tokenizer", "tokenizer.json"), expected_size=spec.text.vocab_size)
-    return ExportedModel(root, manifest, spec, tokenizer, chat_text, templates)
+    return ExportedModel(root, manifest, spec, tokenizer, manifest["chat_text"], templates)
 
 
-def check_quantization(root: Path, manifest: dict) -> None:
+def check_quantization(manifest: dict) -> None:
     """A quantized folder's scheme must be one this build registers, at the version it writes
     (``editreward_rt.schemes``: configs only, no quantization library is imported)."""
-    if not manifest.get("quantization"):
+    if manifest.get("quantization") is None:
         return
     from .schemes import QuantizeError, scheme_from_dict
 
     try:
         scheme_from_dict(manifest["quantization"])
-    except (QuantizeError, TypeError) as exc:
-        raise ManifestError(f"{root / MANIFEST}: {exc}") from exc
+    except (QuantizeError, TypeError, ValueError) as exc:  # a config value its dataclass refuses
+        raise ManifestError(f"quantization: {exc}") from None
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

@@ -25,7 +25,8 @@ Deliberate differences from the reference:
   that behaviour is kept.
 * Inputs are checked up front: missing, empty, truncated, corrupt or
   unidentifiable files, decoded sizes above ``ImageSpec.max_input_pixels`` (read
-  from the header before any pixel is decoded) and aspect ratios above
+  from the header before any pixel is decoded; PIL's own process-wide limit is never
+  changed, so it caps a larger one) and aspect ratios above
   ``ImageSpec.max_aspect_ratio`` raise the typed errors of ``editreward_rt.errors``.
 * ``smart_resize`` never returns a side below ``factor`` (newer qwen-vl-utils
   behaviour); with the defaults this cannot happen anyway.
@@ -37,19 +38,26 @@ import io
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import AspectRatioError, ImageError, ImageTooLargeError
+from .manifest_schema import array, fields, integer, number, positive_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # transformers rescales by the Python float 1/255 (in float64, then casts to float32).
 _RESCALE_FACTOR = 1 / 255
 _MODES_16BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+# Bounds of a folder's image limits: one side of a decoded image, and max_input_pixels (the decoded
+# RGB image alone is 3 bytes a pixel: 1 << 30 pixels are 3 GiB).
+MAX_SIDE = 1 << 16
+MAX_INPUT_PIXELS = 1 << 30
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -80,16 +88,16 @@ class ImageSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ImageSpec fields: {sorted(unknown)}")
-        kwargs = dict(d)
-        for key in ("image_mean", "image_std"):
-            if key in kwargs:
-                kwargs[key] = tuple(float(v) for v in kwargs[key])
-        return cls(**kwargs)
+    def from_dict(cls, d: dict, at: str = "spec.image") -> "ImageSpec":
+        """A manifest's image section (``at``: its JSON path), every value checked: a ``ManifestError``
+        names the field. Missing fields keep their defaults."""
+        size, channel = partial(integer, lo=1, hi=MAX_SIDE), partial(array, length=3)
+        readers = {"patch_size": size, "temporal_patch_size": size, "merge_size": size,
+                   "min_pixels": positive_int, "max_pixels": positive_int,
+                   "image_mean": partial(channel, item=number), "image_std": partial(channel, item=partial(number, positive=True)),
+                   "max_aspect_ratio": partial(number, lo=1.0, hi=MAX_SIDE),
+                   "max_input_pixels": partial(integer, lo=1, hi=MAX_INPUT_PIXELS)}
+        return cls(**fields(d, at, readers, optional=tuple(readers)))
 
 
 @dataclass
@@ -195,28 +203,29 @@ def _load_bytes(data: bytes, spec: ImageSpec) -> Image.Image:
     return _decode(io.BytesIO(data), spec, f"image bytes ({len(data)} bytes)")
 
 
-def _allow_in_pil(pixels: int) -> None:
-    """PIL refuses images above twice its process-wide ``MAX_IMAGE_PIXELS`` before our header check
-    runs; a configured limit above PIL's raises PIL's to it (never lowers it: other users of PIL in
-    the process keep at least their limit)."""
-    current = Image.MAX_IMAGE_PIXELS
-    if current is not None and pixels > current:
-        Image.MAX_IMAGE_PIXELS = int(pixels)
+def _pil_refusal(name: str, spec: ImageSpec) -> ImageTooLargeError:
+    """PIL refuses images above twice its process-wide ``Image.MAX_IMAGE_PIXELS`` before our header
+    check runs. That guard belongs to the process: a model folder's or a caller's limit never lifts
+    it (an application that wants larger images raises PIL's limit itself), so a configured limit
+    above PIL's is capped by it, and the message says which limit refused the image."""
+    pil = Image.MAX_IMAGE_PIXELS
+    if pil is not None and spec.max_input_pixels > 2 * pil:
+        return ImageTooLargeError(f"{name}: more pixels than PIL's process-wide limit of {2 * pil} "
+                                  f"(2 x PIL.Image.MAX_IMAGE_PIXELS), below max_input_pixels {spec.max_input_pixels}")
+    return ImageTooLargeError(f"{name}: more pixels than the limit of {spec.max_input_pixels} (max_input_pixels)")
 
 
 def _decode(fp, spec: ImageSpec, name: str) -> Image.Image:
     """Open from a binary file object, check the header size, then fully decode and convert."""
-    _allow_in_pil(spec.max_input_pixels)
     try:
-        # _from_pil's header check is the bomb guard; PIL's global-threshold warning is noise
-        # (and must not veto a larger, deliberately configured max_input_pixels).
+        # _from_pil's header check is the bomb guard; PIL's warning (at its own limit, below the
+        # refusal at twice it) is noise beside it.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp) as img:  # reads only the header
                 return _from_pil(img, spec, name)
     except Image.DecompressionBombError:
-        raise ImageTooLargeError(f"{name}: more pixels than the limit of {spec.max_input_pixels} "
-                                 "(max_input_pixels)") from None
+        raise _pil_refusal(name, spec) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image format") from None
     except ImageError:

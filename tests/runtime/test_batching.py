@@ -144,7 +144,7 @@ def test_a_batch_waits_for_late_arrivals_up_to_max_wait(scorer, pictures):
 def test_a_cpu_default_scorer_still_merges_and_shares_sources(tiny_onnx, pictures):
     """With the CPU default of one triple per model call, the batcher still takes 8 triples a batch,
     and the scorer gives the edits of one source one prefix: 4 edits of one source submitted
-    together encode that source once (1 + 4 vision calls, not 8)."""
+    together encode that source once (1 + 4 images encoded, not 8)."""
     from test_groups import Counting
 
     one = Scorer.load(tiny_onnx, threads=1)
@@ -158,3 +158,42 @@ def test_a_cpu_default_scorer_still_merges_and_shares_sources(tiny_onnx, picture
     assert count.vision == 1 + len(cases)
     for g, w in zip(got, want, strict=True):
         assert_same_score(g, w)
+
+
+def test_a_rewritten_file_or_an_image_edited_in_place_is_scored_anew(scorer, pictures, tmp_path):
+    """An RL loop that rewrites rollout.png each step, or edits an image object in place, gets the
+    new content's score (Scorer.score's), never the remembered preprocessing of the old one."""
+    path = tmp_path / "rollout.png"
+    canvas = pictures[5].copy()
+    with BatchingScorer(scorer, max_wait_ms=1) as batcher:
+        got, want = [], []
+        for step, picture in enumerate(pictures[3:5]):
+            picture.save(path)  # the same path each step, new content
+            where = str(path) if step else path
+            want.append(scorer.score("add a cat", pictures[0], where))
+            got.append(batcher.submit("add a cat", pictures[0], where).result(timeout=60))
+        want.append(scorer.score("add a cat", pictures[0], canvas))
+        got.append(batcher.submit("add a cat", pictures[0], canvas).result(timeout=60))
+        canvas.paste(pictures[6].resize(canvas.size))  # the same object, new pixels
+        want.append(scorer.score("add a cat", pictures[0], canvas))
+        got.append(batcher.submit("add a cat", pictures[0], canvas).result(timeout=60))
+    for g, w in zip(got, want, strict=True):
+        assert_same_score(g, w)
+    assert got[0].mu != got[1].mu and got[2].mu != got[3].mu  # the contents score apart
+
+
+def test_equal_content_is_preprocessed_once_and_a_bad_file_is_named(scorer, pictures, tmp_path):
+    """The same bytes at two paths are one source (remembered by content); a corrupt file's error
+    names the file although its bytes, not its path, were preprocessed."""
+    for name in ("a.png", "b.png"):
+        pictures[0].save(tmp_path / name)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:150])
+    infos = []
+    with BatchingScorer(scorer, max_batch=2, max_wait_ms=2000, on_batch=infos.append) as batcher:
+        futures = [batcher.submit("add a cat", tmp_path / name, e) for name, e in (("a.png", pictures[3]), ("b.png", pictures[4]))]
+        for f, e in zip(futures, pictures[3:5]):
+            assert_same_score(f.result(timeout=60), scorer.score("add a cat", pictures[0], e))
+        cut = batcher.submit("add a cat", tmp_path / "cut.png", pictures[3])
+        with pytest.raises(ImageError, match="cut.png"):
+            cut.result(timeout=60)
+    assert infos[0]["size"] == 2 and infos[0]["sources"] == 1

@@ -220,6 +220,31 @@ def test_hostile_configs_cost_no_time(tiny, tmp_path, changes, error, message):
     assert time.perf_counter() - start < 2.0
 
 
+@pytest.mark.parametrize("file,text,message", [
+    ("base/config.json", "[" * 100_000 + "]" * 100_000, "not valid JSON .RecursionError"),
+    ("base/config.json", '{"a": ' * 100_000 + "1" + "}" * 100_000, "not valid JSON .RecursionError"),
+    ("base/config.json", '["model_type", "qwen2_5_vl"]', "holds a JSON list, not an object"),
+    ("checkpoint/editreward.yaml", "- model_name_or_path\n- base\n", "holds a YAML list"),
+    ("checkpoint/editreward.yaml", "[" * 100_000 + "]" * 100_000, "cannot parse"),
+])
+def test_deep_or_non_object_model_files_are_checkpoint_errors(tiny, tmp_path, file, text, message):
+    """A model file nested past the parser's recursion limit, or holding a list, is a CheckpointError
+    naming the file, not a RecursionError or AttributeError."""
+    root = copy_fixture(tiny, tmp_path)
+    (root / file).write_text(text)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        open_checkpoint(root / "checkpoint", prompts_from=root / "prompts")
+    assert file.split("/")[1] in str(caught.value)
+
+
+@pytest.mark.parametrize("index", ["[1, 2]", '{"weight_map": ["model-00001.safetensors"]}', '{"weight_map": {"a": 3}}'])
+def test_a_malformed_shard_index_is_a_checkpoint_error(tmp_path, index):
+    paths = write_fixture(tmp_path, size="tiny", weight_format="sharded")
+    (paths.checkpoint / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        open_checkpoint(paths.checkpoint, prompts_from=paths.prompts)
+
+
 def test_absurd_safetensors_header_length(tiny, tmp_path):
     import struct
 

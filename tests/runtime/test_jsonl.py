@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from editreward_rt.errors import InputError
 from editreward_rt.jsonl import parse_triple, read_lines, read_triples
 
@@ -34,3 +36,24 @@ def test_paths_must_be_strings():
         assert "source must be a path string" in str(exc)
     else:
         raise AssertionError("a numeric source path was accepted")
+
+
+def test_a_byte_order_mark_does_not_cost_line_0(tmp_path):
+    record = {"instruction": "x", "source": "a.png", "edited": "b.png"}
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join([json.dumps(record)] * 2) + "\n", encoding="utf-8-sig")  # as Notepad saves it
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_triples(path) == [(0, record), (1, record)]
+
+
+def test_what_is_not_a_regular_file_is_named_as_what_it_is(tmp_path):
+    """A FIFO would block the reader and /dev/zero never end: each is refused by its kind, at once."""
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    cases = {fifo: "not a regular file but a FIFO", Path("/dev/zero"): "not a regular file but a character device",
+             tmp_path: "not a regular file but a directory", tmp_path / "none.jsonl": "no such file"}
+    for path, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            read_triples(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from editreward_rt.errors import AspectRatioError, ImageError, ImageTooLargeError
+from editreward_rt.errors import AspectRatioError, ImageError, ImageTooLargeError, ManifestError
 from editreward_rt.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -306,7 +306,7 @@ def test_spec_json_roundtrip():
     back = ImageSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert back == spec
     assert back.factor == 28
-    with pytest.raises(ValueError):
+    with pytest.raises(ManifestError, match=r"spec\.image\.bogus: unknown field"):
         ImageSpec.from_dict({"bogus": 1})
 
 
@@ -435,16 +435,23 @@ def test_patchify_rejects_bad_input():
 
 
 
-def test_the_pixel_limit_is_ours_above_and_below_pils():
+def test_the_pixel_limit_never_changes_pils_process_wide_guard(monkeypatch):
     """An image over twice PIL's own limit (182 M pixels): refused with the configured limit in the
-    message; and a configured limit above PIL's is honoured (the image is then decoded, and fails
-    here only because its pixel data is missing)."""
+    message. A configured limit above PIL's does not lift PIL's guard for the process: the image is
+    refused naming PIL's limit, and PIL's limit is unchanged. Where the application itself lifts
+    PIL's guard, the configured limit is honoured (the image is then decoded, and fails here only
+    because its pixel data is missing)."""
     from PIL import Image
 
     data = _png_header_only(14_000, 13_000)
-    assert 14_000 * 13_000 > 2 * Image.MAX_IMAGE_PIXELS
+    pil = Image.MAX_IMAGE_PIXELS
+    assert 14_000 * 13_000 > 2 * pil
     with pytest.raises(ImageTooLargeError, match=str(ImageSpec().max_input_pixels)):
         preprocess_image(data, ImageSpec())
+    with pytest.raises(ImageTooLargeError, match=f"PIL's process-wide limit of {2 * pil}"):
+        preprocess_image(data, ImageSpec(max_input_pixels=200_000_000))
+    assert Image.MAX_IMAGE_PIXELS == pil
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     with pytest.raises(ImageError, match="corrupt or truncated") as info:
         preprocess_image(data, ImageSpec(max_input_pixels=200_000_000))
     assert not isinstance(info.value, ImageTooLargeError)

@@ -7,9 +7,11 @@ serialised into an exported model's manifest, so nothing downstream re-reads con
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import ClassVar
 
 from editreward_rt.errors import ArchitectureError, WeightMismatchError
+from editreward_rt.manifest_schema import array, child, fields, integer, number, obj, positive_int, string
 from editreward_rt.preprocess import ImageSpec
 
 SUPPORTED_HEAD_TYPES = ("ranknet_multi_head",)
@@ -81,29 +83,33 @@ class ModelSpec:
                 "tokens": asdict(self.tokens), "image": self.image.to_dict(), "max_prompt_tokens": self.max_prompt_tokens}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
-        """A manifest's spec, checked (``validate``) before anything is sized from it."""
-        try:
-            spec = cls._from_dict(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArchitectureError(f"malformed model spec ({type(exc).__name__}: {exc})") from None
-        validate(spec)
+    def from_dict(cls, data: dict, at: str = "spec") -> "ModelSpec":
+        """A manifest's spec (``at``: its JSON path), every field read through the manifest schema
+        (a malformed field is a ``ManifestError`` naming it) and the whole checked (``validate``: an
+        ``ArchitectureError`` naming the fields) before anything is sized from it."""
+        section = fields(data, at, {**dict.fromkeys(("text", "vision", "heads", "tokens", "image"), obj),
+                                    "max_prompt_tokens": positive_int})
+        part = lambda key, optional=(): fields(section[key], child(at, key), READERS[key], optional)
+        spec = cls(text=TextSpec(**part("text")), vision=VisionSpec(**part("vision", ("in_channels",))),
+                   heads=HeadSpec(**part("heads", ("names",))), tokens=TokenSpec(**part("tokens")),
+                   image=ImageSpec.from_dict(section["image"], child(at, "image")),
+                   max_prompt_tokens=section["max_prompt_tokens"])
+        validate(spec, at=f"{at}.")
         return spec
 
-    @classmethod
-    def _from_dict(cls, data: dict) -> "ModelSpec":
-        vision = dict(data["vision"])
-        vision["fullatt_block_indexes"] = tuple(vision["fullatt_block_indexes"])
-        heads = dict(data["heads"])
-        heads["layer_sizes"], heads["names"] = tuple(heads["layer_sizes"]), tuple(heads["names"])
-        return cls(
-            text=TextSpec(**data["text"]),
-            vision=VisionSpec(**vision),
-            heads=HeadSpec(**heads),
-            tokens=TokenSpec(**data["tokens"]),
-            image=ImageSpec.from_dict(data["image"]),
-            max_prompt_tokens=int(data["max_prompt_tokens"]),
-        )
+
+# How a manifest's spec sections are read (``manifest_schema`` readers, one per field).
+_positive = partial(number, positive=True)
+READERS = {
+    "text": {**dict.fromkeys(("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                              "vocab_size"), positive_int), "rms_norm_eps": _positive, "rope_theta": _positive},
+    "vision": {**dict.fromkeys(("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "window_size",
+                                "patch_size", "spatial_merge_size", "temporal_patch_size", "in_channels"), positive_int),
+               "fullatt_block_indexes": partial(array, item=partial(integer, lo=0))},
+    "heads": {"num_heads": positive_int, "layer_sizes": partial(array, item=positive_int, min_length=2),
+              "fusion": partial(string, choices=SUPPORTED_FUSIONS), "names": partial(array, item=string)},
+    "tokens": dict.fromkeys(("image_pad", "vision_start", "vision_end", "reward", "pad"), partial(integer, lo=0)),
+}
 
 
 def _text_config(config: dict) -> dict:
@@ -156,10 +162,12 @@ LIMITS = {"num_layers": 1024, "depth": 1024, "hidden_size": 65536, "intermediate
 MAX_IMAGE_TOKENS = 16384  # per image: 64x the published 256; bounds max_pixels to 16384 * 28^2 (12.8 M)
 
 
-def validate(spec: ModelSpec) -> None:
+def validate(spec: ModelSpec, at: str = "") -> None:
     """Refuse a spec no real model has (sizes that are not positive, inconsistent head widths,
-    image limits beyond ``MAX_IMAGE_TOKENS``), before any graph or buffer is sized from it."""
-    t, v, h, im = spec.text, spec.vision, spec.heads, spec.image
+    image limits beyond ``MAX_IMAGE_TOKENS``, special tokens that are not distinct rows of the
+    embedding), before any graph or buffer is sized from it. ``at`` prefixes the field names
+    (``spec.`` for a manifest's)."""
+    t, v, h, im, tok = spec.text, spec.vision, spec.heads, spec.image, spec.tokens
     positive = {"text.hidden_size": t.hidden_size, "text.num_layers": t.num_layers, "text.num_heads": t.num_heads,
                 "text.num_kv_heads": t.num_kv_heads, "text.head_dim": t.head_dim, "text.intermediate_size": t.intermediate_size,
                 "text.vocab_size": t.vocab_size, "vision.depth": v.depth, "vision.hidden_size": v.hidden_size,
@@ -169,23 +177,35 @@ def validate(spec: ModelSpec) -> None:
                 "vision.window_size": v.window_size, "image.patch_size": im.patch_size, "image.merge_size": im.merge_size,
                 "image.temporal_patch_size": im.temporal_patch_size, "image.min_pixels": im.min_pixels, "image.max_pixels": im.max_pixels,
                 "image.max_input_pixels": im.max_input_pixels, "max_prompt_tokens": spec.max_prompt_tokens}
-    bad = [f"{k}={val!r}" for k, val in positive.items() if not isinstance(val, int) or isinstance(val, bool) or val < 1]
-    bad += [f"{k}={val!r} (at most {LIMITS[k.split('.')[-1]]})" for k, val in positive.items()
+    bad = [f"{at}{k}={val!r}" for k, val in positive.items() if not isinstance(val, int) or isinstance(val, bool) or val < 1]
+    bad += [f"{at}{k}={val!r} (at most {LIMITS[k.split('.')[-1]]})" for k, val in positive.items()
             if k.split(".")[-1] in LIMITS and isinstance(val, int) and val > LIMITS[k.split(".")[-1]]]
     if bad:  # the relations below need positive integers
         raise ArchitectureError("the model spec is not one of a real model: " + "; ".join(bad))
     if t.num_heads % t.num_kv_heads:
-        bad.append(f"text.num_heads={t.num_heads} is not a multiple of num_kv_heads={t.num_kv_heads}")
+        bad.append(f"{at}text.num_heads={t.num_heads} is not a multiple of num_kv_heads={t.num_kv_heads}")
     if v.hidden_size % v.num_heads:
-        bad.append(f"vision.hidden_size={v.hidden_size} is not a multiple of num_heads={v.num_heads}")
+        bad.append(f"{at}vision.hidden_size={v.hidden_size} is not a multiple of num_heads={v.num_heads}")
     if (im.patch_size, im.merge_size, im.temporal_patch_size) != (v.patch_size, v.spatial_merge_size, v.temporal_patch_size):
-        bad.append("image and vision patch geometry differ")
+        bad.append(f"{at}image and {at}vision patch geometry differ")
     if im.min_pixels > im.max_pixels or im.max_pixels > MAX_IMAGE_TOKENS * im.factor**2:
-        bad.append(f"image pixels min {im.min_pixels}, max {im.max_pixels} (at most {MAX_IMAGE_TOKENS * im.factor**2})")
+        bad.append(f"{at}image pixels min {im.min_pixels}, max {im.max_pixels} (at most {MAX_IMAGE_TOKENS * im.factor**2})")
     if any(not isinstance(i, int) or not 0 <= i < v.depth for i in v.fullatt_block_indexes):
-        bad.append(f"vision.fullatt_block_indexes {v.fullatt_block_indexes} outside depth {v.depth}")
+        bad.append(f"{at}vision.fullatt_block_indexes {v.fullatt_block_indexes} outside depth {v.depth}")
     if h.num_heads != 2 or h.layer_sizes[0] != t.hidden_size or h.layer_sizes[-1] != 2:
-        bad.append(f"heads {h.num_heads} x {h.layer_sizes} do not read hidden size {t.hidden_size}")
+        bad.append(f"{at}heads {h.num_heads} x {h.layer_sizes} do not read hidden size {t.hidden_size}")
+    if len(h.names) != h.num_heads:
+        bad.append(f"{at}heads.names {list(h.names)} do not name {h.num_heads} heads")
+    # The prompt places images and reads the reward by these ids: one out of the embedding would
+    # blame every input, and two equal ones would score a different prompt without an error.
+    ids = asdict(tok)
+    bad += [f"{at}tokens.{name}={i} is outside the vocabulary of {t.vocab_size} rows"
+            for name, i in ids.items() if not 0 <= i < t.vocab_size]
+    seen = {}
+    for name, i in ids.items():
+        if i in seen:
+            bad.append(f"{at}tokens.{name}={i} is the same id as {at}tokens.{seen[i]}")
+        seen.setdefault(i, name)
     if bad:
         raise ArchitectureError("the model spec is not one of a real model: " + "; ".join(bad))
 

@@ -2,9 +2,10 @@
 lost, or it timed out) gets the first answer again instead of having the triples scored twice.
 
 One gateway replica sees every request (app.py), so its memory covers the whole service. Bounded
-in keys and in bytes, oldest first out. Only final answers are kept (2xx and 4xx): a 429, 5xx or
-504 is worth retrying, so its key is forgotten. A retry that arrives while the first request is
-still being answered waits for that answer.
+in keys and in bytes, oldest first out. Only final answers are kept (2xx and 4xx): a 408, 429 or
+5xx is worth retrying, and so is a 200 that holds a per-item timeout or another transient item
+error (the gateway says so with ``final``), so its key is forgotten and the retry is scored
+afresh. A retry that arrives while the first request is still being answered waits for that answer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import OrderedDict
 
 from starlette.responses import Response
 
-from .schemas import REPLAYED_HEADER, IdempotencyConflictError
+from .schemas import REPLAYED_HEADER, IdempotencyConflictError, transient
 
 
 class IdempotencyCache:
@@ -39,10 +40,11 @@ class IdempotencyCache:
             self._check(known, fingerprint, key)
             await asyncio.shield(first)  # then: a stored answer, or the key is free to answer again
 
-    def finish(self, key: str, response: Response | None) -> None:
-        """Store the answer of the request that ``begin`` let through (None: it got none) and wake its retries."""
+    def finish(self, key: str, response: Response | None, final: bool) -> None:
+        """Store the answer of the request that ``begin`` let through (None: it got none; ``final``
+        False: an item of it is a transient error) and wake its retries."""
         fingerprint, first = self._inflight.pop(key)
-        if response is not None and response.status_code < 500 and response.status_code != 429:
+        if response is not None and final and not transient(response.status_code):
             self._store(key, fingerprint, response.status_code, bytes(response.body))
         first.set_result(None)
 

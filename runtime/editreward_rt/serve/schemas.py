@@ -33,6 +33,11 @@ class Limits:
     max_instruction_chars: int = 2000
     max_triples: int = 64  # triples in one /v1/score request, edits in one /v1/rank request
     request_timeout_s: float = 60.0
+    # Deadline from the end of a request's headers to its body's last byte (408 after), and the
+    # bodies one client address may send at once (429 above): slow senders cannot hold the
+    # gateway's slots (guard.py).
+    body_timeout_s: float = 10.0
+    max_client_body_reads: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +116,11 @@ def http_status(exc: EditRewardError) -> int:
         if isinstance(exc, cls):
             return code
     return 422 if isinstance(exc, InputError) else 500
+
+
+def transient(status: int) -> bool:
+    """A status worth retrying (late, busy, shutting down or failed), never an answer to replay."""
+    return status >= 500 or status in (408, 429)
 
 
 def error_body(exc: EditRewardError) -> dict:
@@ -211,7 +221,8 @@ class ScoreManyOut(BaseModel):
 
 class RankOut(BaseModel):
     results: list[ItemOut]
-    order: list[int] = Field(description="indices of edits, best (highest mu) first")
+    order: list[int] = Field(description="indices of the scored edits (an edit with an error is left out), "
+                                         "best (highest mu) first")
 
 
 class PreferOut(BaseModel):
