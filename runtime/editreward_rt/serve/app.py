@@ -2,12 +2,18 @@
 
 Routes: ``POST /v1/score``, ``POST /v1/rank``, ``POST /v1/prefer`` (JSON with base64 images, or
 multipart uploads), ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus), and FastAPI's
-``/openapi.json`` and ``/docs``. The gateway validates and decodes requests and keeps the metrics;
-the scorer replicas (``replica.py``) preprocess and score, merging concurrent requests into batches.
+``/openapi.json`` and ``/docs``; and the RL trainers' own protocols (``trainers.py``): UniRL's
+``GET /health`` and ``POST /score``, Edit-R1's pickled ``POST /mode/logits_non_cot``. The gateway
+validates and decodes requests and keeps the metrics; the scorer replicas (``replica.py``)
+preprocess and score, merging concurrent requests into batches.
 Queue bounds are Serve's: ``max_ongoing_requests`` per scorer replica and ``max_queued_requests``
 at the gateway's handle, whose overflow becomes a 429 with a typed error body (429 and 503 carry
-``Retry-After``). A request with an ``Idempotency-Key`` header is answered once: a retry with the
-same key and body gets the stored answer (``idempotency.py``); the same key with another body, a 409.
+``Retry-After``). Every route sits behind the body guard (``guard.py``: a deadline on each request
+body, a typed 408 after it, and a bound on the bodies one client sends at once, a typed 429 above
+it), and every error the gateway answers, its own or FastAPI's, has the typed body. A request with
+an ``Idempotency-Key`` header is answered once: a retry with the same key and body gets the stored
+answer (``idempotency.py``) unless that answer held a transient error; the same key with another
+body, a 409. On shutdown the gateway answers 503 to every new request until Serve stops.
 
 A batch of triples is one ``POST /v1/score`` of ``{"triples": [...]}`` (up to ``max_triples``), each
 answered in place: the endpoint for RL trainers (verl, OpenRLHF) and ``editreward_rt.client``.
@@ -32,11 +38,14 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..batching import MERGE_WIDTH
 from ..errors import EditRewardError, InputError
 from . import schemas as S
+from .guard import GUARD, BodyGuardMiddleware
 from .idempotency import IdempotencyCache
 from .prometheus import ServeMetrics
 from .replica import ScorerReplica
+from .trainers import TrainerProtocols, check_token
 
 log = logging.getLogger("ray.serve")
 
@@ -45,6 +54,7 @@ _REQUEST_START = contextvars.ContextVar("editreward_request_start")  # perf_coun
 api = FastAPI(title="EditReward", version=__version__,
               description="Scores (instruction, source image, edited image) triples. Images are sent inline "
                           "(base64 or multipart uploads); URLs and paths are refused.")
+api.add_middleware(BodyGuardMiddleware)
 
 
 @dataclass
@@ -54,16 +64,18 @@ class ServeConfig:
     device: str = "cpu"
     replicas: int = 1
     threads: int | None = None
-    max_batch: int = 8
+    max_batch: int | None = None  # None: the device's per-call size, batches of batching.MERGE_WIDTH
     batch_wait_ms: float = 10.0
-    max_ongoing: int | None = None  # per scorer replica; default 2 * max_batch
+    max_ongoing: int | None = None  # per scorer replica; default 2 * the batch width
     max_queued: int = 64  # requests waiting at the gateway for a scorer replica; more get 429
     graceful_shutdown_s: float = 30.0
     limits: S.Limits = field(default_factory=S.Limits)
+    token: str | None = None  # bearer token the JSON protocols require (None: open); see trainers.py
+    backend_options: dict = field(default_factory=dict)  # Scorer.load's ``options``
 
     @property
     def replica_ongoing(self) -> int:
-        return self.max_ongoing or 2 * self.max_batch
+        return self.max_ongoing or 2 * (self.max_batch or MERGE_WIDTH)
 
 
 # ---------------------------------------------------------------- errors for routes FastAPI itself rejects
@@ -78,6 +90,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     return JSONResponse({"error": {"type": "invalid_request", "message": str(exc.errors()[:3])}}, status_code=422)
+
+
+@api.exception_handler(EditRewardError)
+async def _typed_error(request: Request, exc: EditRewardError):
+    """A typed error no route caught (the body guard's 408, for one): its own status and body."""
+    status = S.http_status(exc)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(S.error_body(exc), status_code=status, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _bug(request: Request, exc: Exception):
+    """Any other exception: a typed 500, never Starlette's plain-text one."""
+    log.exception("request failed")
+    return JSONResponse(S.error_body(S.ServiceError(f"{type(exc).__name__}: {exc}")), status_code=500)
 
 
 # ---------------------------------------------------------------- OpenAPI: request bodies are read by hand
@@ -133,13 +160,16 @@ api.openapi = _openapi
 
 
 class Gateway:
-    def __init__(self, scorer: DeploymentHandle, limits: dict):
+    def __init__(self, scorer: DeploymentHandle, limits: dict, token: str | None = None):
         self.scorer = scorer
         self.limits = S.Limits(**limits)
         self.metrics = ServeMetrics()
         self.inflight = 0
         self.draining = False
         self.replays = IdempotencyCache()
+        GUARD.limits = self.limits  # what BodyGuardMiddleware enforces (guard.py)
+        self.token = token
+        self.trainers = TrainerProtocols(self, token)
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new scoring requests (503) and wait up to ``timeout_s`` for those in flight to be
@@ -158,17 +188,31 @@ class Gateway:
     async def readyz(self):
         if self.draining:
             err = S.NotReadyError("shutting down")
-            return JSONResponse(S.error_body(err), status_code=err.status)
+            return JSONResponse(S.error_body(err), status_code=err.status, headers={"Retry-After": "1"})
         try:
             model = await asyncio.wait_for(self.scorer.ready.remote(), timeout=5.0)
         except Exception as exc:  # not deployed yet, replicas restarting, ...
             err = S.NotReadyError(f"no scorer replica answered: {type(exc).__name__}")
-            return JSONResponse(S.error_body(err), status_code=err.status)
+            return JSONResponse(S.error_body(err), status_code=err.status, headers={"Retry-After": "1"})
         return {"status": "ready", "model": model, "limits": self.limits.to_dict()}
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    # ------------------------------------------------------------ the trainers' own protocols (trainers.py)
+
+    @api.get("/health", include_in_schema=False)
+    async def unirl_health(self) -> Response:
+        return await self.trainers.health()
+
+    @api.post("/score", include_in_schema=False)
+    async def unirl_score(self, request: Request) -> Response:
+        return await self.trainers.handle("unirl", request, self.trainers.unirl)
+
+    @api.post("/mode/logits_non_cot", include_in_schema=False)
+    async def edit_r1_score(self, request: Request) -> Response:
+        return await self.trainers.handle("edit_r1", request, self.trainers.edit_r1)
 
     @api.post("/v1/score", **_SCORE_DOC)
     async def score(self, request: Request):
@@ -205,10 +249,11 @@ class Gateway:
     async def _answer(self, kind: str, request: Request) -> Response:
         """The response to one scoring request; with an idempotency key, a request seen before
         gets its first answer again (``Idempotency-Replayed: true``) and is not scored twice."""
-        key, response = None, None
+        key, response, final = None, None, True  # final: no item of the answer is a transient error
         try:
             if self.draining:
                 raise S.NotReadyError("the service is shutting down")
+            check_token(request.headers, self.token)
             wanted = S.idempotency_key(request.headers)
             body = await self._body(request)
             if wanted is not None:
@@ -218,7 +263,7 @@ class Gateway:
                     return replay
                 key = wanted
             work = await self._parse(kind, request, body)
-            result = await asyncio.wait_for(self._dispatch(kind, work), timeout=self.limits.request_timeout_s)
+            result, final = await asyncio.wait_for(self._dispatch(kind, work), timeout=self.limits.request_timeout_s)
             response = JSONResponse(result)
         except asyncio.TimeoutError:
             response = self._error(S.RequestTimeoutError(f"not scored within {self.limits.request_timeout_s:g} s"))
@@ -231,7 +276,7 @@ class Gateway:
             response = self._error(S.ServiceError(f"{type(exc).__name__}: {exc}"))
         finally:
             if key is not None:  # also when the client went away (cancelled): its retries must not wait forever
-                self.replays.finish(key, response)
+                self.replays.finish(key, response, final)
         return response
 
     def _error(self, exc: EditRewardError) -> JSONResponse:
@@ -261,26 +306,46 @@ class Gateway:
             return S.work_from_json(kind, S.parse_json(body), self.limits)
         raise S.UnsupportedMediaTypeError(f"content type {ctype!r}: send application/json or multipart/form-data")
 
-    async def _dispatch(self, kind: str, work) -> dict:
+    async def _dispatch(self, kind: str, work) -> tuple[dict, bool]:
+        """The answer's body, and whether it is final: False when an item holds a transient error
+        (a timeout, a busy or failed replica), so that the answer is never replayed to a retry."""
         lim = self.limits
         if kind == "score":
             return await self._score(work)
         instruction = S.check_instruction(work.instruction, lim)
         source = S.decode_image_field(work.source, "source")
         if kind == "rank":
-            edits = [S.decode_image_field(e, f"edits[{i}]") for i, e in enumerate(work.edits)]
-            S.check_request_pixels([source, *edits], lim)
-            out = await self._call(self.scorer.rank.remote(instruction, source, edits, budget_s=self._budget()))
-            results = [self._item(i, r, single=True) for i, r in enumerate(out["results"])]
-            order = sorted(range(len(results)), key=lambda i: -results[i]["mu"])
-            return {"results": results, "order": order}
+            return await self._rank(instruction, source, work.edits)
         a, b = S.decode_image_field(work.a, "a"), S.decode_image_field(work.b, "b")
         S.check_request_pixels([source, a, b], lim)
         out = await self._call(self.scorer.prefer.remote(instruction, source, a, b, budget_s=self._budget()))
         sa, sb = (self._item(None, r, single=True) for r in out["results"])
-        return {"p_a_over_b": out["p_a_over_b"], "a": sa, "b": sb}
+        return {"p_a_over_b": out["p_a_over_b"], "a": sa, "b": sb}, True
 
-    async def _score(self, work: S.ScoreWork) -> dict:
+    async def _rank(self, instruction: str, source: bytes, given: list) -> tuple[dict, bool]:
+        """A bad edit is its own error item, in place; the others are scored and ranked (``order``
+        holds the scored edits only, best first)."""
+        results, edits = [None] * len(given), []
+        for i, value in enumerate(given):
+            try:
+                edits.append((i, S.decode_image_field(value, f"edits[{i}]")))
+            except InputError as exc:
+                results[i] = {"error": exc.to_dict(), "status": S.http_status(exc)}
+        if edits:
+            S.check_request_pixels([source, *(e for _, e in edits)], self.limits)
+            names = [f"edits[{i}]" for i, _ in edits]
+            out = await self._call(self.scorer.rank.remote(instruction, source, [e for _, e in edits], names,
+                                                           budget_s=self._budget()))
+            if "source_error" in out:  # no edit can be scored: the request's own error
+                raise _RemoteError(out["source_error"]["error"], out["source_error"]["status"])
+            for (i, _), r in zip(edits, out["results"]):
+                results[i] = r
+        final = _final(results)
+        items = [self._item(i, r, single=False) for i, r in enumerate(results)]
+        order = sorted((i for i, r in enumerate(items) if "error" not in r), key=lambda i: -items[i]["mu"])
+        return {"results": items, "order": order}, final
+
+    async def _score(self, work: S.ScoreWork) -> tuple[dict, bool]:
         """Validate each triple; bad ones become error items (or the 4xx of a one-triple request)."""
         checked, results = [], [None] * len(work.triples)
         for i, (instruction, source, edited) in enumerate(work.triples):
@@ -301,14 +366,19 @@ class Gateway:
             for (i, _), r in zip(checked, out["results"]):
                 results[i] = r
         if not work.many:
-            return self._item(None, results[0], single=True)
-        return {"results": [self._item(i, r, single=False) for i, r in enumerate(results)]}
+            return self._item(None, results[0], single=True), True
+        return {"results": [self._item(i, r, single=False) for i, r in enumerate(results)]}, _final(results)
 
     def _budget(self) -> float:
         """Seconds the replica may still spend on this request (the request's budget less what the
-        gateway used); the replica turns it into a deadline on its own monotonic clock, so no two
-        machines' clocks are compared. Past it the gateway answers 504 and the replica skips the work."""
-        return max(0.0, self.limits.request_timeout_s - (time.perf_counter() - _REQUEST_START.get(time.perf_counter())))
+        gateway used, less a margin); the replica turns it into a deadline on its own monotonic clock,
+        so no two machines' clocks are compared. Past it the replica skips the work left and answers
+        what it scored, the rest as per-item timeouts; the margin (a quarter of the budget, at most
+        5 s) is for the batch running at the deadline and the way back, so that the answer reaches
+        the gateway before its own deadline (a 504, which loses what was scored)."""
+        timeout = self.limits.request_timeout_s
+        used = time.perf_counter() - _REQUEST_START.get(time.perf_counter())
+        return max(0.0, timeout - min(0.25 * timeout, 5.0) - used)
 
     async def _call(self, response) -> dict:
         try:
@@ -330,6 +400,11 @@ class Gateway:
             return {"index": index, "error": result["error"]}
         self.metrics.triples.labels("scored").inc()
         return result if index is None else {"index": index, **result}
+
+
+def _final(results: list[dict]) -> bool:
+    """No result is a transient error (results as the replicas give them, errors with their status)."""
+    return not any("error" in r and S.transient(r.get("status", 500)) for r in results)
 
 
 class _RemoteError(EditRewardError):
@@ -384,7 +459,7 @@ def build_app(cfg: ServeConfig):
         max_queued_requests=cfg.max_queued,
         **shutdown,
     ).bind(cfg.model, cfg.backend, cfg.device, cfg.threads, cfg.max_batch, cfg.batch_wait_ms / 1000.0,
-           cfg.limits.max_image_pixels)
+           cfg.limits.max_image_pixels, cfg.backend_options)
     # One gateway sees every request, so /metrics covers the whole service. Its own bounds sit
     # above the scorer's, so overflow is answered by the gateway's typed 429 first.
     ongoing = cfg.replicas * cfg.replica_ongoing + cfg.max_queued + 16
@@ -396,17 +471,18 @@ def build_app(cfg: ServeConfig):
         backpressure_config={"status_code": 429, "retry_after_s": 1},
         **shutdown,
     )
-    return gateway.bind(scorer, cfg.limits.to_dict())
+    return gateway.bind(scorer, cfg.limits.to_dict(), cfg.token)
 
 
 def shutdown_app(name: str, timeout_s: float) -> int:
-    """Graceful stop: the gateway refuses new requests and answers those in flight (while every
-    scorer replica is still up), then the application is deleted. Returns requests left unanswered."""
+    """Graceful stop, first step: the gateway answers every new request with a 503 (and
+    ``Retry-After``) and answers those in flight while every scorer replica is still up. Returns
+    requests left unanswered. The application is not deleted: a deleted route makes Ray's proxy
+    answer a plain-text 404 until the proxy stops, which a client takes for a permanent error.
+    The caller ends with ``serve.shutdown()``, which stops the proxies as it deletes the routes."""
     gateway = serve.get_deployment_handle("EditRewardGateway", app_name=name)
     try:
-        left = gateway.drain.remote(timeout_s).result(timeout_s=timeout_s + 10)
+        return gateway.drain.remote(timeout_s).result(timeout_s=timeout_s + 10)
     except Exception:  # the gateway is gone already: nothing to drain
         log.warning("could not drain the gateway of %s", name, exc_info=True)
-        left = -1
-    serve.delete(name)
-    return left
+        return -1

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..batching import MERGE_WIDTH
 from ..errors import EditRewardError, InputError
 from ..jsonl import read_triples
 from ..preprocess import ImageSpec, load_image, patchify, resize_for_model
@@ -50,11 +51,12 @@ class BatchConfig:
     backend: str | None = None
     device: str = "cpu"
     threads: int | None = 1
-    max_batch: int = 8
+    max_batch: int | None = None  # triples per call; None: the device's (backends.default_max_batch)
     concurrency: int = 1
     max_input_pixels: int | None = None
     part_rows: int = 256
     progress: bool = True
+    backend_options: dict = field(default_factory=dict)  # Scorer.load's ``options``
 
 
 # ---------------------------------------------------------------- input
@@ -174,12 +176,12 @@ def decode_memory(spec: ImageSpec, max_batch: int) -> int:
 class ScoreActor:
     """Holds one Scorer; called with batches of decoded rows, returns result rows."""
 
-    def __init__(self, model: str, backend: str | None, device: str, threads: int | None, max_batch: int,
-                 max_input_pixels: int | None):
+    def __init__(self, model: str, backend: str | None, device: str, threads: int | None, max_batch: int | None,
+                 max_input_pixels: int | None, options: dict | None = None):
         from ..scorer import Scorer
 
         self.scorer = Scorer.load(model, backend=backend, device=device, threads=threads, max_batch=max_batch,
-                                  max_input_pixels=max_input_pixels)
+                                  max_input_pixels=max_input_pixels, options=options)
 
     def _patches(self, row: dict, f: str, cache: dict):
         key = row[f + "_path"]
@@ -252,12 +254,15 @@ def run_batch(cfg: BatchConfig, input_path, output_path, log=None) -> dict:
         ds = ray.data.from_arrow([table.slice(s, step) for s in range(0, len(todo), step)])
         # The memory hint also keeps Ray Data from fusing decoding into the scoring actors (their
         # remote args differ), so decoding runs on any free CPU while the actors score.
+        # Rows per actor call, as wide as a BatchingScorer's batches: the actor's scorer splits them
+        # into its own calls (one triple each on a CPU), each source's edits continuing one prefix of it.
+        rows_per_call = cfg.max_batch or MERGE_WIDTH
         ds = ds.map_batches(decode_images, fn_kwargs={"spec": spec}, batch_format="pyarrow",
-                            batch_size=cfg.max_batch, num_cpus=1, memory=decode_memory(spec, cfg.max_batch))
+                            batch_size=rows_per_call, num_cpus=1, memory=decode_memory(spec, rows_per_call))
         resources = {"num_gpus": 1} if cfg.device.startswith("cuda") else {"num_cpus": max(1, cfg.threads or 1)}
         ds = ds.map_batches(ScoreActor, fn_constructor_args=(cfg.model, cfg.backend, cfg.device, cfg.threads,
-                                                             cfg.max_batch, cfg.max_input_pixels),
-                            batch_format="pyarrow", batch_size=cfg.max_batch,
+                                                             cfg.max_batch, cfg.max_input_pixels, cfg.backend_options),
+                            batch_format="pyarrow", batch_size=rows_per_call,
                             compute=ray.data.ActorPoolStrategy(size=max(1, cfg.concurrency)), **resources)
         ds.write_parquet(str(output))
         parts = sorted(set(output.glob("*.parquet")) - before)

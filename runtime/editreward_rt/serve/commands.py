@@ -26,8 +26,8 @@ def _placement(ray, device: str, replicas: int | None, threads: int | None) -> t
     """Default replica count and threads per replica from what the cluster has."""
     res = ray.cluster_resources()
     cpus = max(1, int(res.get("CPU", 1)))
-    if device.startswith("cuda"):
-        return replicas or max(1, int(res.get("GPU", 0))), threads or 1
+    if device.startswith("cuda"):  # CPU threads only where asked: a GPU-only backend takes none
+        return replicas or max(1, int(res.get("GPU", 0))), threads
     if replicas and not threads:
         threads = max(1, cpus // replicas)
     threads = min(threads or 4, cpus)
@@ -46,15 +46,19 @@ def cmd_serve(args) -> int:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
                     max_request_pixels=args.max_request_pixels,
                     max_instruction_chars=args.max_instruction_chars, max_triples=args.max_triples,
-                    request_timeout_s=args.request_timeout_s)
+                    request_timeout_s=args.request_timeout_s, body_timeout_s=args.body_timeout_s,
+                    max_client_body_reads=args.max_client_bodies)
     cfg = ServeConfig(model=args.model, backend=args.backend, device=args.device, replicas=replicas, threads=threads,
                       max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_ongoing=args.max_ongoing,
-                      max_queued=args.max_queued, graceful_shutdown_s=args.graceful_shutdown_s, limits=limits)
+                      max_queued=args.max_queued, graceful_shutdown_s=args.graceful_shutdown_s, limits=limits,
+                      backend_options=dict(args.backend_option), token=args.token)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port,
-                              "request_timeout_s": args.request_timeout_s + 10})
+                              # past the gateway's own deadlines (body, then scoring): its typed
+                              # 408 and 504 come first, never the proxy's plain-text 408
+                              "request_timeout_s": args.body_timeout_s + args.request_timeout_s + 10})
     serve.run(build_app(cfg), name="editreward", route_prefix="/", blocking=False)
     print(json.dumps({"serving": f"http://{args.host}:{args.port}", "replicas": replicas, "threads": threads,
                       "max_batch": args.max_batch}), file=sys.stderr, flush=True)
@@ -64,7 +68,8 @@ def cmd_serve(args) -> int:
     finally:
         print("editreward serve: draining in-flight requests and shutting down", file=sys.stderr, flush=True)
         # Drain while the HTTP proxy and every replica still run: in-flight requests are answered
-        # (up to --graceful-shutdown-s), new ones get 503; only then stop Serve itself.
+        # (up to --graceful-shutdown-s), new ones get 503; only then stop Serve itself, which stops
+        # the proxy in the step that removes the routes (so no request meets a missing route).
         left = shutdown_app("editreward", args.graceful_shutdown_s)
         if left > 0:
             print(f"editreward serve: {left} requests were still in flight at the deadline", file=sys.stderr)
@@ -80,8 +85,11 @@ def cmd_batch(args) -> int:
 
     started = _ray_init(ray, args.address)
     try:
-        cfg = BatchConfig(model=args.model, backend=args.backend, device=args.device, threads=args.threads,
+        # One CPU thread per actor on a CPU unless asked (actors run side by side); none on a GPU.
+        threads = args.threads or (None if args.device.startswith("cuda") else 1)
+        cfg = BatchConfig(model=args.model, backend=args.backend, device=args.device, threads=threads,
                           max_batch=args.max_batch, concurrency=args.concurrency,
+                          backend_options=dict(args.backend_option),
                           max_input_pixels=args.max_image_pixels, part_rows=args.part_rows,
                           progress=not args.no_progress)
         counts = run_batch(cfg, args.input, args.output)

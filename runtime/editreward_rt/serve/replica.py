@@ -2,9 +2,9 @@
 
 The images of each request are decoded on a small thread pool (each distinct image once, in
 parallel), then every triple goes to the replica's ``BatchingScorer``, which merges the triples
-of concurrent requests into fast-path batches of at most ``max_batch`` (each source encoded once
-per batch). Nothing a client sends can make a batch raise: failures are per triple. Results cross
-back to the gateway as plain dicts (``Score.to_dict()`` or ``{"error": ...}``), with the batches
+of concurrent requests into batches of at most ``max_batch`` (default ``batching.MERGE_WIDTH``;
+each source encoded once per batch), scored in calls of the scorer's per-call size. Nothing a
+client sends can make a batch raise: failures are per triple. Results cross back to the gateway as plain dicts (``Score.to_dict()`` or ``{"error": ...}``), with the batches
 run since the last answer (so the gateway's metrics count each batch once).
 """
 
@@ -14,12 +14,12 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from ..batching import BatchingScorer
 from ..errors import EditRewardError
 from ..preprocess import PreprocessedImage
 from ..scorer import Score, Scorer, preference
+from .fair import FairPool
 from .schemas import RequestTimeoutError, ServiceError, http_status
 
 log = logging.getLogger("ray.serve")
@@ -48,21 +48,50 @@ def _late(item) -> bool:
     return item[5] is not None and time.monotonic() > item[5]
 
 
+async def _until_deadline(futures: list, deadline: float | None) -> None:
+    """Wait for thread-side futures (image decodes, queued triples) until ``deadline``, then cancel
+    those not started (the fair pool and the batcher skip cancelled jobs) and wait for the ones
+    running. Cancelling this wait (the gateway gave up) cancels every job not started."""
+    if not futures:
+        return
+    waiting = [asyncio.wrap_future(f) for f in futures]
+    try:
+        _, pending = await asyncio.wait(waiting, timeout=None if deadline is None else
+                                        max(0.0, deadline - time.monotonic()))
+        if pending:
+            for future in futures:
+                future.cancel()  # refused (False) by a running job: it is awaited below
+            await asyncio.wait(pending)
+    except asyncio.CancelledError:
+        for future in futures:
+            future.cancel()
+        raise
+
+
+def _timed_out_or_result(future):
+    if future.cancelled():
+        return RequestTimeoutError("the request timed out before this triple was scored")
+    return future.exception() or future.result()
+
+
 class ScorerReplica:
     def __init__(self, model: str, backend: str | None = None, device: str = "cpu", threads: int | None = None,
-                 max_batch: int = 8, batch_wait_s: float = 0.01, max_input_pixels: int | None = None):
+                 max_batch: int | None = None, batch_wait_s: float = 0.01, max_input_pixels: int | None = None,
+                 options: dict | None = None):
+        # max_batch None: the device's per-call size (backends.default_max_batch) and the batcher's merge width.
         self.scorer = Scorer.load(model, backend=backend, device=device, threads=threads, max_batch=max_batch,
-                                  max_input_pixels=max_input_pixels)
-        self.max_batch = max_batch
-        self._prep = ThreadPoolExecutor(max_workers=max(1, threads or 1), thread_name_prefix="editreward-prep")
+                                  max_input_pixels=max_input_pixels, options=options)
+        # Requests take turns on the decoding threads: a request of many large images cannot hold them all.
+        self._prep = FairPool(max(1, threads or 1), name="editreward-prep")
         self._infos, self._infos_lock = [], threading.Lock()
         # Serve bounds the requests in flight (max_ongoing_requests, see app.py): no second bound here.
         self.batcher = BatchingScorer(self.scorer, max_batch=max_batch, max_wait_ms=batch_wait_s * 1000.0, max_queue=None,
                                       on_batch=self._record)
 
     def ready(self) -> dict:
-        return {**self.scorer.description, "max_batch": self.max_batch,
-                "max_input_pixels": self.scorer.image_spec.max_input_pixels}
+        return {**self.scorer.description, "max_batch": self.batcher.max_batch, "per_call": self.scorer.max_batch,
+                "max_input_pixels": self.scorer.image_spec.max_input_pixels,
+                "heads": list(self.scorer.spec.heads.names), "fusion": self.scorer.spec.heads.fusion}
 
     def _record(self, info: dict) -> None:
         with self._infos_lock:
@@ -74,7 +103,7 @@ class ScorerReplica:
             out, self._infos = self._infos, []
         return out
 
-    # ------------------------------------------------------------ preprocessing (thread pool)
+    # ------------------------------------------------------------ preprocessing (fair thread pool)
 
     def _preprocess(self, data: bytes):
         try:
@@ -85,11 +114,13 @@ class ScorerReplica:
             log.exception("preprocessing failed")
             return ServiceError(f"preprocessing failed: {type(exc).__name__}: {exc}")
 
-    async def _preprocess_all(self, images: list) -> dict:
-        """Distinct images -> PreprocessedImage or error, in parallel on the preprocessing threads."""
-        loop = asyncio.get_running_loop()
-        done = await asyncio.gather(*(loop.run_in_executor(self._prep, self._preprocess, b) for b in images))
-        return dict(zip(images, done))
+    async def _preprocess_all(self, images: list, deadline: float | None) -> dict:
+        """Distinct images -> PreprocessedImage or error, in parallel on the preprocessing threads,
+        taking turns with the images of other requests; those not begun by ``deadline`` are not
+        decoded (a timeout error)."""
+        futures = self._prep.submit_all(object(), self._preprocess, images)  # this call: one owner
+        await _until_deadline(futures, deadline)
+        return {image: _timed_out_or_result(f) for image, f in zip(images, futures)}
 
     @staticmethod
     def _images(item, images: dict):
@@ -102,12 +133,14 @@ class ScorerReplica:
         return src, images[edited]
 
     async def _run_items(self, items: list) -> dict:
-        """Items (instruction, source, edited, source name, edited name, deadline) -> results and batch infos.
-        Work whose deadline passed (the gateway answered 504) is skipped before decoding, and the
-        batcher skips it again before scoring: a 504 frees the replica for the requests behind it."""
+        """Items (instruction, source, edited, source name, edited name, deadline; one deadline for all)
+        -> results and batch infos. Work whose deadline passed is skipped before decoding, and at the
+        deadline the triples still queued are withdrawn from the batcher: the answer (what was scored,
+        per-item timeouts for the rest) leaves once the batch running then ends, and a timed-out
+        request frees the replica for the requests behind it."""
         live = [item for item in items if not _late(item)]
         distinct = {b: None for _, s, e, _, _, _ in live for b in (s, e) if not isinstance(b, PreprocessedImage)}
-        images = await self._preprocess_all(list(distinct))
+        images = await self._preprocess_all(list(distinct), items[0][5] if items else None)
         tag, results, waiting = object(), [None] * len(items), []
         for i, item in enumerate(items):
             pair = RequestTimeoutError("the request timed out before this triple was scored") if _late(item) \
@@ -115,12 +148,10 @@ class ScorerReplica:
             if isinstance(pair, EditRewardError):
                 results[i] = pair
                 continue
-            future = self.batcher.submit(item[0], *pair, deadline=item[5], tag=tag)
-            waiting.append((i, asyncio.wrap_future(future)))
-        # Cancelling this call (a 504 at the gateway) cancels the triples still queued.
-        done = await asyncio.gather(*(f for _, f in waiting), return_exceptions=True)
-        for (i, _), outcome in zip(waiting, done):
-            results[i] = outcome
+            waiting.append((i, self.batcher.submit(item[0], *pair, deadline=item[5], tag=tag)))
+        await _until_deadline([f for _, f in waiting], items[0][5] if items else None)
+        for i, future in waiting:
+            results[i] = _timed_out_or_result(future)
         return {"results": [_outcome(r) for r in results], "batches": self._batches()}
 
     # ------------------------------------------------------------ methods the gateway calls
@@ -138,10 +169,10 @@ class ScorerReplica:
         """As ``Scorer.rank``: the source is preprocessed once and every triple shares it."""
         names = names or [f"edits[{i}]" for i in range(len(edits))]
         deadline = _deadline(budget_s)
-        src = (await self._preprocess_all([source]))[source]
+        src = (await self._preprocess_all([source], deadline))[source]
         if isinstance(src, EditRewardError):
             err = _outcome(_named(src, "source"))
-            return {"results": [err] * len(edits), "batches": []}
+            return {"results": [err] * len(edits), "source_error": err, "batches": []}
         return await self._run_items([(instruction, src, e, "source", n, deadline) for e, n in zip(edits, names)])
 
     async def prefer(self, instruction: str, source: bytes, a: bytes, b: bytes, budget_s: float | None = None) -> dict:

@@ -1,15 +1,18 @@
 """The Ray Serve HTTP API, over real loopback HTTP against the tiny ONNX model.
 
 Ray starts once for the module (2 CPUs) with two applications: the main one, and a "tight"
-one whose queue, batch and timeout are tiny so 429 and 504 can be provoked. Every client
-loop is bounded in count and time.
+one whose queue, batch and timeout are tiny so 429 and timeouts can be provoked. Slow-body
+clients connect from 127.0.0.2, so that the per-address bound on bodies in flight leaves the
+test's own requests (from 127.0.0.1) alone. Every client loop is bounded in count and time.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
+import socket
 import sys
 import threading
 import time
@@ -28,6 +31,8 @@ MAX_PIXELS = 1_000_000
 MAX_BODY = 2 * 1024 * 1024
 MAX_REQUEST_PIXELS = 8_000_000
 TIMEOUT = 60
+BODY_TIMEOUT = 3.0  # the main app's body deadline
+CLIENT_BODIES = 32  # bodies one client address may send at once (the default)
 
 
 TIGHT_EDITS = 256  # edits in the rank request that must outlast the tight app's timeout
@@ -56,7 +61,8 @@ def server(tiny_onnx):
     from editreward_rt.serve.schemas import Limits
 
     limits = Limits(max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS, max_instruction_chars=200, max_triples=16,
-                    max_request_pixels=MAX_REQUEST_PIXELS)
+                    max_request_pixels=MAX_REQUEST_PIXELS, body_timeout_s=BODY_TIMEOUT,
+                    max_client_body_reads=CLIENT_BODIES)
     main = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, batch_wait_ms=20, limits=limits)
     tight = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=1, batch_wait_ms=0, max_ongoing=1, max_queued=1,
                         limits=Limits(request_timeout_s=2.0, max_triples=TIGHT_EDITS))
@@ -105,6 +111,7 @@ def test_health_ready_and_openapi(server):
     content = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(content)
     assert error_of(requests.get(server + "/nope", timeout=TIMEOUT), 404) == "not_found"
+    assert error_of(requests.get(server + "/v1/score", timeout=TIMEOUT), 405) == "method_not_allowed"
 
 
 def test_score_one_many_and_multipart(server, pictures, local):
@@ -142,6 +149,18 @@ def test_rank_and_prefer(server, pictures, local):
                                                                   for i, e in enumerate(edits)]
     multipart = post(server, "/v1/rank", data={"instruction": "brighten it"}, files=files).json()
     assert multipart["order"] == out["order"]
+
+    # A bad edit is its own error item, in place; the other edits are scored and ranked (a 200).
+    mixed = [_b64(edits[0]), "bm9wZQ==", _b64(edits[1]), "https://example.com/edit.png"]
+    r = post(server, "/v1/rank", {"instruction": "brighten it", "source": _b64(pictures[1]), "edits": mixed})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert [g["index"] for g in got] == [0, 1, 2, 3]
+    close(got[0], want[0])
+    close(got[2], want[1])
+    assert got[1]["error"]["type"] == "image_error" and got[1]["error"]["message"].startswith("edits[1]")
+    assert got[3]["error"]["type"] == "image_source_rejected" and "mu" not in got[3]
+    assert r.json()["order"] == sorted([0, 2], key=lambda i: -got[i]["mu"])
 
     p = post(server, "/v1/prefer", {"instruction": "brighten it", "source": _b64(pictures[1]),
                                     "a": _b64(pictures[2]), "b": _b64(pictures[3])}).json()
@@ -223,9 +242,9 @@ def test_bad_inputs_get_typed_4xx(server, pictures):
     as_json, as_text = {"content-type": "application/json"}, {"content-type": "text/plain"}
     assert error_of(post(server, "/v1/score", data=b"{not json", headers=as_json), 400) == "invalid_json"
     assert error_of(post(server, "/v1/score", data=b"hello", headers=as_text), 415) == "unsupported_media_type"
-    rank = {"instruction": "x", "source": good["source"], "edits": [good["edited"], "bm9wZQ=="]}
-    r = post(server, "/v1/rank", rank)
-    assert error_of(r, 422) == "image_error" and "edits[1]" in r.json()["error"]["message"]
+    bad_source = {"instruction": "x", "source": "bm9wZQ==", "edits": [good["edited"]]}
+    r = post(server, "/v1/rank", bad_source)
+    assert error_of(r, 422) == "image_error" and r.json()["error"]["message"].startswith("source:")
     no_b = {"instruction": "x", "source": good["source"], "a": good["edited"]}
     assert error_of(post(server, "/v1/prefer", no_b), 422) == "invalid_request"
     files = {"source": ("s.png", pictures[0], "image/png")}
@@ -239,9 +258,10 @@ def test_bad_inputs_get_typed_4xx(server, pictures):
     assert 'editreward_requests_total{endpoint="score",status="413"}' in metrics
 
 
-def test_queue_bound_gives_429_and_slow_requests_504(server, pictures):
-    """The "tight" app holds 1 request per replica and queues 1: a burst overflows into typed 429s;
-    a request over its 2 s limit gets a typed 504."""
+def test_queue_bound_gives_429_and_overlong_requests_timeouts_never_replayed(server, pictures):
+    """The "tight" app holds 1 request per replica and queues 1: a burst overflows into typed 429s.
+    A request over its 2 s limit is answered in time with what was scored and per-item timeouts,
+    and that answer is never replayed to a retry with the same idempotency key."""
     payload = triple(pictures)
 
     def one(_):
@@ -259,12 +279,23 @@ def test_queue_bound_gives_429_and_slow_requests_504(server, pictures):
     # tiny-model triple costs >= ~25 ms on a fast core (measured), so 256 of them take >= ~6 s.
     edits = [_b64(png_bytes(random_image(300 + i, 40, 50))) for i in range(TIGHT_EDITS)]
     rank = {"instruction": "x", "source": payload["source"], "edits": edits}
-    assert error_of(requests.post(server + "/tight/v1/rank", json=rank, timeout=TIMEOUT), 504) == "timeout"
-    # The 504 cancels the work: the replica drops the timed-out request's remaining edits (>= ~4 s
-    # of scoring) instead of finishing them, so a small request behind it is answered at once.
+    key = {"Idempotency-Key": "overlong-rank"}
+    first = requests.post(server + "/tight/v1/rank", json=rank, headers=key, timeout=TIMEOUT)
+    assert first.status_code == 200, first.text
+    assert "timeout" in [r.get("error", {}).get("type") for r in first.json()["results"]]
+    # The replica dropped the timed-out request's remaining edits (>= ~4 s of scoring) instead of
+    # finishing them, so a small request behind it is answered at once.
     start = time.monotonic()
     assert requests.post(server + "/tight/v1/score", json=payload, timeout=TIMEOUT).status_code == 200
     assert time.monotonic() - start < 3.0
+    # An answer holding timeouts was not stored: the retry with the same key is scored afresh ...
+    again = requests.post(server + "/tight/v1/rank", json=rank, headers=key, timeout=TIMEOUT)
+    assert again.status_code == 200 and "Idempotency-Replayed" not in again.headers, again.headers
+    # ... while a final answer is: its retry is the stored answer.
+    final = [requests.post(server + "/tight/v1/score", json=payload, headers={"Idempotency-Key": "final"},
+                           timeout=TIMEOUT) for _ in range(2)]
+    assert [r.status_code for r in final] == [200, 200] and final[1].headers.get("Idempotency-Replayed") == "true"
+    assert final[1].json() == final[0].json()
 
 
 def test_deeply_nested_json_is_a_400(server):
@@ -303,6 +334,81 @@ def test_decode_cost_is_bounded_per_request(server, pictures):
     assert time.monotonic() - start < 10.0
 
 
+SLOW_CLIENTS = 100  # more than the main gateway's 96 slots (16 in flight at its scorer + 64 queued + 16)
+
+
+def _slow_body(port: int) -> socket.socket:
+    """A connection from 127.0.0.2 (another client address than the test's own requests) that
+    declares a 100,000-byte body and sends one byte of it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=BODY_TIMEOUT + 10, source_address=("127.0.0.2", 0))
+    sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100000\r\n\r\n{")
+    return sock
+
+
+def _answer_of(sock: socket.socket, opened: float) -> tuple[int, dict, float, float]:
+    """(status, JSON body, seconds from opening to the answer, monotonic time of the answer)."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    body = json.loads(response.read())
+    now = time.monotonic()
+    return response.status, body, now - opened, now
+
+
+def test_slow_bodies_get_408_and_cannot_shut_out_other_clients(server, pictures):
+    """100 connections from one address dribble their bodies: the first CLIENT_BODIES get a typed
+    408 at the body deadline, the rest a typed 429 at once (they would otherwise hold every gateway
+    slot), and meanwhile the requests of another address are answered."""
+    port = int(server.rsplit(":", 1)[1])
+    opened = time.monotonic()
+    socks = [_slow_body(port) for _ in range(SLOW_CLIENTS)]
+    answered: set[int] = set()
+    stop = threading.Event()
+
+    def dribble():  # one byte every 0.5 s to each connection not answered yet, for a bounded time
+        for _ in range(int((BODY_TIMEOUT + 10) / 0.5)):
+            if stop.wait(0.5):
+                return
+            for i, sock in enumerate(socks):
+                if i not in answered:
+                    try:
+                        sock.send(b" ")
+                    except OSError:  # answered and closed by the server
+                        answered.add(i)
+
+    def read(i: int):
+        out = _answer_of(socks[i], opened)
+        answered.add(i)
+        return out
+
+    dribbler = threading.Thread(target=dribble)
+    dribbler.start()
+    try:
+        with ThreadPoolExecutor(SLOW_CLIENTS) as pool:
+            slow = [pool.submit(read, i) for i in range(SLOW_CLIENTS)]
+            time.sleep(0.5)  # every slow connection has reached the gateway
+            normal = [requests.post(server + "/v1/score", json=triple(pictures), timeout=TIMEOUT) for _ in range(2)]
+            normal_done = time.monotonic()
+            answers = [f.result() for f in slow]
+    finally:
+        stop.set()
+        dribbler.join()
+        for sock in socks:
+            sock.close()
+    assert [r.status_code for r in normal] == [200, 200]
+    by_status = {}
+    for status, body, seconds, _ in answers:
+        assert set(body) == {"error"}, body
+        by_status.setdefault(status, []).append((body["error"]["type"], seconds))
+    assert sorted(by_status) == [408, 429], by_status.keys()
+    assert len(by_status[408]) == CLIENT_BODIES and len(by_status[429]) == SLOW_CLIENTS - CLIENT_BODIES
+    assert {kind for kind, _ in by_status[408]} == {"body_timeout"}
+    assert {kind for kind, _ in by_status[429]} == {"overloaded"}
+    assert all(BODY_TIMEOUT - 0.5 < seconds < BODY_TIMEOUT + 5 for _, seconds in by_status[408])
+    # The other address was answered while the slow connections still held their slots.
+    assert normal_done < min(at for status, _, _, at in answers if status == 408)
+
+
 def test_missing_ray_names_the_extra(monkeypatch, capsys):
     from editreward_rt.cli import main
     from editreward_rt.errors import BackendError
@@ -335,4 +441,7 @@ def test_shutdown_drains_in_flight_requests(server, pictures):
     for t in threads:
         t.join(timeout=TIMEOUT)
     assert results == [200] * 6
-    assert requests.get(server + "/readyz", timeout=TIMEOUT).status_code == 404  # the app is gone
+    # The app keeps its routes until Serve stops (a removed route is the proxy's plain-text 404):
+    # every request now gets a typed 503 with Retry-After.
+    for response in (post(server, "/v1/score", triple(pictures)), requests.get(server + "/readyz", timeout=TIMEOUT)):
+        assert error_of(response, 503) == "not_ready" and response.headers["Retry-After"] == "1"
