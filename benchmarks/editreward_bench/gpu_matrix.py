@@ -4,13 +4,20 @@ generated on the GPU in memory, with rubric prompts of the real length (~400 tok
 ~926 per prompt) and 448 x 448 images (256 tokens each).
 
 Variants, most important first: the PyTorch reference (two full passes per triple, as upstream)
-and the fast path in bf16, then both in float32, the differentiable reward's backward pass, then
+and the fast path in bf16, the RL workload (``rl_bench``, 8 prompts x 8 edits) and the
+differentiable reward's backward pass, then the reference and fast path in float32, then
 bitsandbytes LLM.int8 and NF4 and GPTQ 4-bit (quantized in the run on synthetic triples) on the
 fast path. Each variant runs in a process of its own, under a time cap, within ``--budget-s``.
 It is parity-checked against the reference of the dtype it computes in, with the tolerance of
-that dtype (``editreward_rt.tolerances``), before it is timed; bf16 rows also report their drift
-from the float32 reference. Latency and throughput are timed after a warm-up at every batch size;
-peak GPU memory is what the driver reports for the variant's process (CUDA context included).
+that dtype (``editreward_rt.tolerances``), then timed; a variant off parity is timed too and
+labelled ``failed-parity``. bf16 rows also report their drift from the float32 reference.
+Latency percentiles come from ``--reps`` (default 20) batch-1 calls and throughput from up to as
+many calls per batch size, each size warmed up first, with the count ``n`` beside every figure;
+batches are the first n triples of 4 sources x 2 edits with sources interleaved, so every batch
+mixes sources. Memory is reported in two phases: ``load_memory`` (building the modules) and, after
+the allocator's peak is reset, the serving peak; the driver's device-wide peak for the variant's
+process (CUDA context included) is ``device_memory``. The drawn weights are released once the
+modules hold them.
 
 Before anything is built, every variant's prerequisites are checked (its libraries, the GPU, the
 memory it needs): what cannot run is reported as ``skipped`` with the reason, up front. A variant
@@ -40,11 +47,16 @@ from editreward_rt.errors import EditRewardError
 from . import rl_bench
 from .common import gate_tolerance, peak_rss_mb
 from .isolated import log, run_isolated
+from .measure import _timed
 from .plan_run import EXIT_ABORTED, Results, Step, log_plan, parse_caps
 from .plan_run import execute as run_plan
 from .prereqs import machine, skip_reason
 
-BATCH_SIZES = (1, 2, 4, 8)  # the workload's 8 triples: 2 sources x 4 edits
+BATCH_SIZES = (1, 2, 4, 8)  # the first n of the workload's 8 triples: 4 sources x 2 edits, sources interleaved
+RL_WORKLOAD = {"full": (8, 8), "tiny": (2, 4)}  # (prompts, edits): the issue's RL step; the dry run's smaller one keeps CI short
+MIN_REPS = 20  # timed calls behind a percentile: p99 of fewer is the maximum under another name
+MIN_THROUGHPUT_CALLS = 3
+THROUGHPUT_SLOT_S = 12.0  # seconds of timed calls per batch size beyond the first three (the 8-minute budget)
 ORT_ROW = "onnxruntime-cuda"
 
 
@@ -75,8 +87,8 @@ def matrix(dtypes: list[str]) -> list[MatrixVariant]:
     for dtype in dtypes:
         rows += [MatrixVariant(f"torch-reference-{dtype}", "reference", dtype, libraries=("torch", "transformers")),
                  MatrixVariant(f"torch-fast-{dtype}", "fast", dtype)]
-    rows.append(MatrixVariant(f"differentiable-backward-{main}", "backward", main))
-    rows.append(MatrixVariant(f"rl-{main}", "rl", main))
+        if dtype == main:  # the RL workload (the headline figure) and the backward pass before the slower dtypes
+            rows += [MatrixVariant(f"rl-{main}", "rl", main), MatrixVariant(f"differentiable-backward-{main}", "backward", main)]
     rows += [MatrixVariant(scheme, "fast", main, scheme, ("torch", "bitsandbytes"), ("cuda",)) for scheme in ("bnb-int8", "bnb-nf4")]
     rows.append(MatrixVariant("gptq-int4", "fast", main, "gptq-int4", ("torch", "gptqmodel")))
     return rows
@@ -92,43 +104,64 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed(call, reps: int) -> list[float]:
-    seconds = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - t0)
-    return seconds
-
-
-def timings(backend, prepared, reps: int, batch_sizes) -> dict:
-    """Batch-1 latency percentiles over ``reps`` calls and throughput per batch size, each batch
-    size warmed up first (first-use allocations, kernel selection and autotuning at that shape)."""
+def timings(backend, prepared, reps: int, batch_sizes, slot_s: float = THROUGHPUT_SLOT_S) -> dict:
+    """Batch-1 latency percentiles over ``reps`` calls, and throughput per batch size from up to
+    ``reps`` calls (fewer, but at least ``MIN_THROUGHPUT_CALLS``, where they would take more than
+    ``slot_s``), each batch size warmed up first (first-use allocations, kernel selection and
+    autotuning at that shape). ``n`` beside every figure says how many calls it comes from."""
 
     def call(n):
         backend.head_outputs(prepared[:n])
         _sync()
 
-    throughput, batch1 = {}, None
+    throughput, calls, batch1 = {}, {}, None
     for size in (s for s in batch_sizes if s <= len(prepared)):
         call(size)
-        seconds = _timed(lambda: call(size), reps if size == 1 else max(2, reps // size))
+        seconds = _timed(lambda: call(size), reps if size == 1 else MIN_THROUGHPUT_CALLS)
+        more = min(reps, int(slot_s / max(np.median(seconds), 1e-9))) - len(seconds)
+        if size != 1 and more > 0:
+            seconds += _timed(lambda: call(size), more)
         throughput[str(size)] = size / float(np.median(seconds))
+        calls[str(size)] = len(seconds)
         if size == 1:
             ms = 1000 * np.asarray(seconds)
             batch1 = {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-                      "p99_ms": float(np.percentile(ms, 99)), "n": reps}
-    return {"batch1": batch1, "throughput": throughput}
+                      "p99_ms": float(np.percentile(ms, 99)), "n": len(seconds)}
+    return {"batch1": batch1, "throughput": throughput, "throughput_n": calls}
 
 
 def torch_memory() -> dict:
-    """What PyTorch's allocator saw (beside the driver's count the parent takes), or host RSS on a CPU."""
+    """What PyTorch's allocator saw since its peak was last reset (beside the driver's count the
+    parent takes), or host RSS on a CPU (the process's peak so far: it cannot be reset)."""
     import torch
 
     if not torch.cuda.is_available():
         return {"peak_rss_mb": peak_rss_mb()}
     return {"peak_rss_mb": peak_rss_mb(), "torch_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
             "torch_peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+
+
+def end_of_load(backend) -> dict:
+    """The load-time peak (the fast path's graphs reset the allocator's peak after building their
+    modules and keep what it was); then the allocator's cache is emptied and its peak reset, so that
+    what ``torch_memory`` says next is what serving needs."""
+    import torch
+
+    load = torch_memory()
+    built = getattr(getattr(backend, "graphs", None), "load_peak_mb", None)
+    if built is not None:
+        load["torch_peak_allocated_mb"] = max(load["torch_peak_allocated_mb"], built)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return load
+
+
+def release(ckpt) -> None:
+    """Drop the checkpoint's drawn weights once a backend holds its modules (the in-memory checkpoint)."""
+    if hasattr(ckpt, "release_weights"):
+        ckpt.release_weights()
 
 
 def load_checkpoint(request: dict):
@@ -147,35 +180,20 @@ def build_backend(ckpt, v: MatrixVariant, request: dict):
     from editreward_rt.backends.torch_backend import TorchBackend
 
     backend = TorchBackend(ckpt, mode="reference" if v.mode == "reference" else "fast", device=request["device"], dtype=v.dtype)
-    if v.scheme and v.scheme.startswith("bnb-"):
-        _swap_bnb(backend, v.scheme)
-    elif v.scheme == "gptq-int4":
-        _quantize_gptq(backend, ckpt, request["gptq_calib"])
+    if v.scheme:
+        _quantize_in_memory(backend, ckpt, v.scheme, request["gptq_calib"])
     return backend
 
 
-def _swap_bnb(backend, scheme: str) -> None:
-    from editreward_quant.embedding import quantize_torch_embedding
-    from editreward_quant.layers.bnb import swap_linears
-    from editreward_rt.schemes import EMBEDDING_BLOCK, make_scheme
-
-    graphs = backend.graphs
-    modules = {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
-    config = make_scheme(scheme)
-    swap_linears(modules, config.to_dict(), graphs.device, load_float=True)
-    quantize_torch_embedding(graphs.decoder, config.embedding_bits, EMBEDDING_BLOCK)
-    backend.description["quantization"] = scheme
-
-
-def _quantize_gptq(backend, ckpt, calib: int) -> None:
+def _quantize_in_memory(backend, ckpt, name: str, calib: int) -> None:
+    """The scheme's registered ``quantize_backend`` on the loaded model, in place (no folder round trip),
+    with ``calib`` synthetic calibration triples for the schemes that calibrate."""
     from editreward_quant.calib import synthetic_triples
-    from editreward_quant.gptq_scheme import quantize_backend
-    from editreward_rt.schemes import GptqInt4
-    from editreward_rt.scorer import Scorer
+    from editreward_rt.schemes import entry, make_scheme
 
     t0 = time.perf_counter()
-    info = quantize_backend(backend, Scorer(backend, ckpt), synthetic_triples(calib, seed=1), GptqInt4(), log=log)
-    backend.description.update(quantization="gptq-int4", quantize_s=time.perf_counter() - t0, gptq=info)
+    info = entry(name).function("quantize_backend")(backend, ckpt, make_scheme(name), synthetic_triples(calib, seed=1), log=log)
+    backend.description.update(quantization=name, quantize_s=time.perf_counter() - t0, quantize=info)
 
 
 def parity(outputs, reference, tol) -> dict:
@@ -200,14 +218,12 @@ def measure_variant(v: MatrixVariant, request: dict, reference) -> dict:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(request)
     backend = build_backend(ckpt, v, request)
-    if hasattr(ckpt, "release_weights"):  # the modules hold their own copy: halve the device memory before timing
-        ckpt.release_weights()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    release(ckpt)
+    load_memory = end_of_load(backend)
     scorer = Scorer(backend, ckpt)
     prepared = [scorer.prepare(*t) for t in workload_triples()]
     row = {"variant": v.label, "mode": v.mode, "dtype": v.dtype, "backend": backend.description,
-           "load_s": time.perf_counter() - t0, "prompt_tokens": prompt_lengths(prepared[0])}
+           "load_s": time.perf_counter() - t0, "prompt_tokens": prompt_lengths(prepared[0]), "load_memory": load_memory}
     outputs = backend.head_outputs(prepared)
     if reference is None:
         row["status"] = "ok" if np.isfinite(outputs).all() else "failed-parity"
@@ -215,9 +231,9 @@ def measure_variant(v: MatrixVariant, request: dict, reference) -> dict:
         row["parity"] = parity(outputs, reference, gate_tolerance(*v.tolerance_key(backend.description["dtype"]), v.dtype))
         row["parity"]["reference"] = v.reference
         row["status"] = "ok" if row["parity"]["passed"] else "failed-parity"
-    if row["status"] == "ok":  # validate first, time second
-        row.update(timings(backend, prepared, request["reps"], BATCH_SIZES))
-    row.update(torch_memory())
+    # Validated first, timed second: a row off parity is timed too, and its status says so.
+    row.update(timings(backend, prepared, request["reps"], BATCH_SIZES))
+    row.update(torch_memory())  # the serving peak: reset at the end of the load
     return {"rows": [row], "outputs": outputs}
 
 
@@ -229,12 +245,29 @@ def measure_backward(v: MatrixVariant, request: dict, reference) -> dict:
 
 def measure_rl(v: MatrixVariant, request: dict, reference) -> dict:
     """The RL reward workload (``rl_bench``: producers, BatchingScorer, score_groups) on the fast path."""
-    rows = rl_bench.gpu_rows(load_checkpoint(request), request["device"], v.dtype)
+    prompts, edits = RL_WORKLOAD[request["size"]]
+    rows = rl_bench.gpu_rows(load_checkpoint(request), request["device"], v.dtype, prompts, edits)
     return {"rows": [{**row, "mode": v.mode, "dtype": v.dtype} for row in rows], "outputs": None}
 
 
+BACKWARD_REPS = 3  # timed backward passes per batch size, after one warm-up pass
+
+
+def _backward_pass(reward, batch: int) -> tuple[float, bool]:
+    """One backward pass of the reward at ``batch`` -> (seconds, whether the gradient is finite).
+    Its tensors die with the call, so the next pass's peak is its own."""
+    import torch
+
+    source = torch.rand(batch, 3, 448, 448, device=reward.device)
+    edited = torch.rand(batch, 3, 448, 448, device=reward.device, requires_grad=True)
+    t0 = time.perf_counter()
+    (-reward(["Add a green bowl"] * batch, source, edited)[:, 0]).mean().backward()
+    _sync()
+    return time.perf_counter() - t0, bool(torch.isfinite(edited.grad).all())
+
+
 def backward_rows(ckpt, device: str, dtype_name: str, batches=(1, 4)) -> list[dict]:
-    """One backward pass of the differentiable reward per batch size (gradient checkpointing on, the
+    """Backward passes of the differentiable reward per batch size (gradient checkpointing on, the
     source frozen): the estimate beside the measured peak (GPU memory on CUDA, RSS on a CPU)."""
     import torch
     from editreward_rt.backends.torch_backend import TorchBackend
@@ -242,20 +275,20 @@ def backward_rows(ckpt, device: str, dtype_name: str, batches=(1, 4)) -> list[di
     from editreward_rt.scorer import Scorer
 
     backend = TorchBackend(ckpt, mode="fast", device=device, dtype=dtype_name)
+    release(ckpt)
+    load_memory = end_of_load(backend)
     reward = DifferentiableReward(Scorer(backend, ckpt), gradient_checkpointing=True, freeze_source=True)
     rows = []
     for batch in batches:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        source = torch.rand(batch, 3, 448, 448, device=reward.device)
-        edited = torch.rand(batch, 3, 448, 448, device=reward.device, requires_grad=True)
-        t0 = time.perf_counter()
-        (-reward(["Add a green bowl"] * batch, source, edited)[:, 0]).mean().backward()
-        _sync()
-        row = {"variant": f"differentiable-backward-b{batch}", "status": "ok", "seconds": time.perf_counter() - t0,
+        _backward_pass(reward, batch)  # warm-up: first-use allocations and kernel selection at this shape
+        passes = [_backward_pass(reward, batch) for _ in range(BACKWARD_REPS)]
+        row = {"variant": f"differentiable-backward-b{batch}", "status": "ok",
+               "seconds": float(np.median([s for s, _ in passes])), "n": len(passes),
                "estimate_gib": backward_memory_estimate_gib(reward.spec, batch, 2 if dtype_name == "bfloat16" else 4),
-               "grad_finite": bool(torch.isfinite(edited.grad).all())}
+               "grad_finite": all(finite for _, finite in passes), "load_memory": load_memory}
         if torch.cuda.is_available():
             row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -344,7 +377,7 @@ def execute(args) -> int:
     config = {"size": args.size, "device": args.device, "dtypes": args.dtypes, "reps": args.reps, "budget_s": args.budget_s,
               "ckpt": args.ckpt, "model": "checkpoint" if args.ckpt else ("random weights, real architecture" if args.size == "full"
                                                                           else "tiny fixture"),
-              "workload": "8 triples (2 sources x 4 edits), 448x448 images, long rubrics", "machine": m.to_dict()}
+              "workload": "8 triples (4 sources x 2 edits, sources interleaved: every batch mixes sources), 448x448 images, long rubrics", "machine": m.to_dict()}
     results = Results(config, plan_steps, reasons, args.out, args.device)
 
     def run_step(step, outputs, timeout_s, reader):
@@ -364,9 +397,9 @@ def summary(r: dict) -> str:
         peak = (r.get("device_memory") or {}).get("peak_mb")
         memory = f"peak GPU {peak:.0f} MB" if peak is not None else f"peak RSS {r.get('peak_rss_mb', 0):.0f} MB"
         drift = (r.get("parity") or {}).get("max_abs_diff", {}).get("mu")
-        return (f"{r['variant']:<32} ok             p50 {r['batch1']['p50_ms']:.1f} ms, "
+        return (f"{r['variant']:<32} {r['status']:<14} p50 {r['batch1']['p50_ms']:.1f} ms (n {r['batch1']['n']}), "
                 f"{max(r['throughput'].values()):.2f} triples/s, {memory}" + (f", |dmu| {drift:.2e}" if drift is not None else ""))
-    if r.get("mode") == "rl" and r["status"] == "ok":
+    if r.get("mode") == "rl":
         return rl_bench.summary_line(r)
     if r.get("mode") == "backward" and r["status"] == "ok":
         peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
@@ -375,6 +408,17 @@ def summary(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.size, args.device = "tiny", "cpu"
+    if args.device != "cpu" and args.reps < MIN_REPS:
+        parser.error(f"--reps {args.reps}: a GPU run times at least {MIN_REPS} calls (fewer is for a CPU dry run)")
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-check-")
+    return execute(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--device", default="cuda")
@@ -383,19 +427,17 @@ def main(argv=None) -> int:
                         help="torch dtypes, the first also for the quantized and backward rows (default bfloat16,float32)")
     parser.add_argument("--ckpt", help="a checkpoint folder instead of the random-weight model (its own rubrics)")
     parser.add_argument("--prompts-from", help="with --ckpt: the upstream clone holding its rubric prompts")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=MIN_REPS,
+                        help=f"timed batch-1 calls behind the percentiles (default {MIN_REPS}; fewer only for a CPU dry run)")
     parser.add_argument("--gptq-calib", type=int, default=16, help="synthetic calibration triples for gptq-int4")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (and the references they are checked against)")
-    parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget for all variants (default 480)")
+    parser.add_argument("--budget-s", type=float, default=440,
+                        help="wall-clock budget for all variants (default 440: with start-up, the run stays under 8 minutes)")
     parser.add_argument("--cap-s", action="append", metavar="[VARIANT=]SECONDS",
                         help="time cap per variant (default 150), or for one variant; repeatable")
     parser.add_argument("--workdir", help="where the tiny fixture (tokenizer, config) goes (default: a new temp folder)")
     parser.add_argument("--out", default="results/gpu-check.json")
-    args = parser.parse_args(argv)
-    if args.dry_run:
-        args.size, args.device = "tiny", "cpu"
-    args.workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-check-")
-    return execute(args)
+    return parser
 
 
 if __name__ == "__main__":

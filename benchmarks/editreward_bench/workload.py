@@ -70,8 +70,10 @@ def prompt_lengths(prepared) -> dict:
     return {"per_pass": [len(i) for i in ids], "shared": shared}
 
 
-def workload_triples(sources: int = 2, edits: int = 4, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``sources`` x ``edits`` triples of 448 x 448 images (256 tokens each), edits sharing their source."""
+def workload_triples(sources: int = 4, edits: int = 2, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``sources`` x ``edits`` triples of 448 x 448 images (256 tokens each), sources interleaved
+    (s0e0, s1e0, ..., s0e1, ...): the first n triples mix min(n, sources) sources, so a batch
+    measures batching, not only the sharing of one source's prefix by its edits."""
     from .common import INSTRUCTIONS
 
     rng = np.random.default_rng(seed)
@@ -81,11 +83,8 @@ def workload_triples(sources: int = 2, edits: int = 4, seed: int = 0) -> list[tu
         base = np.stack([xx, yy, xx * yy], axis=-1) * rng.uniform(120, 230, 3)
         return (base + rng.integers(0, 40, base.shape)).clip(0, 255).astype(np.uint8)
 
-    triples = []
-    for s in range(sources):
-        source = image()
-        triples += [(INSTRUCTIONS[s % len(INSTRUCTIONS)], source, image()) for _ in range(edits)]
-    return triples
+    groups = [(INSTRUCTIONS[s % len(INSTRUCTIONS)], image(), [image() for _ in range(edits)]) for s in range(sources)]
+    return [(instruction, source, edited[e]) for e in range(edits) for instruction, source, edited in groups]
 
 
 def tiny_base(workdir: Path):
@@ -137,11 +136,11 @@ def make_checkpoint(size: str, device: str, dtype: str, workdir: Path, small_voc
 
 def weight_bytes(spec, dtype: str) -> int:
     """Bytes of a model's weights in ``dtype`` (the reward heads stay float32, as upstream)."""
-    from editreward_rt.families import family
+    from editreward_rt.families import family_for
 
-    fam = family(spec.family)
+    fam = family_for(spec)
     heads = lambda name: name.startswith("rm_heads")
-    return sum(int(np.prod(shape)) * (4 if heads(name) else DTYPE_BYTES[dtype]) for name, shape in fam.expected_shapes(spec).items())
+    return sum(int(np.prod(shape)) * (4 if heads(name) else DTYPE_BYTES[dtype]) for name, shape in fam.expected_shapes().items())
 
 
 def device_memory_estimate_gib(spec, dtype: str, batch: int = 8, tokens: int = 1000) -> float:

@@ -18,14 +18,16 @@ import pytest
 from conftest import ROOT
 from editreward_bench.common import Variant, gate_tolerance, validate_document
 from editreward_bench.isolated import PeakSampler
-from editreward_bench.workload import long_rubrics
+from editreward_bench import gpu_matrix
+from editreward_bench.workload import long_rubrics, workload_triples
 from editreward_rt.tolerances import TOLERANCES
 
 
-def run_script(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """The script as a user runs it offline: PYTHONPATH over the repository's source folders."""
-    paths = [str(ROOT / d) for d in ("runtime", "export", "quantize", "benchmarks")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])}
+def run_script(script: str, *args: str, timeout: int = 900, env: dict | None = None,
+               paths: tuple = ("runtime", "export", "quantize", "benchmarks")) -> subprocess.CompletedProcess:
+    """The script as a user runs it offline: PYTHONPATH over ``paths`` (the repository's source folders), ``env`` added."""
+    paths = [str(ROOT / d) for d in paths]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]), **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -46,14 +48,20 @@ def tol(key) -> dict:
 
 @pytest.fixture(scope="module")
 def gpu_check_dry_run(tmp_path_factory):
+    """The dry run as the device machine runs it: with ``$OUT`` set, which is where its JSON and log must land
+    (only ``$OUT`` comes back), whatever folder ``--out`` names."""
     tmp = tmp_path_factory.mktemp("gpu-check")
-    proc = run_script("gpu_check.py", "--dry-run", "--reps", "1", "--workdir", str(tmp / "work"), "--out", str(tmp / "gpu.json"))
-    return proc, tmp / "gpu.json"
+    proc = run_script("gpu_check.py", "--dry-run", "--reps", "1", "--workdir", str(tmp / "work"), "--out",
+                      str(tmp / "elsewhere" / "gpu.json"), env={"OUT": str(tmp / "out")}, paths=())
+    return proc, tmp / "out" / "gpu.json"
 
 
 def test_gpu_check_dry_run(gpu_check_dry_run):
     proc, out = gpu_check_dry_run
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out.parent.parent / "elsewhere").exists()
+    log = out.with_suffix(".log").read_text()
+    assert "plan: torch-reference-bfloat16" in log and "exit code 0" in log  # stderr and stdout both copied
     doc = results(out)
     rows = by_variant(doc)
     for dtype, key in (("bfloat16", ("torch-fast", "bfloat16")), ("float32", ("torch-fast", "float32"))):
@@ -63,12 +71,21 @@ def test_gpu_check_dry_run(gpu_check_dry_run):
         assert fast["status"] == "ok" and fast["backend"]["dtype"] == dtype and fast["parity"]["passed"]
         assert fast["parity"]["tolerance"] == tol(key) and fast["parity"]["reference"] == f"torch-reference-{dtype}"
         assert fast["batch1"]["p50_ms"] > 0 and fast["peak_rss_mb"] > 0 and fast["process_s"] > 0
+        # n beside every figure: --reps 1 for the percentiles (and batch 1), at least 3 calls behind each larger batch.
+        assert fast["batch1"]["n"] == fast["throughput_n"]["1"] == 1 and set(fast["throughput_n"]) == set(fast["throughput"])
+        assert all(n >= gpu_matrix.MIN_THROUGHPUT_CALLS for size, n in fast["throughput_n"].items() if size != "1")
+        assert fast["load_memory"]["peak_rss_mb"] > 0  # the load-time peak, apart from serving's
     # bf16 rows also report their drift from the float32 reference.
     assert rows["torch-fast-bfloat16"]["vs_float32_reference"]["max_abs_diff"]["mu"] > 0
     assert "vs_float32_reference" not in rows["torch-fast-float32"]
     for batch in (1, 4):
         row = rows[f"differentiable-backward-b{batch}"]
         assert row["status"] == "ok" and row["grad_finite"] and row["estimate_gib"]["total"] > 0
+        assert row["n"] == gpu_matrix.BACKWARD_REPS
+    prompts, edits = gpu_matrix.RL_WORKLOAD["tiny"]
+    for method in ("score", "batching", "score-groups"):
+        row = rows[f"rl-{method}"]
+        assert row["status"] == "ok" and row["edits"] == row["n_latencies"] == prompts * edits and row["n_runs"] == 1
     assert rows["bnb-int8"]["status"] == rows["bnb-nf4"]["status"] == "skipped"
     assert rows["bnb-int8"]["reason"] == ("bitsandbytes not installed" if importlib.util.find_spec("bitsandbytes") is None
                                           else "runs on cuda only, this run is on cpu")
@@ -88,6 +105,44 @@ def test_gpu_check_workload_is_realistic(gpu_check_dry_run):
 def test_gpu_check_reports_skips_before_it_builds(gpu_check_dry_run):
     stderr = gpu_check_dry_run[0].stderr
     assert stderr.index("plan: bnb-int8") < stderr.index("plan: onnxruntime-cuda") < stderr.index("== torch-reference-bfloat16")
+
+
+def test_gpu_check_names_a_missing_library_before_importing_the_project(tmp_path):
+    """A library every row needs (here Pillow, hidden by a package that fails to import) is named
+    with what to install, before any project code is imported (which would die on it with a traceback)."""
+    shadow = tmp_path / "shadow" / "PIL"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    proc = run_script("gpu_check.py", "--dry-run", "--out", str(tmp_path / "gpu.json"), paths=(),
+                      env={"PYTHONPATH": str(shadow.parent), "OUT": ""})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ABORT: missing what every row needs" in proc.stderr and "PIL (pip install pillow" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "PIL (pip install pillow" in (tmp_path / "gpu.log").read_text()
+
+
+def test_a_gpu_run_times_at_least_twenty_calls(tmp_path):
+    assert gpu_matrix.build_parser().parse_args([]).reps == gpu_matrix.MIN_REPS >= 20
+    with pytest.raises(SystemExit):
+        gpu_matrix.main(["--reps", "5", "--out", str(tmp_path / "gpu.json")])  # a cuda run: refused before anything runs
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_gpu_workload_batches_mix_sources():
+    sources = [id(source) for _, source, _ in workload_triples()]
+    assert len(sources) == 8 and len(set(sources)) == 4
+    assert all(len(set(sources[:n])) == min(n, 4) for n in gpu_matrix.BATCH_SIZES)
+
+
+def test_a_variant_off_parity_is_timed_and_labelled(tmp_path):
+    """measure_variant against a reference it cannot meet: still timed, labelled failed-parity."""
+    request = {"size": "tiny", "device": "cpu", "dtype": "float32", "workdir": str(tmp_path), "ckpt": None,
+               "prompts_from": None, "reps": 1, "gptq_calib": 0}
+    variant = gpu_matrix.MatrixVariant("torch-fast-float32", "fast", "float32")
+    first = gpu_matrix.measure_variant(variant, request, None)
+    row = gpu_matrix.measure_variant(variant, request, first["outputs"] + 1.0)["rows"][0]
+    assert row["status"] == "failed-parity" and not row["parity"]["passed"]
+    assert row["batch1"]["n"] == 1 and set(row["throughput"]) == {"1", "2", "4", "8"}
 
 
 def corrupt_checkpoint(tiny, tmp_path):

@@ -15,6 +15,7 @@ Parameter names match the checkpoint (after stripping ``model.visual.``,
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +63,52 @@ def neg_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype))
 
 
+def tracing() -> bool:
+    """True while the ONNX exporter traces the modules. The eager fast paths below read tensor values
+    on the host (window sizes, whether a batch is padded), which a trace would freeze into constants
+    of one input; traced, the modules keep the masked form, which holds for every input."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def run_lengths(segments) -> list[int]:
+    """Lengths of the runs of equal values of a 1-D numpy array (host side) or tensor (one host sync)."""
+    if isinstance(segments, torch.Tensor):
+        return torch.unique_consecutive(segments, return_counts=True)[1].tolist()
+    edges = np.flatnonzero(np.diff(segments)) + 1
+    return np.diff(np.concatenate([[0], edges, [len(segments)]])).tolist()
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Attention inside each run of ``counts`` consecutive rows (a window, or an image: patches come
+    in window order). q, k, v [N, heads, d] -> [N, heads, d]. Runs of one length go through one
+    batched SDPA call without a mask: the work of the windows alone, not of all N x N pairs."""
+    if len(set(counts)) == 1:  # every window the same size (the usual image): a view, no gather
+        split = lambda t: t.reshape(len(counts), counts[0], *t.shape[1:]).transpose(1, 2)  # [W, heads, n, d]
+        return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(q.shape)
+    out = torch.empty_like(q)
+    starts_by_size, start = {}, 0
+    for n in counts:
+        starts_by_size.setdefault(n, []).append(start)
+        start += n
+    for n, starts in starts_by_size.items():
+        rows = (torch.as_tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+        gather = lambda t: t[rows].reshape(len(starts), n, *t.shape[1:]).transpose(1, 2)  # [W_n, heads, n, d]
+        out[rows] = F.scaled_dot_product_attention(gather(q), gather(k), gather(v)).transpose(1, 2).reshape(-1, *q.shape[1:])
+    return out
+
+
+SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
+
+
+def gqa_attention(q, k, v, native: bool, **kwargs) -> torch.Tensor:
+    """Grouped-query SDPA: query head h reads key/value head h // groups. ``native``: torch's
+    ``enable_gqa``, which reads each K/V head for its group without copying it; else K/V repeated per group."""
+    if native:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), **kwargs)
+
+
 class GatedMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool):
         super().__init__()
@@ -80,7 +127,9 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(spec.hidden_size, 3 * spec.hidden_size)
         self.proj = nn.Linear(spec.hidden_size, spec.hidden_size)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, counts):
+        """Attention inside windows (or images): ``counts``, the rows of each (eager), or ``mask``
+        [N, N] additive, as a traced graph computes it (``counts`` is then None)."""
         n = x.shape[0]
         # [N, 3*D] -> 3 x [N, heads, head_dim]
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)
@@ -89,6 +138,8 @@ class VisionAttention(nn.Module):
         wide = _at_least_float32(dtype)
         q = (q.to(wide) * cos + rotate_half(q.to(wide)) * sin).to(dtype)
         k = (k.to(wide) * cos + rotate_half(k.to(wide)) * sin).to(dtype)
+        if counts is not None:
+            return self.proj(segment_attention(q, k, v, counts).reshape(n, -1))
         # [1, heads, N, head_dim]; the additive mask keeps attention inside each window or image
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -103,8 +154,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(spec)
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, counts):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, counts)
         return x + self.mlp(self.norm2(x))
 
 
@@ -142,13 +193,23 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(spec) for _ in range(spec.depth))
         self.merger = Merger(spec)
 
-    def forward(self, patches, cos, sin, window_segments, image_segments):
+    @staticmethod
+    def layout(window_segments, image_segments) -> tuple[list[int], list[int]]:
+        """The patches per window and per image, from the segment arrays (numpy: read on the host,
+        so that ``forward`` need not copy them back from the device)."""
+        return run_lengths(window_segments), run_lengths(image_segments)
+
+    def forward(self, patches, cos, sin, window_segments, image_segments, layout=None):
+        """``layout``: ``self.layout(...)`` of the segments, when the caller has them on the host."""
         x = self.patch_embed(patches)
-        dtype = x.dtype
-        window_mask = neg_mask(window_segments[:, None] == window_segments[None, :], dtype)
-        full_mask = neg_mask(image_segments[:, None] == image_segments[None, :], dtype)
+        if tracing():  # [N, N] additive masks: what the exported graph computes, for any image
+            window = (neg_mask(window_segments[:, None] == window_segments[None, :], x.dtype), None)
+            full = (neg_mask(image_segments[:, None] == image_segments[None, :], x.dtype), None)
+        else:  # attention per window (per image in the full-attention blocks), no mask
+            windows, images = layout or self.layout(window_segments, image_segments)
+            window, full = (None, windows), (None, images)
         for i, block in enumerate(self.blocks):
-            x = _run(block, self.checkpointing, x, cos, sin, full_mask if i in self.fullatt else window_mask)
+            x = _run(block, self.checkpointing, x, cos, sin, *(full if i in self.fullatt else window))
         return self.merger(x)
 
 
@@ -171,10 +232,10 @@ class DecoderAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k = torch.cat([past_k, k], dim=2)  # [B, kv_heads, P+S, d]
         v = torch.cat([past_v, v], dim=2)
-        # Grouped-query attention: query head h reads key/value head h // groups.
-        groups = self.num_heads // self.num_kv_heads
-        out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
-                                             attn_mask=mask)
+        if mask is None:  # causal, nothing padded: no mask at all (FlashAttention's case on a GPU)
+            out = gqa_attention(q, k, v, SDPA_GQA, is_causal=True)
+        else:  # boolean (prefix-causal or padded), or additive when traced (what the exported graph has always had)
+            out = gqa_attention(q, k, v, SDPA_GQA and mask.dtype == torch.bool, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
 
@@ -242,10 +303,28 @@ class Decoder(nn.Module):
         allowed = (keys[None, :] <= queries[:, None])[None] & (attention_mask[:, None, :] > 0)
         return neg_mask(allowed, dtype).unsqueeze(1)  # [B, 1, S, P+S]
 
+    def attention_mask(self, attention_mask, s, dtype):
+        """The mask the layers take: None without a past (SDPA's ``is_causal``), a boolean
+        [B, 1, S, P+S] with one, or, traced, ``causal_mask``'s additive one. Without a past, rows are
+        right-padded (the pipeline's and the differentiable reward's batches): a valid query's
+        earlier keys are all valid, so causal alone is exact for it; padded rows are never read, and
+        later calls mask their cache entries out. Decided from shapes: nothing is read back from the device.
+        With a mask, a padded query may read its own key too: a row with no key at all is NaN in
+        some SDPA kernels, and a NaN cache entry spreads (0 x NaN) to later queries. Valid rows are unchanged."""
+        total = attention_mask.shape[1]
+        if tracing():
+            return self.causal_mask(attention_mask, s, dtype)
+        if total == s:
+            return None
+        keys = torch.arange(total, device=attention_mask.device)
+        queries = torch.arange(s, device=attention_mask.device) + total - s
+        causal = (keys[None, :] <= queries[:, None])[None]
+        return (causal & ((attention_mask[:, None, :] > 0) | (keys[None, :] == queries[:, None])[None])).unsqueeze(1)
+
     def forward(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
         x = self.embed(input_ids, image_embeds, image_index)
         cos, sin = self.rope(position_ids, x.dtype)
-        mask = self.causal_mask(attention_mask, input_ids.shape[1], x.dtype)
+        mask = self.attention_mask(attention_mask, input_ids.shape[1], x.dtype)
         present = []
         for i, layer in enumerate(self.layers):
             x, k, v = _run(layer, self.checkpointing, x, cos, sin, mask, past[i, 0].to(x.dtype), past[i, 1].to(x.dtype))
@@ -275,17 +354,24 @@ class RewardHeads(nn.Module):
 
 def build_modules(spec: ModelSpec, state: dict[str, torch.Tensor] | None,
                   dtype: torch.dtype) -> tuple[VisionEncoder, Decoder, RewardHeads]:
-    """The three modules, loaded strictly from a checkpoint state dict (left as initialised when None)."""
+    """The three modules on torch's default device (``with torch.device(...)``), in ``dtype`` (the heads
+    in float32), loaded strictly from a checkpoint state dict. They are built on the meta device and
+    take the state's tensors (``assign``), each moved and cast on its own: no module is initialised,
+    and no float32 copy of a bf16 model is ever made. A tensor already on the device in its dtype is
+    shared, not copied. ``state`` None: uninitialised memory, for a quantized state to fill."""
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        vision, decoder, heads = VisionEncoder(spec.vision), Decoder(spec.text), RewardHeads(spec.heads)
     parts = split_state_dict(state) if state is not None else None
-    vision, decoder, heads = VisionEncoder(spec.vision), Decoder(spec.text), RewardHeads(spec.heads)
-    for module, name in ((vision, "vision"), (decoder, "decoder"), (heads, "heads")):
-        if parts is not None:
-            module.load_state_dict(parts[name], strict=True)
+    for module, name, want in ((vision, "vision", dtype), (decoder, "decoder", dtype), (heads, "heads", torch.float32)):
+        if parts is None:
+            module.to(want).to_empty(device=device)  # cast while still meta: free
+        else:
+            module.load_state_dict({k: v.to(device=device, dtype=want) for k, v in parts[name].items()}, strict=True,
+                                   assign=True)
         module.eval().requires_grad_(False)
-    vision.to(dtype)
-    decoder.to(dtype)
-    decoder.inv_freq = decoder.inv_freq.float()  # RoPE frequencies stay float32, as in the reference
-    return vision, decoder, heads.float()
+    decoder.inv_freq = rope_inv_freq(spec.text).to(device)  # computed, not stored; float32, as in the reference
+    return vision, decoder, heads
 
 
 def _placeholder(shape: torch.Size, dtype: torch.dtype, index: int) -> torch.Tensor:

@@ -8,11 +8,36 @@ produces (``attention_mask.cumsum(-1) - 1`` on all three M-RoPE sections), heads
 from __future__ import annotations
 
 import numpy as np
+from editreward_rt.errors import BackendError
 from editreward_rt.extras import require
 
 from .modeling import RewardHeads
 from .spec import ModelSpec
 from .weights import split_state_dict
+
+# ``_from_config(dtype=)`` (4.56) and a flat Qwen2.5-VL config split into text and vision parts by
+# ``from_dict`` (4.52); tested on 5.17 (the GPU image's) and 5.24. Where ``visual`` returns a model
+# output (>= 5) its ``pooler_output`` holds the merged embeddings; before, the tensor itself.
+MIN_TRANSFORMERS = (4, 57)
+
+
+def check_transformers(version: str) -> None:
+    """Raise BackendError naming the release the reference needs when ``version`` is older."""
+    found = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if found < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise BackendError(f"the PyTorch reference needs transformers >= {need}, found {version}: pip install 'transformers>={need}'")
+
+
+def hf_model(spec: ModelSpec, config: dict, dtype):
+    """transformers' ``Qwen2_5_VLModel`` for ``config`` (the checkpoint's config dict, flat or nested)
+    in ``dtype``, on torch's current default device (``torch.device("meta")``: shapes only, no memory)."""
+    transformers = require("transformers", "torch", "the PyTorch reference")
+    check_transformers(transformers.__version__)
+    hf_config = transformers.Qwen2_5_VLConfig.from_dict(config)
+    hf_config.text_config.vocab_size = spec.text.vocab_size
+    hf_config.vocab_size = spec.text.vocab_size
+    return transformers.Qwen2_5_VLModel._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
 
 
 class ReferenceRunner:
@@ -22,15 +47,9 @@ class ReferenceRunner:
     def __init__(self, spec: ModelSpec, config: dict, state: dict, device, dtype):
         import torch
 
-        transformers = require("transformers", "torch", "the PyTorch reference")
-        Qwen2_5_VLConfig, Qwen2_5_VLModel = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLModel
-
         self.torch, self.spec, self.device, self.dtype = torch, spec, device, dtype
-        hf_config = Qwen2_5_VLConfig.from_dict(config)
-        hf_config.text_config.vocab_size = spec.text.vocab_size
-        hf_config.vocab_size = spec.text.vocab_size
         with torch.device(device):
-            self.model = Qwen2_5_VLModel._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
+            self.model = hf_model(spec, config, dtype)
         body = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         self.model.load_state_dict(body, strict=True)
         self.model.to(device=device, dtype=dtype).eval()

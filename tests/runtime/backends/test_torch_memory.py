@@ -80,7 +80,7 @@ def test_resident_keeps_one_copy_and_modes_are_checked(tiny):
 
 
 def test_per_call_is_refused_where_it_would_do_nothing(tiny_onnx):
-    with pytest.raises(BackendError, match="torch-backend mode"):
+    with pytest.raises(BackendError, match="'memory': it is an option of the torch backend"):
         Scorer.load(tiny_onnx, memory="per-call")
 
 

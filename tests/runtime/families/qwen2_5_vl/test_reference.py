@@ -108,3 +108,45 @@ def test_reference_equals_transformers_forward_called_as_upstream(reference, hf_
             hidden = model(inputs_embeds=embeds, attention_mask=mask, position_ids=None).last_hidden_state
             got = heads.heads[f"head_{head}"](hidden.float())[ids == tokens.reward].view(len(built), 2)
             np.testing.assert_allclose(got.numpy(), expected[:, head], atol=2e-5, rtol=1e-5)
+
+
+def published_spec_and_config(tiny):
+    from editreward_families.qwen2_5_vl import published
+    from editreward_rt.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(tiny.checkpoint, prompts_from=tiny.prompts)
+    spec = published.full_spec(ckpt.spec)
+    return spec, published.full_config(ckpt.config, spec)
+
+
+def test_reference_builds_the_published_size_on_meta(tiny):
+    """The 7B's config through the reference's own construction (``Qwen2_5_VLConfig.from_dict`` of
+    the flat config the GPU run passes, ``_from_config(dtype=)``) on the meta device: every checkpoint
+    tensor of the published size loads by name and shape, in the dtype asked for (float16:
+    not the config's ``torch_dtype``, so only the ``dtype`` argument can give it). A transformers release that
+    renames, reshapes or drops an argument fails here, in CI, instead of on the lent GPU."""
+    from editreward_families.qwen2_5_vl import reference
+    from editreward_families.qwen2_5_vl.weights import expected_shapes
+
+    spec, config = published_spec_and_config(tiny)
+    assert "text_config" not in config and config["hidden_size"] == 3584  # flat, full size
+    with torch.device("meta"):
+        model = reference.hf_model(spec, config, torch.float16)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}  # built in it (loading with assign would hide it)
+    body = {name[len("model."):]: torch.empty(shape, dtype=torch.float16, device="meta")
+            for name, shape in expected_shapes(spec).items() if name.startswith("model.")}
+    model.load_state_dict(body, strict=True, assign=True)
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size) == (3584, 28, 4, 151666)
+    assert (vision.depth, list(vision.fullatt_block_indexes)) == (32, [7, 15, 23, 31])
+    assert 7.6e9 < sum(p.numel() for p in model.parameters()) < 7.8e9
+
+
+def test_reference_names_the_transformers_it_needs():
+    from editreward_families.qwen2_5_vl import reference
+    from editreward_rt.errors import BackendError
+
+    reference.check_transformers(transformers.__version__)  # what CI has
+    reference.check_transformers("5.17.0")  # what the lent GPU machines have
+    with pytest.raises(BackendError, match=r"needs transformers >= 4\.57, found 4\.51\.3"):
+        reference.check_transformers("4.51.3")
