@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CPU numbers in the README, in one command: small random-weight fixture, its fp32 ONNX
+# The CPU numbers in docs/performance.md, in one command: small random-weight fixture, its fp32 ONNX
 # export, CPU-runnable quantized variants, then latency (reference always included), parity, the
-# report, sizes and per-scheme fidelity. Usage: bash benchmarks/cpu_suite.sh [WORKDIR] (default results/)
+# report (docs/performance.md's generated tables, plots in docs/img/), sizes and per-scheme fidelity.
+# Usage: bash benchmarks/cpu_suite.sh [WORKDIR] (default results/); run from the repository root.
 set -euo pipefail
 out=${1:-results}
 work=$out/work
@@ -27,7 +28,7 @@ python benchmarks/cpu_speed.py --fixture small --workdir "$work" --variant "mode
     --variant "model:$work/small-ort-int8" --variant "model:$work/small-ort-int4" --variant "model:$work/small-ort-int4-b32" \
     --variant "model:$work/small-ort-int4-b128" --variant "model:$work/small-ort-int8-u8u8" \
     --profile --out "$out/cpu-speed-small.json" | tee "$out/cpu-speed-small.md"
-python benchmarks/report.py "$out/latency-small.json" "$out/parity-small.json" --out "$out/report"
+python benchmarks/report.py "$out/latency-small.json" "$out/parity-small.json" "$out/cpu-speed-small.json" --page docs/performance.md
 python -m editreward_quant.sizes "$fixture/onnx-fp32" "$work/small-ort-int8" "$work/small-ort-int4" \
     "$work/small-ort-int4-b32" "$work/small-ort-int4-b128" "$work/small-bnb-int8" "$work/small-bnb-nf4" --json "$out/sizes-small.json"
 python benchmarks/quant_report.py --fixture small --workdir "$work" --out "$out/quant-small.json"

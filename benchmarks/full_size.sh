@@ -2,7 +2,7 @@
 # The full-size path on this machine, each step under /usr/bin/time -v: a random 7B checkpoint
 # in the published layout, its float32 ONNX export (validated on a subset), ort-int4 and ort-int8
 # quantization, scoring the real photographs with each, and the bf16 graphs a TensorRT build
-# reads. Prints one line per step: peak resident memory and wall time (the README's "Full size").
+# reads. Prints one line per step: peak resident memory and wall time (docs/full-size.md).
 # Needs about 80 GB of free disk in WORK (the float32 export, 31 GB, is removed at the end).
 #   bash benchmarks/full_size.sh [WORK]    (default: ./full-size)
 set -euo pipefail

@@ -7,7 +7,7 @@ For each thread count (``--threads 1,2``), each in its own process:
   schemes run (``gemm_peak``);
 - the reference (two full passes per triple, the upstream computation) and every variant, scoring
   the same triples: one triple per call, then at the default triples per call
-  (``Scorer.default_max_batch``), then 8 per call.
+  (``backends.default_max_batch``), then 8 per call.
 
 The FLOPs per triple come from the model spec (the family's ``FLOPS``), counted on the tokens each
 call actually decodes, padding excluded: what the fast path needs, and for the reference what its
@@ -108,13 +108,13 @@ class FlopCounter:
         self.inner, self.flops, self.total = graphs, flops, 0.0
         self.spec = graphs.spec
 
-    def vision(self, *inputs):
-        self.total += self.flops.vision_call(self.spec, *inputs)
-        return self.inner.vision(*inputs)
+    def vision(self, feeds):
+        self.total += sum(self.flops.vision_call(self.spec, *arrays) for arrays in feeds)
+        return self.inner.vision(feeds)
 
-    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
+    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
         self.total += self.flops.decode_call(self.spec, attention_mask, input_ids.shape[1])
-        return self.inner.decode(input_ids, image_embeds, image_index, position_ids, attention_mask, past)
+        return self.inner.decode(input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep)
 
     def heads(self, hidden):
         self.total += self.flops.heads(self.spec, hidden.shape[0])
@@ -145,12 +145,12 @@ def run_variant(label: str, cfg: dict, threads: int, with_parity: bool) -> dict:
     """In a child process: one variant at one thread count."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from editreward_rt.families import family
-    from editreward_rt.scorer import default_max_batch
+    from editreward_rt.backends import default_max_batch
 
     variant = Variant(label)
     scorer = variant.load(cfg["ckpt"], cfg.get("base"), cfg.get("prompts_from"), "cpu", threads, "float32")
     triples = cfg["triples"]
-    default = default_max_batch(scorer.spec, "cpu")
+    default = default_max_batch("cpu")
     pipeline = getattr(scorer.backend, "pipeline", None)
     counter = None
     if pipeline is not None:
@@ -284,7 +284,7 @@ def summarise(rows: list[dict], peaks: dict) -> None:
 
 
 def table(rows: list[dict], peaks: dict) -> str:
-    """The README's table for one thread count."""
+    """docs/performance.md's table for one thread count (report.py writes it there)."""
     if "float32_gflops" in peaks:
         head = (f"GEMM peak ({peaks['threads']} thread{'s' if peaks['threads'] > 1 else ''}, ONNX Runtime {GEMM[0]}x{GEMM[1]}x{GEMM[2]}): "
                 f"float32 {peaks['float32_gflops']:.0f} GFLOP/s; MatMulInteger U8S8 {peaks['u8s8_gflops']:.0f}, U8U8 "
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
             log(f"[threads {threads}] {label}")
             out = run_isolated(run_variant, (label, cfg, threads, threads == args.threads[-1]), None)
             row = {"variant": label, "status": "ok", **out} if "mu" in out else {"variant": label, **out}
-            row["label"] = _short(label)
+            row["label"], row["threads"] = _short(label), threads  # a failed row too: report.py groups rows by threads
             rows.append(row)
             if label == REFERENCE and row["status"] != "ok":
                 log(f"ABORT: the reference failed ({row.get('error')})")

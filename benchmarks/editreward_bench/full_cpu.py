@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _timed(scorer, call, n: int) -> tuple[list, float, dict]:
+def _scored_with_stages(scorer, call, n: int) -> tuple[list, float, dict]:
     """``call()``'s scores, its seconds, and the pipeline's stage seconds per triple (``n`` triples)."""
     pipeline = scorer.backend.pipeline
     before = pipeline.times.as_dict()
@@ -56,9 +56,9 @@ def main(argv=None) -> int:
     instruction, source = triples[0][:2]
     if any(t[:2] != (instruction, source) for t in triples):
         raise SystemExit("the examples must be edits of one source under one instruction (a ranked set)")
-    ranked, ranked_s, ranked_stages = _timed(scorer, lambda: scorer.rank(instruction, source, [t[2] for t in triples]),
-                                             len(triples))
-    single = [_timed(scorer, lambda: [scorer.score(*triples[0])], 1)]
+    ranked, ranked_s, ranked_stages = _scored_with_stages(
+        scorer, lambda: scorer.rank(instruction, source, [t[2] for t in triples]), len(triples))
+    single = [_scored_with_stages(scorer, lambda: [scorer.score(*triples[0])], 1)]
     gap = abs(ranked[0].mu - single[0][0][0].mu)
     result = {
         "model": str(args.model), "quantization": scorer.backend.model.manifest.get("quantization", {}).get("scheme"),

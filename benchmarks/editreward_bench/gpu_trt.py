@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from editreward_rt.schemes import SCHEMES, trt_precisions
 
 from .common import gate_tolerance
 from .gpu_matrix import BATCH_SIZES, MatrixVariant, measure_variant, parity, timings
@@ -31,8 +32,7 @@ from .plan_run import execute as run_plan
 from .prereqs import machine, skip_reason
 
 # Tolerance keys: ("tensorrt", dtype) for float engines, ("tensorrt", scheme) for quantized ones.
-TOLERANCE_KEYS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
-                  "fp8": "trt-fp8", "int8": "trt-int8-sq", "int4": "trt-int4-awq"}
+TOLERANCE_KEYS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **trt_precisions()}
 # At full size the engines are built from half-width graphs: float32 ones would be ~27 GiB each and
 # the exporter would self-validate them with ONNX Runtime on the CPU, which for a 7B outlasts any session.
 FULL_GRAPH_DTYPES = {"bf16": "bf16", "fp16": "fp16"}
@@ -61,8 +61,8 @@ class Engine:
 
     @property
     def libraries(self) -> tuple[str, ...]:
-        quantized = self.precision in ("fp8", "int8", "int4")
-        return ("torch", "onnx", "tensorrt", "cuda") + (("modelopt",) if quantized else ())
+        scheme = trt_precisions().get(self.precision)  # a quantized precision needs its scheme's library
+        return ("torch", "onnx", "tensorrt", "cuda") + (SCHEMES[scheme].modules if scheme else ())
 
 
 def reference_key(size: str, dtype: str) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from editreward_rt.checkpoint import TensorSource, open_checkpoint
 from editreward_rt.errors import ExportError
-from editreward_rt.families import GraphSpec, family
+from editreward_rt.families import GraphSpec, family_for
 from editreward_rt.manifest import EXTERNAL_DATA_BYTES, MANIFEST, staged_folder, write_manifest
 from editreward_rt.tolerances import max_abs_diff, tolerance, within
 
@@ -91,8 +91,7 @@ def validate(out_dir: Path, ckpt, reference_state: dict, precision: str, log) ->
 
     exported = Scorer.load(out_dir, backend="onnxruntime")
     triples = validation_triples(exported)
-    reference = family(ckpt.spec.family).reference_runner(ckpt.spec, ckpt.config, reference_state,
-                                                          torch.device("cpu"), torch.float32)
+    reference = family_for(ckpt.spec).reference_runner(ckpt.config, reference_state, torch.device("cpu"), torch.float32)
     expected = reference.run(triples)
     actual = exported.backend.head_outputs(triples)
     del exported, reference
@@ -120,14 +119,13 @@ class _Subset:
     origin: dict
 
     def state_dict(self) -> dict:
-        return {key: self.source.get(key) for key in family(self.spec.family).expected_shapes(self.spec)}
+        return {key: self.source.get(key) for key in family_for(self.spec).expected_shapes()}
 
 
 def validate_subset(ckpt, source, out: Path, dtype: str, kv_dtype: str, opset: int, log) -> dict:
     """Export the family's ``validation_subset`` of ``ckpt`` with this same exporter and validate it
     whole: every kind of tensor and op of the full graphs, and the first layers' real weights."""
-    fam = family(ckpt.spec.family)
-    spec, config = fam.validation_subset(ckpt.spec, ckpt.config)
+    spec, config = family_for(ckpt.spec).validation_subset(ckpt.config)
     subset = _Subset(spec, config, ckpt.tokenizer, ckpt.chat_text, ckpt.templates, source, {})
     kept = {"decoder_layers": spec.text.num_layers, "vision_blocks": spec.vision.depth}
     log(f"validating a subset of the same checkpoint: {kept}")
@@ -141,7 +139,7 @@ def validate_subset(ckpt, source, out: Path, dtype: str, kv_dtype: str, opset: i
 
 
 def _float_bytes(spec) -> int:
-    return 4 * sum(math.prod(shape) for shape in family(spec.family).expected_shapes(spec).values())
+    return 4 * sum(math.prod(shape) for shape in family_for(spec).expected_shapes().values())
 
 
 def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts_from: str | None = None,
@@ -169,13 +167,13 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
     log(f"[1/4] reading checkpoint {type(ckpt_arg).__name__ + ' (in memory)' if in_memory else ckpt_arg}")
     ckpt = ckpt_arg if in_memory else open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
     source = TensorSource(state=ckpt.state_dict()) if in_memory else ckpt.tensors()
-    fam = family(ckpt.spec.family)
+    fam = family_for(ckpt.spec)
     graphs = TorchGraphs(ckpt.spec, None, torch.device("cpu"), getattr(torch, precision),
-                         modules=fam.placeholder_modules(ckpt.spec, getattr(torch, precision)))
+                         modules=fam.placeholder_modules(getattr(torch, precision)))
     keys = _checkpoint_keys(fam, graphs)
     with staged_folder(out, ".export-") as tmp:
-        specs = fam.graph_specs(ckpt.spec, kv_dtype)
-        wrappers, dummies = fam.export_wrappers(graphs, kv_dtype), fam.dummy_inputs(ckpt.spec, kv_dtype)
+        specs = fam.graph_specs(kv_dtype)
+        wrappers, dummies = fam.export_wrappers(graphs, kv_dtype), fam.dummy_inputs(kv_dtype)
         weights = {}
         for i, name in enumerate(specs, start=1):
             log(f"[2/4] exporting graph {name} ({i}/{len(specs)}), weights streamed from the checkpoint")
@@ -205,7 +203,7 @@ def export_onnx(ckpt_arg: str, out: str | Path, base: str | None = None, prompts
             write_manifest(tmp, manifest)
         elif validate_export:
             log("[3/4] validating against the PyTorch reference")
-            state = {key: source.get(key) for key in fam.expected_shapes(ckpt.spec)}
+            state = {key: source.get(key) for key in fam.expected_shapes()}
             manifest["validation"] = validate(tmp, ckpt, state, precision, log)
             del state
             write_manifest(tmp, manifest)

@@ -17,8 +17,10 @@ Precisions (``PRECISIONS``):
 * ``fp16``: float32 graphs, weakly typed, FP16 flag with OBEY_PRECISION_CONSTRAINTS; the
   vision tower's MLP down projections are pinned to fp32 (their activations overflow fp16).
 * ``fp32``: float32 graphs with TF32 disabled, the parity baseline.
-* ``fp8``/``int8``/``int4``: float32 graphs quantized by ``editreward_quant.trt_schemes``
-  (when installed), built strongly typed from their Q/DQ nodes.
+* ``fp8``/``int8``/``int4``: float32 graphs quantized by the ``trt-*`` scheme of that
+  ``trt_precision`` (``trt-fp8``, ``trt-int8-sq``, ``trt-int4-awq``), reached through the scheme
+  registry (``editreward_rt.schemes``, as the Scorer does) when its library is installed, and
+  built strongly typed from their Q/DQ nodes.
 
 Defaults, sized for a 24 GB card with bf16 (not yet measured on one; ``configure`` logs the
 estimate, which lands in the manifest as ``trt.memory_estimate_gib``):
@@ -53,10 +55,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from editreward_rt.errors import EditRewardError, ExportError
-from editreward_rt.families import family
+from editreward_rt.families import family_for
 from editreward_rt.manifest import open_exported, write_manifest
+from editreward_rt.schemes import QuantizeError, QuantizeRequest, check_available, entry, make_scheme, trt_precisions
 
 TEXT_TOKENS = 1024  # chat text + rubric + instruction budget on top of the two images
+CALIB_TRIPLES = 32  # synthetic calibration triples of the quantized precisions
 SUFFIX_TOKENS = 768  # new tokens per sequence in the batch-heavy "suffix" profile
 ENGINE_FILES = {"vision": "vision.engine", "decoder": "decoder.engine", "heads": "heads.engine"}
 
@@ -70,14 +74,18 @@ class Settings:
     flags: tuple[str, ...] = ()  # trt.BuilderFlag names set
     cleared_flags: tuple[str, ...] = ()  # trt.BuilderFlag names cleared
     keep_fp32: bool = False  # pin the layers the model family names (fp16_fp32_pins) to fp32
-    quantized: bool = False
+    scheme: str | None = None  # the quantization scheme that writes the Q/DQ graphs
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme is not None
 
 
 PRECISIONS = {
     "bf16": Settings("bf16", "bf16", kv_dtype="bfloat16", strongly_typed=True),
     "fp16": Settings("fp16", "fp32", flags=("FP16", "OBEY_PRECISION_CONSTRAINTS"), keep_fp32=True),
     "fp32": Settings("fp32", "fp32", cleared_flags=("TF32",)),
-    **{q: Settings(q, "fp32", strongly_typed=True, quantized=True) for q in ("fp8", "int8", "int4")},
+    **{q: Settings(q, "fp32", strongly_typed=True, scheme=name) for q, name in trt_precisions().items()},
 }
 
 
@@ -155,7 +163,7 @@ def compute_limits(spec, max_batch: int = 8, max_image_tokens: int | None = None
 def compute_profiles(manifest: dict, spec, limits: Limits) -> dict[str, list[dict]]:
     """Optimisation profiles for each graph's inputs, from its declared shapes (ints or axis names)."""
     out = {}
-    for graph, profiles in family(spec.family).trt_profile_axes(spec, limits).items():
+    for graph, profiles in family_for(spec).trt_profile_axes(limits).items():
         out[graph] = []
         for name, axes in profiles:
             shapes = {}
@@ -189,16 +197,14 @@ def keep_fp32_nodes(onnx_path: Path, patterns: tuple[str, ...], blocks: int) -> 
     return found
 
 
-def _quantizer(precision: str):
-    """The TensorRT quantizer, checked before the long export: ModelOpt must import."""
-    from editreward_quant.trt_schemes import quantize_for_trt, require_modelopt
-    from editreward_rt.schemes import QuantizeError
-
+def _scheme(settings: Settings):
+    """The scheme that quantizes ``settings``' graphs, checked before the long export: its library must be installed."""
+    scheme = make_scheme(settings.scheme)
     try:
-        require_modelopt()
+        check_available(scheme)
     except QuantizeError as exc:
-        raise ExportError(f"precision {precision} needs TensorRT quantization: {exc}") from exc
-    return quantize_for_trt
+        raise ExportError(f"precision {settings.precision} needs TensorRT quantization: {exc}") from exc
+    return scheme
 
 
 def prepare_onnx(ckpt: str, settings: Settings, out: Path, base=None, prompts_from=None, log=print) -> Path:
@@ -208,14 +214,14 @@ def prepare_onnx(ckpt: str, settings: Settings, out: Path, base=None, prompts_fr
     if not settings.quantized:
         return export_onnx(ckpt, out, base=base, prompts_from=prompts_from, dtype=settings.onnx_dtype,
                            kv_dtype=settings.kv_dtype, log=log)
-    quantize = _quantizer(settings.precision)  # before the long export
+    scheme = _scheme(settings)  # before the long export
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out.parent) as tmp:
         source = export_onnx(ckpt, Path(tmp) / "onnx", base=base, prompts_from=prompts_from,
                              dtype=settings.onnx_dtype, kv_dtype=settings.kv_dtype, log=log)
-        log(f"quantizing to {settings.precision} with editreward_quant.trt_schemes")
-        result = quantize(source, settings.precision, out)
-    return Path(result or out)
+        log(f"quantizing to {settings.precision} with scheme {scheme.name}")
+        request = QuantizeRequest(str(source), scheme, out, calib_size=CALIB_TRIPLES)
+        return Path(entry(scheme.name).function("quantize")(request))
 
 
 def configure(folder: Path, precision: str, max_batch: int = 8, max_image_tokens: int | None = None,
@@ -226,7 +232,7 @@ def configure(folder: Path, precision: str, max_batch: int = 8, max_image_tokens
     limits = compute_limits(model.spec, max_batch, max_image_tokens, max_seq, log)
     fp32_layers = {}
     if settings.keep_fp32:
-        for graph, (patterns, blocks) in family(model.spec.family).fp16_fp32_pins(model.spec).items():
+        for graph, (patterns, blocks) in family_for(model.spec).fp16_fp32_pins().items():
             fp32_layers[graph] = keep_fp32_nodes(model.graph_path(graph), patterns, blocks)
     manifest = dict(model.manifest)
     manifest["trt"] = {
@@ -300,8 +306,6 @@ def build_trt(ckpt: str, precision: str = "bf16", max_batch: int = 8, max_image_
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose from {sorted(PRECISIONS)}")
     settings = PRECISIONS[precision]
-    if settings.quantized:
-        _quantizer(precision)
     out = Path(out or f"{Path(str(ckpt)).name}-trt-{precision}")
     folder = prepare_onnx(ckpt, settings, out, base=base, prompts_from=prompts_from, log=log)
     configure(folder, precision, max_batch, max_image_tokens, max_seq, workspace_gb, log)

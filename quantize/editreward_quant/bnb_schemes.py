@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from editreward_rt.checkpoint import open_checkpoint
-from editreward_rt.schemes import EMBEDDING_BLOCK, BnbInt8, BnbNf4, QuantizeRequest, Scheme
+from editreward_rt.schemes import BnbInt8, BnbNf4, QuantizeRequest, Scheme
 
 from .embedding import quantize_torch_embedding
 from .output import write_torch_model
@@ -16,8 +16,6 @@ def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str 
     import torch
     from editreward_rt.backends.torch_backend import TorchGraphs, pick_device
 
-    from .layers.bnb import swap_linears
-
     assert isinstance(scheme, (BnbInt8, BnbNf4))
     ckpt = open_checkpoint(ckpt_arg, base=base, prompts_from=prompts_from)
     source = {"checkpoint": ckpt.origin["checkpoint"], "files": sorted(p.name for p in ckpt.files)}
@@ -26,14 +24,30 @@ def quantize_checkpoint_bnb(ckpt_arg: str, scheme: Scheme, out: Path, base: str 
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     log(f"loading {ckpt_arg}")
     graphs = TorchGraphs(ckpt.spec, ckpt.state_dict(), dev, dtype)
-    modules = {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
-    quant = scheme.to_dict()
-    log(f"quantizing decoder linear layers with {scheme.name}" + (" and the vision tower" if scheme.include_vision else ""))
-    swap_linears(modules, quant, dev, load_float=True)
-    quant["embedding"] = quantize_torch_embedding(graphs.decoder, scheme.embedding_bits, EMBEDDING_BLOCK)
-    write_torch_model(out, source, ckpt, modules, dtype, quant)
+    quant = {**scheme.to_dict(), "embedding": _quantize_graphs(graphs, scheme, log)}
+    write_torch_model(out, source, ckpt, _modules(graphs), dtype, quant)
     log(f"wrote {out}")
     return out
+
+
+def _modules(graphs) -> dict:
+    return {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
+
+
+def _quantize_graphs(graphs, scheme: Scheme, log) -> dict:
+    """Swap the linear layers of ``graphs`` for bitsandbytes ones and quantize the token embedding, in
+    place; -> the embedding's record."""
+    from .layers.bnb import swap_linears
+
+    log(f"quantizing decoder linear layers with {scheme.name}" + (" and the vision tower" if scheme.include_vision else ""))
+    swap_linears(_modules(graphs), scheme, graphs.device, load_float=True)
+    return quantize_torch_embedding(graphs.decoder, scheme.embedding_bits, scheme.embedding_block)
+
+
+def quantize_backend(backend, ckpt, scheme: Scheme, triples, log=print) -> dict:
+    """Registry ``quantize_backend`` of ``bnb-int8`` and ``bnb-nf4``: a loaded torch backend quantized in
+    place (bitsandbytes needs no calibration: ``ckpt`` and ``triples`` go unread)."""
+    return {"embedding": _quantize_graphs(backend.graphs, scheme, log)}
 
 
 def quantize(request: QuantizeRequest) -> Path:

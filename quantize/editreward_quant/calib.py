@@ -33,12 +33,13 @@ def synthetic_triples(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.n
 
 def load_triples(path: str | Path, limit: int | None = None) -> list[tuple[str, Path, Path]]:
     """JSONL of {instruction, source, edited}, paths relative to the file."""
+    from editreward_rt.errors import InputError
     from editreward_rt.jsonl import read_triples, resolve
 
     path = Path(path)
     try:
         records = read_triples(path)
-    except OSError as exc:
+    except InputError as exc:  # missing, unreadable or not a regular file
         raise QuantizeError(f"cannot read calibration file {path}: {exc}") from exc
     triples = []
     for index, record in records:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from editreward_rt.checkpoint import open_checkpoint
-from editreward_rt.schemes import EMBEDDING_BLOCK, GptqInt4, QuantizeError, QuantizeRequest
+from editreward_rt.schemes import GptqInt4, QuantizeError, QuantizeRequest
 
 from .calib import calibration_triples, prepare_all
 from .embedding import quantize_torch_embedding
@@ -40,7 +40,6 @@ def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: s
                              prompts_from: str | None = None, calib: str | None = None, calib_size: int = 64,
                              device: str = "cpu", log=print) -> Path:
     from editreward_rt.backends.torch_backend import TorchBackend
-    from editreward_rt.scorer import Scorer
 
     from .layers.gptq import KERNEL, LAYOUT
 
@@ -51,7 +50,7 @@ def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: s
     log(f"loading {ckpt_arg}")
     backend = TorchBackend(ckpt, mode="fast", device=device)
     graphs = backend.graphs
-    info = quantize_backend(backend, Scorer(backend, ckpt), calibration_triples(calib, calib_size), scheme, log)
+    info = quantize_backend(backend, ckpt, scheme, calibration_triples(calib, calib_size), log)
 
     modules = {"vision": graphs.vision_module, "decoder": graphs.decoder, "heads": graphs.head_module}
     quantization = {**scheme.to_dict(),
@@ -63,13 +62,15 @@ def quantize_checkpoint_gptq(ckpt_arg: str, scheme: GptqInt4, out: Path, base: s
     return out
 
 
-def quantize_backend(backend, scorer, triples, scheme: GptqInt4, log=print) -> dict:
+def quantize_backend(backend, ckpt, scheme: GptqInt4, triples, log=print) -> dict:
     """GPTQ the decoder of a loaded fast-mode torch ``backend`` in place, calibrated on ``triples``
-    through ``scorer`` (its preprocessing and prompts). Used by the CLI above and, without any
-    file round trip, by the GPU matrix check."""
-    graphs = backend.graphs
+    through a Scorer of ``ckpt`` (its preprocessing and prompts). Used by the CLI above and, as the
+    registry's ``quantize_backend``, without any file round trip by the GPU matrix check."""
+    from editreward_rt.scorer import Scorer
+
+    graphs, scorer = backend.graphs, Scorer(backend, ckpt)
     # First, so that calibration sees the embedding the folder will hold.
-    embedding = quantize_torch_embedding(graphs.decoder, scheme.embedding_bits, EMBEDDING_BLOCK)
+    embedding = quantize_torch_embedding(graphs.decoder, scheme.embedding_bits, scheme.embedding_block)
     prepared = prepare_all(scorer, triples)
     log(f"calibrating on {len(prepared)} triples, {len(graphs.decoder.layers)} decoder layers")
     gptq = _GptqRun(graphs, backend.pipeline, prepared, scheme, scorer.max_batch, log)

@@ -19,14 +19,13 @@ Without the second pass the float32 table alone would be 0.15x of the whole deco
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from editreward_export.streaming import DataWriter, InitializerReader, TensorSink
-from editreward_rt.manifest import EXTERNAL_DATA_BYTES, MANIFEST, open_exported, write_manifest
+from editreward_rt.manifest import EXTERNAL_DATA_BYTES, open_exported, write_manifest
 from editreward_rt.schemes import OrtInt4, OrtInt8, QuantizeError, QuantizeRequest, Scheme
 
 from .embedding import blockwise_uint4, rowwise_int8, table_bits
@@ -163,7 +162,7 @@ def _quantize_graph(src: Path, dst: Path, scheme: Scheme) -> dict:
             _check_unshared(original, node)
             table = inits[node.input[0]]
             new_nodes, arrays, record = embedding_lookup(node, reader.row_chunks(table, ROWS_PER_CHUNK), tuple(table.dims),
-                                                         scheme.embedding_bits, scheme.block_size)
+                                                         scheme.embedding_bits, scheme.embedding_block)
             replaced.setdefault(order[id(node)], []).extend(new_nodes)
             dropped.add(id(node))
             for name, array in arrays.items():
@@ -341,6 +340,3 @@ def weight_bytes(model_dir: Path, graphs=("decoder",)) -> int:
     """Bytes of initializers (weights) in the named graphs, as stored (inline or external data)."""
     return sum(_stored_bytes(Path(model_dir) / f"{name}.onnx") for name in graphs)
 
-
-def describe(out: Path) -> dict:
-    return json.loads((Path(out) / MANIFEST).read_text())["quantization"]

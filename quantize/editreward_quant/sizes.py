@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from editreward_rt.families import family, family_of_manifest
+from editreward_rt.families import family_for, family_of_manifest
 from editreward_rt.manifest import MANIFEST, read_manifest
 
 
 def decoder_parameters(spec) -> int:
-    return family(spec.family).decoder_parameters(spec)
+    return family_for(spec).decoder_parameters()
 
 
 def decoder_weight_bytes(folder) -> dict:

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 from editreward_rt.extras import require
 from editreward_rt.manifest import EXTERNAL_DATA_BYTES, open_exported, write_manifest
-from editreward_rt.schemes import QuantizeError, QuantizeRequest, Scheme, TrtFp8, TrtInt4Awq, TrtInt8Sq, make_scheme
+from editreward_rt.schemes import (QuantizeError, QuantizeRequest, Scheme, TrtFp8, TrtInt4Awq, TrtInt8Sq, make_scheme,
+                                   trt_precisions)
 from editreward_rt.tolerances import snr_db
 
 from .calib import calibration_triples, prepare_all
 from .output import staged_output
 
-PRECISIONS = {"fp8": "trt-fp8", "int8": "trt-int8-sq", "int4": "trt-int4-awq"}
 # The decoder graph's inputs by role, in the order the fast path feeds them (their names are the family's).
 ROLES = ("ids", "embeds", "index", "positions", "mask", "cache")
 WINDOW = 32  # tokens per calibration feed (AWQ samples 64 tokens over all feeds; max/entropy ranges see them all)
@@ -62,12 +62,12 @@ def require_modelopt():
 
 def resolve_scheme(precision_or_scheme: str | Scheme) -> Scheme:
     """``fp8``/``int8``/``int4``, a scheme name or a scheme -> a TensorRT-targeted scheme."""
-    scheme = precision_or_scheme
+    scheme, precisions = precision_or_scheme, trt_precisions()
     if isinstance(scheme, str):
-        scheme = make_scheme(PRECISIONS.get(scheme, scheme))
-    if not isinstance(scheme, (TrtInt8Sq, TrtFp8, TrtInt4Awq)):
-        raise QuantizeError(f"{getattr(scheme, 'name', scheme)} is not a TensorRT scheme; "
-                            f"choose a precision ({', '.join(PRECISIONS)}) or one of {', '.join(PRECISIONS.values())}")
+        scheme = make_scheme(precisions.get(scheme, scheme))
+    if scheme.target != "trt":
+        raise QuantizeError(f"{scheme.name} is not a TensorRT scheme; "
+                            f"choose a precision ({', '.join(precisions)}) or one of {', '.join(precisions.values())}")
     return scheme
 
 

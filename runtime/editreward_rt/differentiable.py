@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import ImageError, InputError
 from .extras import require
-from .families import family
+from .families import family_for
 from .pipeline import common_prefix
 
 
@@ -32,10 +32,10 @@ class DifferentiableReward:
         self.resize = resize
         self.torch = require("torch", "torch", "the differentiable reward")
         self.scorer, self.spec = scorer, scorer.spec
-        self.family = family(self.spec.family)
+        self.family = family_for(self.spec)
         graphs = scorer.backend.graphs
         self.vision, self.decoder, self.heads = graphs.vision_module, graphs.decoder, graphs.head_module
-        self.device, self.dtype = graphs.device, graphs.dtype
+        self.device, self.dtype, self.cache = graphs.device, graphs.dtype, graphs.cache
         self.freeze_source = freeze_source
         for module in (self.vision, self.decoder):
             module.checkpointing = gradient_checkpointing
@@ -83,7 +83,7 @@ class DifferentiableReward:
 
     def _embed(self, image):
         """[3, H, W] -> merged image embeddings [n, hidden] in processor order, and n."""
-        feeds, order, n = self.family.torch_image_feeds(image, self.spec, self.resize)
+        feeds, order, n = self.family.torch_image_feeds(image, self.resize)
         return self.vision(*feeds)[order], n
 
     def _decode(self, ids, rows, start: int, table, past):
@@ -122,14 +122,13 @@ class DifferentiableReward:
         edit, n_edit = self._embed(edited)
         table = torch.cat([src, edit])
         prompts = self.scorer.builder.build(instruction, n_src, n_edit)
-        seqs = [(p.scored_ids, self.family.image_rows(p.scored_ids, self.spec, 0, n_src)) for p in prompts]
+        seqs = [(p.scored_ids, p.image_rows(0, n_src)) for p in prompts]
         shared = min(common_prefix(seqs[0][0], ids) for ids, _ in seqs[1:]) if len(seqs) > 1 else len(seqs[0][0]) - 1
         shared = min(shared, min(len(ids) for ids, _ in seqs) - 1)  # every pass keeps at least its reward token
-        t = self.spec.text
-        empty = torch.zeros((t.num_layers, 2, 1, t.num_kv_heads, 0, t.head_dim), dtype=self.dtype, device=self.device)
+        empty = torch.zeros(self.cache.shape(1), dtype=self.dtype, device=self.device)
         ids, rows = seqs[0]
         _, present = self._decode([ids[:shared]], [rows[:shared]], 0, table, empty)
-        past = present.expand(-1, -1, len(seqs), -1, -1, -1)
+        past = present.expand(self.cache.shape(len(seqs), present.shape[self.cache.length_axis]))
         hidden, _ = self._decode([i[shared:] for i, _ in seqs], [r[shared:] for _, r in seqs], shared, table, past)
         last = torch.as_tensor([len(i) - shared - 1 for i, _ in seqs], device=self.device)
         at_reward = hidden[torch.arange(len(seqs), device=self.device), last]  # [K, H]
@@ -159,9 +158,8 @@ def backward_memory_estimate_gib(spec, batch: int, bytes_per_value: int = 2, tok
     about 12 values per hidden unit per layer), and one layer's working set when it is recomputed
     (its activations and attention scores). ``tokens``: decoded positions per triple (both rubric
     passes, the prefix once); ``patches``: per image."""
-    fam = family(spec.family)
     t, v = spec.text, spec.vision
-    weights = sum(int(np.prod(shape)) for shape in fam.expected_shapes(spec).values()) * bytes_per_value
+    weights = sum(int(np.prod(shape)) for shape in family_for(spec).expected_shapes().values()) * bytes_per_value
     per_layer = 1 if checkpointing else 12
     kept = batch * (t.num_layers * tokens * t.hidden_size * per_layer + 2 * v.depth * patches * v.hidden_size * per_layer)
     working = batch * (tokens * (6 * t.hidden_size + 3 * t.intermediate_size) + t.num_heads * tokens * tokens)

@@ -1,6 +1,6 @@
-"""The fast path, written once over three graph primitives (vision, decode, heads).
+"""The fast path, written once over the graph primitives of ``GraphRunner``.
 
-Per call: each distinct image goes through the vision encoder once; the token prefix
+Per call: the call's distinct images go through the vision encoder in one call; the token prefix
 that every sequence shares (the system prompt) is decoded once; on top of it each source's
 prefix (its image, shared by all edits of that source in the call); then each triple's prefix
 shared by its two rubric passes; then each rubric suffix up to ``<|Reward|>`` (nothing after it
@@ -12,32 +12,60 @@ score edits of it. The result equals two full passes per triple to float round-o
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from .families import family
+from .families import family_for
 from .preprocess import PreprocessedImage
 from .prompts import Prompt
 
+Device = Any  # an array the backend owns: a torch tensor on its device, an OrtValue, an engine buffer, numpy on a CPU
+
 
 class GraphRunner(Protocol):
-    """What a backend provides to run the fast path: its three graphs (vision, decoder, heads). Caches are opaque to the pipeline; the
-    vision inputs are whatever the model family's ``vision_feeds`` makes, in its graph's order."""
+    """What a backend provides to run the fast path.
+
+    The rule: arrays stay where their engine computes. The pipeline does the host-side index work
+    (token ids, image rows, positions, attention masks, which cache rows and hidden rows to keep)
+    and hands those in as numpy int64 arrays; everything a graph returns (image embeddings,
+    caches, hidden rows) stays the backend's own ``Device`` array, which the pipeline passes back
+    unopened. Per fast-path call the one device-to-host copy is ``heads``' [T, K, 2] result.
+    """
 
     spec: object  # the family's ModelSpec
 
-    def vision(self, *inputs: np.ndarray) -> np.ndarray: ...
+    def vision(self, feeds: list[tuple[np.ndarray, ...]]) -> Device:
+        """All of a call's images (``vision_feeds``' arrays for each) -> their merged embeddings,
+        each image's in its graph's order, concatenated: [sum of tokens, H]."""
 
-    def decode(self, input_ids: np.ndarray, image_embeds: np.ndarray, image_index: np.ndarray,
-               position_ids: np.ndarray, attention_mask: np.ndarray, past: Any) -> tuple[np.ndarray, Any]: ...
+    def table(self, parts: list[Device], index: np.ndarray) -> Device:
+        """Rows ``index`` of the concatenation of ``parts``: the call's image-embedding table."""
 
-    def heads(self, hidden: np.ndarray) -> np.ndarray: ...
+    def decode(self, input_ids: np.ndarray, image_embeds: Device, image_index: np.ndarray, position_ids: np.ndarray,
+               attention_mask: np.ndarray, past: Device, keep: np.ndarray | None) -> tuple[Device | None, Device]:
+        """One decoder call -> (the hidden states at the (batch row, position) pairs ``keep``
+        [..., 2], shaped keep.shape[:-1] + [H], or None when ``keep`` is None; the new cache)."""
 
-    def empty_cache(self, batch: int = 1) -> Any: ...
+    def heads(self, hidden: Device) -> np.ndarray:
+        """Hidden states [T, K, H] at each rubric pass's <|Reward|> -> per-head (mu, log_sigma) [T, K, 2] on the host."""
 
-    def select(self, cache: Any, rows: np.ndarray) -> Any: ...
+    def empty_cache(self, batch: int = 1) -> Device: ...
+
+    def select(self, cache: Device, rows: np.ndarray) -> Device:
+        """Cache rows ``rows`` along the cache layout's batch axis."""
+
+
+def host_table(parts: list[np.ndarray], index: np.ndarray) -> np.ndarray:
+    """``GraphRunner.table`` for runners whose arrays are numpy on the host."""
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts))[index]
+
+
+def host_keep(hidden: np.ndarray, keep: np.ndarray | None) -> np.ndarray | None:
+    """The rows ``keep`` of a host hidden state (``GraphRunner.decode``)."""
+    return None if keep is None else hidden[keep[..., 0], keep[..., 1]]
 
 
 @dataclass
@@ -84,9 +112,10 @@ class SharedPrefix:
     that the chunks of a large group of edits neither encode the source nor decode its prefix again."""
 
     source_key: str
-    embeds: np.ndarray  # the source's merged embeddings [n_tokens, H], row 0 of every call's table
+    embeds: Device  # the source's merged embeddings [n_tokens, H], processor order
+    n_tokens: int
     keyed: np.ndarray  # [2, P]: the prefix's token ids and table rows
-    cache: Any  # one cache row of P positions
+    cache: Device  # one cache row of P positions
     mask: np.ndarray  # [1, P]
 
 
@@ -98,82 +127,81 @@ def _shared(keyed: list[np.ndarray], floor: int = 0) -> int:
 
 
 class FastPipeline:
-    def __init__(self, graphs: GraphRunner, clock=None):
-        import time
-
+    def __init__(self, graphs: GraphRunner):
         self.graphs = graphs
         self.spec = graphs.spec
-        self.family = family(graphs.spec.family)
-        self.clock = clock or time.perf_counter
+        self.family = family_for(graphs.spec)
         self.times = StageTimes()
 
-    def encode_images(self, images: dict[str, PreprocessedImage]) -> dict[str, np.ndarray]:
-        """Each distinct image once -> merged embeddings [n_tokens, H] in the processor's order."""
-        out = {}
+    def _vision(self, images: dict[str, PreprocessedImage], first_row: int) -> tuple[list[Device], dict[str, np.ndarray]]:
+        """The images in one vision call -> ([its output] or [] for none, each image's rows in
+        processor order, counted from ``first_row``)."""
+        feeds, rows = [], {}
         for key, image in images.items():
-            feeds, order = self.family.vision_feeds(image, self.spec)
-            out[key] = np.asarray(self.graphs.vision(*feeds), dtype=np.float32)[order]
-        return out
+            arrays, order = self.family.vision_feeds(image)
+            feeds.append(arrays)
+            rows[key] = first_row + order
+            first_row += len(order)
+        return ([self.graphs.vision(feeds)] if feeds else []), rows
 
     def encode_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix:
         """The prefix every triple of one source shares, up to (not into) its edited image."""
         if len({t.source_key for t in triples}) != 1:
             raise ValueError("a shared prefix is made from triples of one source")
-        t0 = self.clock()
+        t0 = time.perf_counter()
         key = triples[0].source_key
-        embeds = self.encode_images({key: triples[0].source})[key]
-        self.times.vision += self.clock() - t0
-        t1 = self.clock()
-        n_src = len(embeds)  # edited rows start here, so the first row >= n_src is an edited image
-        keyed = [np.stack(self._rows(p, 0, n_src)) for t in triples for p in t.prompts]
-        first_edit = min(int(np.argmax(k[1] >= n_src)) if (k[1] >= n_src).any() else k.shape[1] for k in keyed)
+        out, rows = self._vision({key: triples[0].source}, 0)
+        embeds = self.graphs.table(out, rows[key])
+        self.times.vision += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        n_src = len(rows[key])  # edited rows start here
+        keyed = [np.stack((p.scored_ids, p.image_rows(0, n_src))) for t in triples for p in t.prompts]
+        first_edit = min(p.images[1][0] for t in triples for p in t.prompts)
         cut = min(_shared(keyed), first_edit)
         if cut == 0:
             raise RuntimeError("sequences share no prefix; the chat template must start with text")
         root = keyed[0][:, :cut]
         _, cache, mask = self._level([(root[0], root[1])], np.zeros(1, np.int64), self.graphs.empty_cache(1),
                                      np.zeros((1, 0), dtype=np.int64), embeds)
-        self.times.prefix += self.clock() - t1
-        return SharedPrefix(key, embeds, root, cache, mask)
+        self.times.prefix += time.perf_counter() - t1
+        return SharedPrefix(key, embeds, n_src, root, cache, mask)
 
     def run(self, triples: list[PreparedTriple], prefix: SharedPrefix | None = None) -> np.ndarray:
         """-> per-head outputs [T, K, 2] (mu, log_sigma). With ``prefix`` (from ``encode_prefix``),
         every triple must be of its source, and the prefix's source and positions are not redone."""
-        t0 = self.clock()
-        embeds = {}
+        t0 = time.perf_counter()
+        parts, rows = [], {}
         if prefix is not None:
             if any(t.source_key != prefix.source_key for t in triples):
                 raise ValueError("a shared prefix serves triples of its own source only")
-            embeds[prefix.source_key] = prefix.embeds
+            parts, rows = [prefix.embeds], {prefix.source_key: np.arange(prefix.n_tokens)}
         images = {}
         for t in triples:
-            images.setdefault(t.source_key, t.source)
-            images.setdefault(t.edited_key, t.edited)
-        embeds.update(self.encode_images({k: v for k, v in images.items() if k not in embeds}))
-        t1 = self.clock()
+            for key, image in ((t.source_key, t.source), (t.edited_key, t.edited)):
+                if key not in rows:
+                    images.setdefault(key, image)
+        out, new = self._vision(images, prefix.n_tokens if prefix is not None else 0)
+        parts, rows = parts + out, {**rows, **new}
+        # One embedding table per call, each image's rows in processor order; each sequence
+        # position points at a row of it or at -1 (text).
+        keys = list(rows)
+        offsets = dict(zip(keys, np.cumsum([0] + [len(rows[k]) for k in keys[:-1]]).tolist()))
+        table = self.graphs.table(parts, np.concatenate([rows[k] for k in keys]))
+        t1 = time.perf_counter()
         self.times.vision += t1 - t0
 
-        # One embedding table per call; each sequence position points at a row of it or at -1 (text).
-        keys = list(embeds)
-        offsets = dict(zip(keys, np.cumsum([0] + [len(embeds[k]) for k in keys[:-1]])))
-        table = np.concatenate([embeds[k] for k in keys]) if keys else np.zeros((0, self.spec.text.hidden_size), np.float32)
         seqs, owner = [], []
         for ti, t in enumerate(triples):
             for prompt in t.prompts:
-                seqs.append(self._rows(prompt, offsets[t.source_key], offsets[t.edited_key]))
+                seqs.append((prompt.scored_ids, prompt.image_rows(offsets[t.source_key], offsets[t.edited_key])))
                 owner.append(ti)
         group_ids = {}
         group = np.array([group_ids.setdefault(t.source_key, len(group_ids)) for t in triples], dtype=np.int64)
         hidden = self._decode_levels(seqs, np.asarray(owner), group, table, prefix)
-        t2 = self.clock()
-        k = len(triples[0].prompts)
-        out = self.graphs.heads(hidden.reshape(len(triples), k, -1))
-        self.times.heads += self.clock() - t2
+        t2 = time.perf_counter()
+        out = self.graphs.heads(hidden)
+        self.times.heads += time.perf_counter() - t2
         return np.asarray(out, dtype=np.float32)
-
-    def _rows(self, prompt: Prompt, src_offset: int, edit_offset: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = prompt.scored_ids
-        return ids, self.family.image_rows(ids, self.spec, src_offset, edit_offset)
 
     def _root(self, seqs, keyed, table, prefix: SharedPrefix | None):
         """The prefix all sequences share -> (its length, its one-row cache and mask)."""
@@ -190,12 +218,12 @@ class FastPipeline:
                                      table)
         return common, cache, mask
 
-    def _decode_levels(self, seqs, owner, group, table, prefix) -> np.ndarray:
+    def _decode_levels(self, seqs, owner, group, table, prefix) -> Device:
         """Decode, each level one padded batch continuing the one above: the prefix all sequences
         share, each source group's prefix (its source image), each triple's prefix (its edited
-        image, shared by its rubric passes), then the suffixes; -> hidden at each <|Reward|> [2T, H]."""
+        image, shared by its rubric passes), then the suffixes; -> hidden at each <|Reward|> [T, K, H]."""
         keyed = [np.stack([ids, rows]) for ids, rows in seqs]  # [2, L]: equal columns mean identical inputs
-        t0 = self.clock()
+        t0 = time.perf_counter()
         root, cache, mask = self._root(seqs, keyed, table, prefix)
         n_triples = len(group)
         firsts = [int(np.flatnonzero(owner == ti)[0]) for ti in range(n_triples)]
@@ -214,16 +242,19 @@ class FastPipeline:
         if any(len(ids) for ids, _ in segments):
             _, cache, mask = self._level(segments, row, cache, mask, table)
             row = np.arange(n_triples, dtype=np.int64)
-        t1 = self.clock()
+        t1 = time.perf_counter()
         self.times.prefix += t1 - t0
         suffixes = [(ids[triple_cut[o]:], rows[triple_cut[o]:]) for (ids, rows), o in zip(seqs, owner)]
-        hidden, _, _ = self._level(suffixes, row[owner], cache, mask, table)
-        lengths = np.array([len(ids) for ids, _ in suffixes])
-        self.times.suffixes += self.clock() - t1
-        return hidden[np.arange(len(seqs)), lengths - 1]
+        last = np.array([len(ids) - 1 for ids, _ in suffixes], dtype=np.int64)
+        # Each sequence's <|Reward|> as (batch row, position); sequences are triple-major, so [T, K, 2].
+        keep = np.stack([np.arange(len(seqs), dtype=np.int64), last], axis=1).reshape(n_triples, -1, 2)
+        hidden, _, _ = self._level(suffixes, row[owner], cache, mask, table, keep)
+        self.times.suffixes += time.perf_counter() - t1
+        return hidden
 
-    def _level(self, segments, parents, cache, past_mask, table):
-        """Decode one padded batch of segments, row b continuing past row ``parents[b]``."""
+    def _level(self, segments, parents, cache, past_mask, table, keep: np.ndarray | None = None):
+        """Decode one padded batch of segments, row b continuing past row ``parents[b]``; -> (the
+        hidden rows ``keep``, the new cache, its attention mask)."""
         b, s = len(segments), max(len(ids) for ids, _ in segments)
         p = past_mask.shape[1]
         ids = np.full((b, s), self.spec.tokens.pad, dtype=np.int64)
@@ -235,12 +266,8 @@ class FastPipeline:
         for i, (seg_ids, seg_rows) in enumerate(segments):
             ids[i, : len(seg_ids)], rows[i, : len(seg_rows)] = seg_ids, seg_rows
             mask[i, p : p + len(seg_ids)] = 1
-        used = np.unique(rows[rows >= 0])
-        local = np.where(rows >= 0, np.searchsorted(used, rows), -1)
-        # Gather needs one row even when no image token is in this level.
-        sub = table[used] if len(used) else np.zeros((1, table.shape[1]), dtype=np.float32)
         past = self.graphs.select(cache, parents) if p else self.graphs.empty_cache(b)
-        hidden, present = self.graphs.decode(ids, sub, local, positions, mask, past)
+        hidden, present = self.graphs.decode(ids, table, rows, positions, mask, past, keep)
         return hidden, present, mask
 
 

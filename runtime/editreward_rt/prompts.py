@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
-from .errors import CheckpointError, InstructionError
+from .errors import CheckpointError, InstructionError, PromptTooLongError
 from .extras import require
 
 TEXT_SENTINEL = "\u0000EDITREWARD_TEXT\u0000"
@@ -169,16 +169,44 @@ class Prompt:
 
     ids: np.ndarray  # [L] int64, the full sequence the reference runs
     reward_pos: int  # index of <|Reward|>; the fast path stops here
+    images: tuple[tuple[int, int], ...]  # (first position, token count) of each image: source, then edited
 
     @property
     def scored_ids(self) -> np.ndarray:
         return self.ids[: self.reward_pos + 1]
 
+    def image_rows(self, *offsets: int) -> np.ndarray:
+        """Each scored position's row in an image-embedding table whose image ``i`` starts at row
+        ``offsets[i]``, or -1 for text: [reward_pos + 1] int64."""
+        rows = np.full(self.reward_pos + 1, -1, dtype=np.int64)
+        for (start, count), offset in zip(self.images, offsets, strict=True):
+            rows[start : start + count] = offset + np.arange(count)
+        return rows
 
-def check_instruction(instruction, reserved: list[str]) -> str:
-    """The instruction as given, or an ``InstructionError``: not a string, empty, or holding a reserved token."""
+
+# NFC, the normaliser of Qwen-style tokenizers, composes at most 4 code points into one character
+# (the longest canonical decomposition); so an instruction shrinks at most 4-fold before tokenizing.
+NFC_MAX_COMPOSED = 4
+
+
+def max_instruction_chars(tokenizer: Tokenizer, max_prompt_tokens: int) -> int:
+    """Characters beyond which an instruction cannot fit ``max_prompt_tokens`` tokens, whatever it
+    holds: a token covers at most its own length in normalised characters (a byte-level token's
+    string has one character per byte, and a character is at least one byte). A longer one is
+    refused by its length alone, before tokenizing it costs time and memory in proportion."""
+    longest = max(len(token) for token in tokenizer.get_vocab(with_added_tokens=True))
+    return max_prompt_tokens * longest * NFC_MAX_COMPOSED
+
+
+def check_instruction(instruction, reserved: list[str], max_chars: int | None = None) -> str:
+    """The instruction as given, or an ``InstructionError``: not a string, empty, or holding a reserved
+    token; or a ``PromptTooLongError``: over ``max_chars`` characters (checked first, so the other
+    checks never scan a huge string)."""
     if not isinstance(instruction, str):
         raise InstructionError(f"instruction must be a string, got {type(instruction).__name__}")
+    if max_chars is not None and len(instruction) > max_chars:
+        raise PromptTooLongError(f"instruction is {len(instruction)} characters, over the limit of {max_chars} "
+                                 "(no instruction that long fits the model's maximum prompt tokens)")
     if not instruction.strip():
         raise InstructionError("instruction is empty")
     try:

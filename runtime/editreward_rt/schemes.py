@@ -14,16 +14,24 @@ imports torch, bitsandbytes, GPTQModel or ModelOpt. The thin runtime (ONNX Runti
 never reaches build-time code; the torch backend, opening a torch-quantized folder, imports that
 scheme's layers (torch-side code) through its ``load``.
 
+A scheme also carries its own facts, as a torchao config does: its noise model (``matmul_noise``
+and the token embedding's), from which ``tolerances.hidden_snr_floor_db`` derives its hidden-state
+SNR floor, and its rows of the tolerance table, keyed by the backends that run its folders.
+
 By default the vision tower and the reward heads keep their original precision: both are
 small, and quantizing a VLM's vision tower costs accuracy for little gain.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 from .errors import EditRewardError
+from .tolerances import FP8_E4M3_NOISE, HEAVY_TAILS, TOKENS, Tolerance, absmax_noise
+
+EMBEDDING_BLOCK = 32  # columns per scale of the torch schemes' 4-bit token embedding
 
 
 class QuantizeError(EditRewardError):
@@ -40,6 +48,11 @@ class Scheme:
     target: ClassVar[str]  # "onnx" (an exported folder), "torch" (a checkpoint) or "trt" (Q/DQ ONNX for TensorRT)
     extra: ClassVar[str]  # the pip extra that brings the library
     modules: ClassVar[tuple[str, ...]] = ()  # importable modules the scheme needs
+    # Its rows of the tolerance table against the PyTorch reference, by the backend that runs its folders.
+    # Their |d| bounds are the worst per-head drift measured on the tiny and small random-weight
+    # fixtures (benchmarks/cpu_suite.sh) times about 1.5.
+    tolerances: ClassVar[dict[str, Tolerance]]
+    emulation_db: ClassVar[float] = 0.0  # lowers the SNR floor where the checking runtime rounds less exactly
 
     include_vision: bool = False
     include_heads: bool = False
@@ -50,6 +63,26 @@ class Scheme:
 
     def to_dict(self) -> dict:
         return {"scheme": self.name, "version": self.version, "config": asdict(self)}
+
+    @property
+    def embedding_block(self) -> int:
+        """Columns per scale of a 4-bit token embedding."""
+        return EMBEDDING_BLOCK
+
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        """Relative noise power (noise variance / signal variance) that quantizing a matmul of fan-in
+        ``k`` adds through its weights and through its activations."""
+        raise NotImplementedError(f"{self.name} has no noise model: define its matmul_noise")
+
+    def noise(self, spec) -> dict[str, float]:
+        """Relative noise power per quantized matmul (weights, activations) and of the token
+        embedding, for a model of ``spec``'s widths (``tolerances.hidden_snr_floor_db``)."""
+        t = spec.text
+        k = max(t.hidden_size, t.intermediate_size)  # fan-in of the widest matmuls: the largest absmax
+        weights, activations = self.matmul_noise(k)
+        # embedding_bits: an option of each scheme, or a ClassVar of 0 where the embedding stays float.
+        levels = {0: None, 8: (127, t.hidden_size), 4: (7, self.embedding_block)}[self.embedding_bits]
+        return {"weights": weights, "activations": activations, "embedding": absmax_noise(*levels) if levels else 0.0}
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,10 @@ class OrtInt8(Scheme):
     reduce_range: bool | None = None  # default: on for int8 weights (dynamic), off otherwise
     block_size: int = 128  # weight_only only
     embedding_bits: int = 8  # token embedding: 8 (int8 rows, a float scale each) or 0 (float32)
+    # Its default (U8S8 with 7-bit weights) sums exactly on every x86-64 CPU (tested), so its numbers
+    # do not depend on the CPU; full-range U8S8 without VNNI gave 22 dB of hidden-state SNR instead of
+    # 33 on tiny.
+    tolerances: ClassVar[dict[str, Tolerance]] = {"onnxruntime": Tolerance(0.25, 0.25, 0.8)}
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +128,18 @@ class OrtInt8(Scheme):
             raise QuantizeError("ort-int8 reduce_range applies to mode=dynamic with weight_type=int8 only")
         _check_block(self.block_size)
         _check_embedding_bits(self.embedding_bits, (0, 8))
+
+    @property
+    def embedding_block(self) -> int:
+        return self.block_size
+
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        if self.mode == "weight_only":
+            return absmax_noise(127, min(self.block_size, k)), 0.0
+        # Per-channel weights (reduce_range: within [-64, 64]); per-tensor asymmetric uint8 activations
+        # over 255 steps, whose range is a heavy-tailed absmax over a call's tokens.
+        weights = absmax_noise(64 if self.reduce_range else 127, k)
+        return weights, (2 * HEAVY_TAILS * math.sqrt(2 * math.log(TOKENS * k)) / 255) ** 2 / 12
 
 
 @dataclass(frozen=True)
@@ -112,6 +161,7 @@ class OrtInt4(Scheme):
     symmetric: bool = True
     accuracy_level: int = 4
     embedding_bits: int = 8  # token embedding: 8 (int8 rows), 4 (GatherBlockQuantized, same block size) or 0 (float32)
+    tolerances: ClassVar[dict[str, Tolerance]] = {"onnxruntime": Tolerance(0.75, 0.75, 0.7)}
 
     def __post_init__(self):
         super().__post_init__()
@@ -119,6 +169,13 @@ class OrtInt4(Scheme):
         _check_embedding_bits(self.embedding_bits, (0, 4, 8))
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise QuantizeError(f"accuracy_level must be 0-4, not {self.accuracy_level}")
+
+    @property
+    def embedding_block(self) -> int:
+        return self.block_size
+
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        return absmax_noise(7, min(self.block_size, k)), 0.0
 
 
 @dataclass(frozen=True)
@@ -132,12 +189,17 @@ class BnbInt8(Scheme):
     modules: ClassVar[tuple[str, ...]] = ("bitsandbytes", "torch")
     threshold: float = 6.0
     embedding_bits: int = 8  # token embedding: 8 (int8 rows) or 0 (compute dtype)
+    tolerances: ClassVar[dict[str, Tolerance]] = {"torch": Tolerance(0.15, 0.15, 0.8)}
 
     def __post_init__(self):
         super().__post_init__()
         _check_embedding_bits(self.embedding_bits, (0, 8))
         if self.threshold < 0:
             raise QuantizeError("threshold must be >= 0")
+
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        # LLM.int8: per-row weights and per-token activations, outliers kept in 16 bits.
+        return absmax_noise(127, k), absmax_noise(127, k)
 
 
 @dataclass(frozen=True)
@@ -153,6 +215,7 @@ class BnbNf4(Scheme):
     compute_dtype: str = "bfloat16"
     block_size: int = 64
     embedding_bits: int = 8  # token embedding: 8 (int8 rows), 4 (blocks of EMBEDDING_BLOCK) or 0 (compute dtype)
+    tolerances: ClassVar[dict[str, Tolerance]] = {"torch": Tolerance(0.75, 0.75, 0.7)}
 
     def __post_init__(self):
         super().__post_init__()
@@ -161,6 +224,10 @@ class BnbNf4(Scheme):
             raise QuantizeError(f"compute_dtype {self.compute_dtype!r} is not bfloat16, float16 or float32")
         if self.block_size not in (64, 128, 256):
             raise QuantizeError("block_size must be 64, 128 or 256")
+
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        # 16 NF4 levels over each block's absmax: no worse than a 15-level uniform grid.
+        return absmax_noise(7, self.block_size), 0.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +246,9 @@ class GptqInt4(Scheme):
     desc_act: bool = False
     sym: bool = True
     embedding_bits: int = 8  # token embedding (round to nearest: a lookup has nothing to calibrate): 8, 4 or 0
+    # Run by GPTQModel's torch kernel: measured 17.9-19.3 dB, |d mu| <= 0.25 on tiny (8-64 synthetic
+    # calibration triples; group size 32 or 128, desc_act, asymmetric) and 17.1 dB, |d mu| <= 0.27 on small.
+    tolerances: ClassVar[dict[str, Tolerance]] = {"torch": Tolerance(0.5, 0.5, 0.7)}
 
     def __post_init__(self):
         super().__post_init__()
@@ -189,6 +259,17 @@ class GptqInt4(Scheme):
         if self.include_vision:
             raise QuantizeError("gptq-int4 quantizes the decoder only; the vision tower keeps its precision")
 
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        return absmax_noise(7, min(self.group_size, k)), 0.0  # GPTQ's error is at most round to nearest's
+
+
+def _trt_rows(row: Tolerance) -> dict[str, Tolerance]:
+    """A trt-* scheme's rows. Its bounds were measured on tiny with the graphs emulated by ONNX Runtime's
+    CPU kernels (1.24, ModelOpt's, and 1.32). TensorRT runs the same Q/DQ arithmetic with int32/fp32
+    GEMM accumulation, so the emulated bound is its starting point too; not yet measured on a GPU
+    (benchmarks/parity.py re-measures it)."""
+    return {"onnxruntime": row, "tensorrt": row}
+
 
 @dataclass(frozen=True)
 class _TrtScheme(Scheme):
@@ -196,11 +277,13 @@ class _TrtScheme(Scheme):
     is the type of everything that is not quantized (RMSNorm statistics and rotary angles stay float32)."""
 
     target: ClassVar[str] = "trt"
+    trt_precision: ClassVar[str]  # its name among the TensorRT build's precisions (build_trt --precision)
     extra: ClassVar[str] = "trt-quant"
     modules: ClassVar[tuple[str, ...]] = ("modelopt",)
     install_note: ClassVar[str] = ("in a virtual environment of its own: ModelOpt brings onnxruntime-gpu and cupy, "
                                    "which replace the CPU onnxruntime")
     calibration_methods: ClassVar[tuple[str, ...]] = ("max", "entropy")
+    embedding_bits: ClassVar[int] = 0  # the graphs keep a float token embedding
     calibration_method: str = "max"
     high_precision_dtype: str = "fp16"
 
@@ -221,6 +304,12 @@ class TrtInt8Sq(_TrtScheme):
     activation outliers moved into the weights by ``alpha`` (0: none, 1: all)."""
 
     name: ClassVar[str] = "trt-int8-sq"
+    trt_precision: ClassVar[str] = "int8"
+    # Measured 29-36 dB, |d mu| <= 0.07 (the spread: ONNX Runtime 1.24 against 1.32, below).
+    tolerances: ClassVar[dict[str, Tolerance]] = _trt_rows(Tolerance(0.15, 0.15, 0.8))
+    # ONNX Runtime 1.24 (ModelOpt's), which checks these graphs, rounds fp16 Q/DQ inputs less exactly
+    # than 1.32: 6 dB lower SNR measured on one Q/DQ pair.
+    emulation_db: ClassVar[float] = 6.0
     alpha: float = 0.5  # the SmoothQuant paper's balance; 0.8 measured worse than 0.5 and than none on fixtures
 
     def __post_init__(self):
@@ -228,12 +317,22 @@ class TrtInt8Sq(_TrtScheme):
         if not 0.0 <= self.alpha <= 1.0:
             raise QuantizeError(f"alpha must be within [0, 1], not {self.alpha}")
 
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        # Per-channel weights; per-tensor symmetric int8 activations, heavy-tailed over a call's tokens.
+        return absmax_noise(127, k), HEAVY_TAILS**2 * absmax_noise(127, TOKENS * k)
+
 
 @dataclass(frozen=True)
 class TrtFp8(_TrtScheme):
     """FP8 (E4M3) Q/DQ graph; TensorRT runs it on Ada/Hopper GPUs."""
 
     name: ClassVar[str] = "trt-fp8"
+    trt_precision: ClassVar[str] = "fp8"
+    # 3 mantissa bits and per-tensor scales: measured 24-25 dB, |d mu| <= 0.20.
+    tolerances: ClassVar[dict[str, Tolerance]] = _trt_rows(Tolerance(0.4, 0.4, 0.7))
+
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        return FP8_E4M3_NOISE, FP8_E4M3_NOISE
 
 
 @dataclass(frozen=True)
@@ -241,7 +340,9 @@ class TrtInt4Awq(_TrtScheme):
     """INT4 block-wise weight-only AWQ Q/DQ graph."""
 
     name: ClassVar[str] = "trt-int4-awq"
+    trt_precision: ClassVar[str] = "int4"
     calibration_methods: ClassVar[tuple[str, ...]] = ("awq_clip", "awq_lite")
+    tolerances: ClassVar[dict[str, Tolerance]] = _trt_rows(Tolerance(0.5, 0.5, 0.7))  # measured 18-20 dB, |d mu| <= 0.30
     block_size: int = 128
     calibration_method: str = "awq_clip"
 
@@ -249,8 +350,9 @@ class TrtInt4Awq(_TrtScheme):
         super().__post_init__()
         _check_block(self.block_size)
 
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        return absmax_noise(7, min(self.block_size, k)), 0.0
 
-EMBEDDING_BLOCK = 32  # columns per scale of the torch schemes' 4-bit token embedding
 
 
 def _check_embedding_bits(bits: int, allowed: tuple[int, ...]) -> None:
@@ -267,11 +369,14 @@ def _check_block(size: int) -> None:
 class SchemeEntry:
     """A scheme's config class with its functions. ``quantize(request) -> Path`` writes the quantized
     folder; ``load(modules, quantization, state, device, dtype)`` rebuilds a torch-backend folder's layers
-    (None: the backend reads the quantized graphs as they are)."""
+    (None: the backend reads the quantized graphs as they are); ``quantize_backend(backend, ckpt, scheme,
+    triples, log) -> dict`` quantizes a loaded fast-mode torch backend in place, calibrating on ``triples``
+    where the scheme calibrates (the GPU matrix measures torch schemes so, without a folder round trip)."""
 
     config: type[Scheme]
     quantize: str
     load: str | None = None
+    quantize_backend: str | None = None
 
     def function(self, which: str):
         import importlib
@@ -283,9 +388,12 @@ class SchemeEntry:
 REGISTRY: dict[str, SchemeEntry] = {e.config.name: e for e in (
     SchemeEntry(OrtInt8, "editreward_quant.ort_schemes:quantize"),
     SchemeEntry(OrtInt4, "editreward_quant.ort_schemes:quantize"),
-    SchemeEntry(BnbInt8, "editreward_quant.bnb_schemes:quantize", "editreward_quant.layers.bnb:load_bnb_modules"),
-    SchemeEntry(BnbNf4, "editreward_quant.bnb_schemes:quantize", "editreward_quant.layers.bnb:load_bnb_modules"),
-    SchemeEntry(GptqInt4, "editreward_quant.gptq_scheme:quantize", "editreward_quant.layers.gptq:load_gptq_modules"),
+    SchemeEntry(BnbInt8, "editreward_quant.bnb_schemes:quantize", "editreward_quant.layers.bnb:load_bnb_modules",
+                "editreward_quant.bnb_schemes:quantize_backend"),
+    SchemeEntry(BnbNf4, "editreward_quant.bnb_schemes:quantize", "editreward_quant.layers.bnb:load_bnb_modules",
+                "editreward_quant.bnb_schemes:quantize_backend"),
+    SchemeEntry(GptqInt4, "editreward_quant.gptq_scheme:quantize", "editreward_quant.layers.gptq:load_gptq_modules",
+                "editreward_quant.gptq_scheme:quantize_backend"),
     SchemeEntry(TrtInt8Sq, "editreward_quant.trt_schemes:quantize"),
     SchemeEntry(TrtFp8, "editreward_quant.trt_schemes:quantize"),
     SchemeEntry(TrtInt4Awq, "editreward_quant.trt_schemes:quantize"),
@@ -313,6 +421,11 @@ def entry(name: str) -> SchemeEntry:
         return REGISTRY[name]
     except KeyError:
         raise QuantizeError(f"unknown scheme {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def trt_precisions() -> dict[str, str]:
+    """The TensorRT build's quantized precisions: ``trt_precision`` -> the scheme that writes its Q/DQ graphs."""
+    return {cls.trt_precision: name for name, cls in SCHEMES.items() if cls.target == "trt"}
 
 
 def make_scheme(name: str, options: dict | None = None) -> Scheme:

@@ -13,8 +13,8 @@ import numpy as np
 
 from . import backends
 from .errors import BackendError, EditRewardError, InputError
-from .families import family
-from .manifest import MANIFEST
+from .families import family_for
+from .manifest import MANIFEST, read_manifest
 from .pipeline import PreparedTriple, SharedPrefix, fuse
 from .preprocess import PreprocessedImage, preprocess_image
 
@@ -50,25 +50,25 @@ def preference(a: Score, b: Score) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def _load_backend(path_or_id, backend, mode, memory="resident", **kwargs):
+def _backend_name(path_or_id, backend: str | None) -> str:
     folder = Path(str(path_or_id))
     exported = folder.is_dir() and (folder / MANIFEST).is_file()
-    name = backend or (_manifest_runtime(folder) if exported else backends.DEFAULT_CHECKPOINT)
-    if memory != "resident":  # only the torch backend moves its own weights; the others would ignore it
-        if name != "torch":
-            raise BackendError(f"memory {memory!r} is a torch-backend mode; the {name} backend keeps its weights resident")
-        kwargs["memory"] = memory
-    return backends.backend(name).load(path_or_id, mode=mode, **kwargs)
+    return backend or (_manifest_runtime(folder) if exported else backends.DEFAULT_CHECKPOINT)
+
+
+def _merge_options(named: dict, options: dict | None) -> dict:
+    """``Scorer.load``'s named backend options and its ``options`` dict, one value per option."""
+    twice = sorted(set(named) & set(options or {}))
+    if twice:
+        raise BackendError(f"option {twice[0]!r} has an argument of its own ({twice[0]}=, or "
+                           f"--{twice[0].replace('_', '-')} on the command line); give it there, not among the options")
+    return {**named, **(options or {})}
 
 
 def _manifest_runtime(folder: Path) -> str:
-    """The backend an exported folder is made for (ONNX graphs unless the manifest says otherwise)."""
-    import json
-
-    try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("runtime", backends.DEFAULT_EXPORTED)
-    except (OSError, ValueError):
-        return backends.DEFAULT_EXPORTED  # the backend's own loader reports the broken manifest
+    """The backend an exported folder is made for (ONNX graphs unless the manifest says otherwise);
+    ``read_manifest`` refuses a broken manifest or an unknown runtime with a ``ManifestError``."""
+    return read_manifest(folder).get("runtime", backends.DEFAULT_EXPORTED)
 
 
 def _unpack(index: int, triple) -> tuple:
@@ -121,49 +121,38 @@ def scoring_failed(exc: Exception) -> BackendError:
     return BackendError(f"scoring failed: {type(exc).__name__}: {exc}")
 
 
-def _device_of(description: dict, asked: str) -> str:
-    """Where a loaded backend runs: ``cpu`` or the GPU device (``auto`` resolved)."""
-    if "providers" in description:
-        return "cpu" if description["providers"][0] == "CPUExecutionProvider" else "cuda"
-    return str(description.get("device", asked))
-
-
-def default_max_batch(spec, device: str = "cpu") -> int:
-    """Triples per fast-path call: 8 on a GPU, 1 on a CPU. On a CPU one triple's matmuls already
-    have hundreds of rows (each rubric suffix is hundreds of tokens), so its kernels run near their
-    peak alone; a batch only adds padding (images and rubrics differ in length) and cache copies:
-    8 per call was 11% slower than 1 on the small fixture (``benchmarks/cpu_speed.py``), and a 7B
-    triple takes about 1.2 GB of activations. Edits of one source still share its encoding:
-    ``Scorer.score_prepared`` gives them one prefix across calls."""
-    return 1 if device == "cpu" else 8
-
-
 class Scorer:
     """Scores (instruction, source image, edited image) triples. Safe to share between threads."""
 
-    def __init__(self, backend, model, max_batch: int = 8, max_input_pixels: int | None = None):
+    def __init__(self, backend, model, max_batch: int | None = None, max_input_pixels: int | None = None):
+        """``max_batch``: triples per fast-path call (default: ``backends.default_max_batch`` of the
+        device in the backend's description)."""
         self.backend = backend
         self.spec = model.spec
         self.image_spec = model.spec.image
         if max_input_pixels is not None:
             self.image_spec = replace(self.image_spec, max_input_pixels=int(max_input_pixels))
-        self.builder = family(model.spec.family).prompt_builder(model.tokenizer, model.chat_text, model.templates, model.spec)
-        self.max_batch = max_batch
+        self.builder = family_for(model.spec).prompt_builder(model.tokenizer, model.chat_text, model.templates)
+        self.max_batch = max_batch or backends.default_max_batch(backend.description["device"])
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, path_or_id: str | os.PathLike, backend: str | None = None, mode: str = "fast", base: str | None = None,
              prompts_from: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None,
              dtype: str | None = None, max_batch: int | None = None, max_input_pixels: int | None = None,
-             memory: str = "resident") -> "Scorer":
+             memory: str | None = None, options: dict | None = None) -> "Scorer":
         """``path_or_id``: a checkpoint (hub id or folder; torch backend) or an exported model folder.
-        ``max_batch``: triples per fast-path call (default: ``default_max_batch``).
-        ``max_input_pixels`` caps decoded image size (decompression-bomb guard). ``memory`` (torch
-        backend): ``resident`` weights stay on the device, ``per-call`` they are there only during a call."""
-        impl, model = _load_backend(path_or_id, backend, mode, memory, base=base, prompts_from=prompts_from,
-                                    device=device, threads=threads, dtype=dtype)
-        return cls(impl, model, max_batch=max_batch or default_max_batch(model.spec, _device_of(impl.description, device)),
-                   max_input_pixels=max_input_pixels)
+        ``max_batch``: triples per fast-path call (default: ``backends.default_max_batch`` of the
+        device the backend runs on). ``max_input_pixels`` caps decoded image size (decompression-bomb
+        guard). ``memory`` (torch backend): ``resident`` weights stay on the device, ``per-call``
+        they are there only during a call. ``options``: the backend's other options (its registry
+        entry lists them, e.g. ``{"io_binding": True}``, ``{"cuda_graphs": True}``). A None option
+        is not given; one the backend does not take is a BackendError naming those that take it."""
+        named = {"base": base, "prompts_from": prompts_from, "device": device, "threads": threads, "dtype": dtype,
+                 "memory": memory}
+        entry = backends.backend(_backend_name(path_or_id, backend))
+        impl, model = entry.load(path_or_id, mode=mode, **_merge_options(named, options))
+        return cls(impl, model, max_batch=max_batch, max_input_pixels=max_input_pixels)
 
     @property
     def description(self) -> dict:
@@ -203,8 +192,6 @@ class Scorer:
         for i, t in enumerate(triples):
             by_source.setdefault(t.source_key, []).append(i)
         large = [idx for idx in by_source.values() if len(idx) > self.max_batch]
-        if getattr(self.backend, "encode_prefix", None) is None:  # the reference: every triple in full anyway
-            return self._chunks(triples, None)
         out: list = [None] * len(triples)
 
         def place(idx: list[int], prefix) -> None:
@@ -225,11 +212,8 @@ class Scorer:
 
     def shared_prefix(self, triples: list[PreparedTriple]) -> SharedPrefix | None:
         """The prefix of these triples' one source (None where the backend decodes each triple in full)."""
-        encode = getattr(self.backend, "encode_prefix", None)
-        if encode is None:
-            return None
         with self._lock:
-            return encode(triples)
+            return self.backend.encode_prefix(triples)
 
     def score_prepared_isolated(self, triples: list[PreparedTriple], wrap, prefix: SharedPrefix | None = None) -> list:
         """Score a batch; if it fails as a whole, score triple by triple so one bad triple costs

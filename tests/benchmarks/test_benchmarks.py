@@ -49,9 +49,28 @@ def test_latency_smoke(tiny, tiny_onnx, perturbed, tmp_path):
     assert fast["vs_reference"]["throughput_ratio"] > 0 and fast["peak_rss_mb"] > 0
     assert [row["edits"] for row in fast["scaling"]] == [1, 2]
     assert doc["environment"]["libraries"]["onnxruntime"]
-    md = report.render([out], tmp_path / "report")
-    text = md.read_text()
-    assert "torch-fast" in text and "failed-parity" in text and (tmp_path / "report" / "latency.png").stat().st_size > 0
+    page = report.render([out], tmp_path / "docs" / "performance.md")
+    text = page.read_text()
+    assert "torch-fast" in text and "failed-parity" in text and "![latency-latency](img/latency-latency.png)" in text
+    assert 0 < (tmp_path / "docs" / "img" / "latency-latency.png").stat().st_size < 200_000
+    fig = report.latency_plot(report._pyplot(), doc)
+    onnx_line = next(line for line in fig.axes[0].lines if line.get_label().startswith(tiny_onnx.name))
+    per_batch = by[f"model:{tiny_onnx}"]["throughput"]["per_batch"]
+    assert list(onnx_line.get_ydata()) == [per_batch["1"]["triples_per_s"], per_batch["2"]["triples_per_s"]]
+    _check_throughput_axes(fig, doc, xlabel="triples per call", ticks=["1", "2"])
+
+
+def _check_throughput_axes(fig, doc, xlabel, ticks):
+    """Throughput (not latency) on a linear axis with plain integer ticks; machine and dtype in the title."""
+    import matplotlib.pyplot as plt
+
+    tput = fig.axes[0]
+    assert tput.get_ylabel().startswith("triples/s") and tput.get_xlabel() == xlabel and tput.get_xscale() == "linear"
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ticks
+    assert doc["environment"]["cpu"] in fig.texts[0].get_text() and "float32" in fig.texts[0].get_text()
+    assert tput.lines and all(y > 0 for line in tput.lines for y in line.get_ydata())
+    plt.close(fig)
 
 
 def test_parity_smoke(tiny, tiny_onnx, perturbed, tmp_path):
@@ -66,8 +85,8 @@ def test_parity_smoke(tiny, tiny_onnx, perturbed, tmp_path):
     assert good["status"] == "ok" and good["mu"]["max_abs_diff"] < 1e-4 and good["pairwise_agreement"] == 1.0
     assert bad["status"] == "failed-parity" and bad["mu"]["max_abs_diff"] > 1e-3
     assert good["n_pairs"] == 2 * 3 and len(good["heads"]) == 2
-    report.render([out], tmp_path / "report")
-    assert (tmp_path / "report" / "parity.png").is_file()
+    report.render([out], tmp_path / "docs" / "performance.md")
+    assert (tmp_path / "docs" / "img" / "parity-parity.png").is_file()
 
 
 def test_parity_on_editreward_bench_format(tiny, tmp_path, images):
@@ -168,3 +187,61 @@ def test_cpu_speed_smoke(tiny, tiny_onnx, perturbed, tmp_path):
     assert onnx_row["vs_reference"]["1"] > 0 and onnx_row["group_triples_per_s"]["1"] > 0
     assert "MatMul" in onnx_row["op_profile_ms_per_triple"]["decoder"]
     assert bad["agreement_vs_float32"]["pairs"] == 3
+    page = report.render([out], tmp_path / "docs" / "performance.md")
+    assert "GEMM peak (1 thread" in page.read_text() and (tmp_path / "docs" / "img" / "cpu-speed-threads.png").is_file()
+
+
+def _cpu_speed_document():
+    """A cpu_speed.py results document at 1 and 2 threads, the reference and one ONNX variant, with
+    the derived columns computed by cpu_speed.summarise as the script does."""
+    from editreward_bench import cpu_speed
+    from editreward_bench.common import results_document
+
+    peaks, rows = {}, []
+    for threads, (ref_tps, fp32_tps) in {1: (0.75, 2.25), 2: (1.5, 3.75)}.items():
+        peaks[str(threads)] = {"threads": threads, "float32_gflops": 250.0 * threads, "u8s8_gflops": 900.0 * threads,
+                               "u8u8_gflops": 400.0 * threads, "int4_block32_gflops": 270.0, "int4_block128_gflops": 390.0}
+        block = [{"variant": "torch-reference", "label": "torch-reference", "status": "ok", "threads": threads,
+                  "backend": {"backend": "torch", "dtype": "float32"}, "triples_per_s": {"1": ref_tps},
+                  "group_triples_per_s": {"1": ref_tps}, "default_batch": 1, "flops_per_triple": 109e9,
+                  "mu": [0.5, 0.25], "log_sigma": [0.0, 0.0], "tolerance_key": ["torch-fast", "float32"]},
+                 {"variant": "model:w/onnx-fp32", "label": "onnx-fp32", "status": "ok", "threads": threads,
+                  "backend": {"backend": "onnxruntime", "precision": "float32"}, "triples_per_s": {"1": fp32_tps, "8": fp32_tps / 2},
+                  "group_triples_per_s": {"1": fp32_tps, "8": fp32_tps}, "default_batch": 1, "flops_per_triple": 69e9,
+                  "mu": [0.5, 0.25], "log_sigma": [0.0, 0.0], "tolerance_key": ["onnxruntime", "float32"]}]
+        cpu_speed.summarise(block, peaks[str(threads)])
+        rows += block
+    return results_document("cpu-speed", {"ckpt": "results/work/fixture-small/checkpoint", "gemm_peaks": peaks}, rows, "cpu")
+
+
+def test_report_plots_throughput_against_threads_and_batch(tmp_path):
+    """cpu_speed.py's results as docs/: both thread counts' tables between markers (the page's prose
+    kept, a rerun replacing the block), throughput and speed-up plotted against integer threads."""
+    doc = _cpu_speed_document()
+    path = tmp_path / "cpu-speed-small.json"
+    path.write_text(json.dumps(doc))
+    page = tmp_path / "docs" / "performance.md"
+    page.parent.mkdir()
+    page.write_text("# Performance\n\nProse before.\n\n<!-- report.py: begin cpu-speed-small -->\nstale\n"
+                    "<!-- report.py: end cpu-speed-small -->\n\nProse after.\n")
+    for _ in range(2):
+        report.render([path], page)
+    text = page.read_text()
+    assert text.startswith("# Performance\n\nProse before.") and text.rstrip().endswith("Prose after.")
+    assert "stale" not in text and text.count("<!-- report.py: begin cpu-speed-small -->") == 1
+    assert "GEMM peak (1 thread," in text and "GEMM peak (2 threads," in text and "| onnx-fp32 | 3.75 |" in text
+    assert "![cpu-speed-small-threads](img/cpu-speed-small-threads.png)" in text
+
+    fig = report.threads_plot(report._pyplot(), doc)
+    tput, speedup, peak = fig.axes
+    assert "fixture-small" in fig.texts[0].get_text()
+    fp32 = next(line for line in tput.lines if line.get_label().startswith("onnx-fp32 (onnxruntime float32)"))
+    assert list(fp32.get_xdata()) == [1, 2] and list(fp32.get_ydata()) == [2.25, 3.75]
+    assert [list(line.get_ydata()) for line in speedup.lines][1] == pytest.approx([3.0, 2.5])
+    assert peak.get_ylabel() == "% of float32 GEMM peak"
+    _check_throughput_axes(fig, doc, xlabel="threads", ticks=["1", "2"])
+    fig = report.batch_plot(report._pyplot(), doc)
+    _check_throughput_axes(fig, doc, xlabel="triples per call", ticks=["1", "8"])
+    path.write_text(json.dumps({**doc, "kind": "rl"}))
+    with pytest.raises(ValueError, match="reads latency, parity and cpu-speed"):
+        report.render([path], page)

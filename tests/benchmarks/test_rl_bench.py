@@ -26,7 +26,7 @@ def test_rl_bench_cli_runs_every_method_after_parity(tmp_path):
     assert rows["reference-serial"]["parity"]["limit"] >= 1e-4
 
 
-def test_a_method_off_parity_is_not_timed(tiny_onnx):
+def test_a_method_off_parity_is_timed_and_labelled(tiny_onnx):
     from editreward_rt import Scorer
 
     fast = Scorer.load(tiny_onnx, threads=1)
@@ -35,7 +35,8 @@ def test_a_method_off_parity_is_not_timed(tiny_onnx):
     fast.score_groups = lambda g, errors="raise": [[s.__class__(s.mu + 0.1, s.log_sigma, s.heads) for s in r]
                                                    for r in original(g, errors)]
     rows = rl_bench.bench(fast, None, groups, 1, 1.0, methods=("score", "score-groups"))
-    assert [r["status"] for r in rows] == ["ok", "failed-parity"] and "p50_ms" not in rows[1]
+    assert [r["status"] for r in rows] == ["ok", "failed-parity"]
+    assert rows[1]["p50_ms"] > 0 and rows[1]["edits"] == 2 and not rows[1]["parity"]["passed"]
 
 
 def test_gpu_matrix_dry_run_has_the_rl_rows(tmp_path):
@@ -59,3 +60,20 @@ def test_batched_parity_is_held_to_the_precision_it_ran_in(tiny):
         checks = rl_bench.parity(fast, None, groups, 1e-4)
         assert {c["limit"] for c in checks.values()} == {want}, dtype
         assert all(c["passed"] for c in checks.values()), checks
+
+
+def test_http_mode_times_each_trainer_protocol_after_parity(tiny_onnx):
+    """``--http``: UniRL's and Edit-R1's requests against a local editreward serve, each edit's mu
+    checked against in-process scoring before its row counts, batched by the service."""
+    import pytest
+
+    pytest.importorskip("ray")
+    from editreward_rt import Scorer
+
+    fast = Scorer.load(tiny_onnx, threads=1)
+    groups = rl_bench.workload(2, 3, size=(48, 64))
+    rows = rl_bench.http_rows(fast, str(tiny_onnx), groups, 2, 8, 20.0, 1, 1e-4)
+    assert [r["variant"] for r in rows] == list(rl_bench.HTTP_METHODS)
+    for row in rows:
+        assert row["status"] == "ok" and row["parity"]["passed"] and row["edits"] == 6
+        assert row["p99_ms"] >= row["p50_ms"] > 0 and row["mean_batch"] > 1  # a prompt's edits scored together

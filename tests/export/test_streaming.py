@@ -22,11 +22,11 @@ from editreward_rt.tolerances import tolerance
 def test_placeholder_modules_hold_no_weights(tiny):
     import torch
     from editreward_rt.checkpoint import open_checkpoint
-    from editreward_rt.families import family
+    from editreward_rt.families import family_for
 
     spec = open_checkpoint(str(tiny.checkpoint), prompts_from=str(tiny.prompts)).spec
-    fam = family(spec.family)
-    modules = fam.placeholder_modules(spec, torch.float32)
+    fam = family_for(spec)
+    modules = fam.placeholder_modules(torch.float32)
     params = [p for m in modules for p in m.parameters()]
     stored = sum(p.untyped_storage().nbytes() for p in params)
     assert stored < sum(p.numel() * 4 for p in params) / 20  # one row per parameter

@@ -174,7 +174,7 @@ def test_gpu_matrix_script_covers_gptq(tmp_path):
         assert row["status"] == "skipped" and "gptqmodel" in row["reason"]
         return
     assert row["status"] == "ok", row
-    assert row["backend"]["quantization"] == "gptq-int4" and row["backend"]["gptq"]["calibration"]["count"] == 4
+    assert row["backend"]["quantization"] == "gptq-int4" and row["backend"]["quantize"]["calibration"]["count"] == 4
     tol = tolerance("torch", "gptq-int4")
     assert row["parity"]["max_abs_diff"]["mu"] <= tol.mu
     assert row["batch1"]["p50_ms"] > 0

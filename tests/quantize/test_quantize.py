@@ -29,11 +29,11 @@ def quantized(tiny, tiny_onnx, tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
     out = {}
     for name, options in CPU_SCHEMES:
-        if name.startswith("bnb-") and not HAS_BNB:
+        if "bitsandbytes" in SCHEMES[name].modules and not HAS_BNB:
             continue
         label = name + "".join(f"-{v}" for v in options.values())
         args = ["--scheme", name, "--out", str(root / label)] + [f"--option={k}={v}" for k, v in options.items()]
-        if name.startswith("ort"):
+        if SCHEMES[name].target == "onnx":  # an exported folder in, not a checkpoint
             args += ["--model-dir", str(tiny_onnx)]
         else:
             args += ["--ckpt", str(tiny.checkpoint), "--prompts-from", str(tiny.prompts)]
@@ -104,9 +104,9 @@ def test_vision_and_heads_keep_their_precision(quantized, tiny_onnx):
         assert (quantized["ort-int4"] / f"{graph}.onnx").read_bytes() == (tiny_onnx / f"{graph}.onnx").read_bytes()
 
 
-@pytest.mark.parametrize("label, bf16_ratio", [("ort-int8", 0.56), ("ort-int8-weight_only", None), ("ort-int4", 0.40),
-                                               ("ort-int4-4-32", 0.33)])
-def test_decoder_weights_shrink_embedding_included(label, bf16_ratio, quantized, tiny_onnx):
+@pytest.mark.parametrize("label, bf16_ratio, embedding_bits", [("ort-int8", 0.56, 8), ("ort-int8-weight_only", None, 8),
+                                                               ("ort-int4", 0.40, 8), ("ort-int4-4-32", 0.33, 4)])
+def test_decoder_weights_shrink_embedding_included(label, bf16_ratio, embedding_bits, quantized, tiny_onnx):
     """Every weight matrix of the decoder, the token embedding included, is stored quantized: no
     float32 initializer is left larger than a scale tensor, and the graph's weight bytes are near
     the scheme's bits per weight. Tiny's float scales, norms and biases are a larger share than on
@@ -123,7 +123,7 @@ def test_decoder_weights_shrink_embedding_included(label, bf16_ratio, quantized,
     if bf16_ratio is not None:
         assert weight_bytes(quantized[label]) <= bf16_ratio * weight_bytes(tiny_onnx) / 2
     tables = json.loads((quantized[label] / "manifest.json").read_text())["quantization"]["embedding"]["decoder"]["tables"]
-    assert [t["bits"] for t in tables] == [4 if label.startswith("ort-int4-4") else 8]
+    assert [t["bits"] for t in tables] == [embedding_bits]
 
 
 @pytest.mark.parametrize("bits, block, width", [(8, 32, 64), (4, 32, 64), (4, 32, 80), (4, 128, 64), (4, 16, 33)])

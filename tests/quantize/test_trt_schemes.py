@@ -17,7 +17,8 @@ from editreward_quant import trt_schemes as trt_quant
 from editreward_quant.calib import synthetic_triples
 from editreward_rt import Scorer
 from editreward_rt.backends.ort_backend import OrtBackend
-from editreward_rt.schemes import QuantizeError, TrtFp8, TrtInt4Awq, TrtInt8Sq, check_available, make_scheme, scheme_from_dict
+from editreward_rt.schemes import (QuantizeError, TrtFp8, TrtInt4Awq, TrtInt8Sq, check_available, make_scheme, scheme_from_dict,
+                                   trt_precisions)
 from editreward_rt.tolerances import hidden_snr_floor_db, max_abs_diff, snr_db, tolerance
 
 WINDOW = 8
@@ -44,9 +45,13 @@ def recorded(tiny_onnx):
     decode = graphs.decode
 
     def recording(*args):
-        hidden, present = decode(*args)
-        calls.append((dict(zip(trt_quant.ROLES, args)), hidden, present))
-        return hidden, present
+        # Ask for every row's hidden state (the pipeline asks for a few), and hand the pipeline its own.
+        *feeds, keep = args
+        batch, steps = feeds[0].shape
+        every = np.stack(np.meshgrid(np.arange(batch), np.arange(steps), indexing="ij"), axis=-1)  # [B, S, 2]
+        hidden, present = decode(*feeds, every)
+        calls.append((dict(zip(trt_quant.ROLES, feeds)), hidden, present))
+        return (None if keep is None else hidden[keep[..., 0], keep[..., 1]]), present
 
     graphs.decode = recording
     scorer.score_batch(synthetic_triples(2, seed=3))
@@ -196,7 +201,7 @@ def trt_folders(modelopt, tiny_onnx, images, tmp_path_factory):
                      "--calib", str(calib)]) == 0
     out = {"trt-int8-sq": root / "trt-int8-sq"}
     for precision in ("fp8", "int4"):
-        name = trt_quant.PRECISIONS[precision]
+        name = trt_precisions()[precision]
         out[name] = trt_quant.quantize_for_trt(tiny_onnx, precision, root / name, calib_size=4, log=lambda *_: None)
     return out
 

@@ -26,7 +26,7 @@ def pictures():
 
 
 class Counting:
-    """Counts the vision encoder's calls and the decoder's batch rows (the graphs' real calls)."""
+    """Counts the images the vision graph encodes and the decoder's batch rows (the graphs' real calls)."""
 
     def __init__(self, scorer):
         self.graphs, self.vision, self.decoded = scorer.backend.graphs, 0, []
@@ -34,9 +34,9 @@ class Counting:
     def __enter__(self):
         vision, decode = self.graphs.vision, self.graphs.decode
 
-        def counted_vision(*a):
-            self.vision += 1
-            return vision(*a)
+        def counted_vision(feeds):
+            self.vision += len(feeds)  # one vision call per backend call, over all its new images
+            return vision(feeds)
 
         def counted_decode(ids, *a):
             self.decoded.append(ids.shape)
@@ -144,22 +144,19 @@ def test_a_jsonl_ranked_set_encodes_its_source_once(tiny_onnx, pictures, tmp_pat
 def test_default_max_batch_per_device(tiny_onnx):
     """One triple per call on a CPU (batches only add padding there: benchmarks/cpu_speed.py), 8 on
     a GPU; ``auto`` follows where the backend really runs."""
-    from editreward_families.qwen2_5_vl.published import full_spec
-    from editreward_rt.manifest import open_exported
-    from editreward_rt.scorer import default_max_batch
+    from editreward_rt.backends import default_max_batch
 
-    tiny = open_exported(tiny_onnx, verify=False).spec
-    assert default_max_batch(tiny, "cpu") == 1 and Scorer.load(tiny_onnx).max_batch == 1
+    assert default_max_batch("cpu") == 1 and Scorer.load(tiny_onnx).max_batch == 1
     import onnxruntime as ort
 
     on_gpu = "CUDAExecutionProvider" in ort.get_available_providers()  # where "auto" really runs
     assert Scorer.load(tiny_onnx, device="auto").max_batch == (8 if on_gpu else 1)
-    assert default_max_batch(full_spec(tiny), "cpu") == 1 and default_max_batch(full_spec(tiny), "cuda") == 8
+    assert default_max_batch("cuda:0") == 8
 
 
 def test_score_batch_encodes_each_source_once_at_one_triple_per_call(tiny_onnx, pictures):
     """At the CPU default of one triple per call, a batch's edits of one source continue one prefix:
-    the source is encoded once (3 + 1 sources, 6 edits: 4 + 6 vision calls, not 12), and the
+    the source is encoded once (3 + 1 sources, 6 edits: 4 + 6 images encoded, not 12), and the
     scores, in the caller's order, equal per-triple scoring."""
     one = Scorer.load(tiny_onnx, threads=1, max_batch=1)
     triples = [("add a cat", pictures[0], pictures[3]), ("snow", pictures[1], pictures[4]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -63,3 +64,61 @@ def test_older_configs_whose_meaning_is_unchanged_are_read():
     assert scheme_from_dict(v2).block_size == 32
     with pytest.raises(QuantizeError, match="version 1 is not"):
         scheme_from_dict({**v2, "version": 1})
+
+
+def test_every_scheme_states_its_facts():
+    """Each registered scheme carries its tolerance rows (for real backends, read back by
+    ``tolerance``), a noise model that gives a finite floor, and, for torch schemes, the in-place
+    quantizer the GPU matrix calls."""
+    from editreward_rt.backends import BACKENDS
+    from editreward_rt.tolerances import hidden_snr_floor_db, tolerance
+
+    for name, entry in schemes.REGISTRY.items():
+        cls = entry.config
+        assert cls.tolerances and set(cls.tolerances) <= set(BACKENDS), name
+        assert all(tolerance(backend, name) is row for backend, row in cls.tolerances.items())
+        assert 0 < hidden_snr_floor_db(cls().to_dict(), WIDE) < 80, name
+        assert (entry.quantize_backend is not None) == (cls.target == "torch")
+        assert entry.quantize_backend is None or callable(entry.function("quantize_backend"))
+
+
+class WIDE:  # a spec's text widths, all the noise models read
+    class text:
+        hidden_size, intermediate_size, num_layers = 512, 1408, 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Int2(schemes.Scheme):
+    """A scheme whose facts are round numbers: 10 layers x 1e-3 of noise -> 20 dB, less the margins."""
+
+    name: ClassVar[str] = "test-int2"
+    target: ClassVar[str] = "onnx"
+    extra: ClassVar[str] = "onnx"
+    tolerances: ClassVar[dict] = {"onnxruntime": schemes.Tolerance(0.5, 0.25, 0.6)}
+    emulation_db: ClassVar[float] = 1.0
+    embedding_bits: int = 0
+
+    def matmul_noise(self, k: int) -> tuple[float, float]:
+        return 6e-4, 4e-4
+
+
+def test_floor_and_tolerance_come_from_the_scheme(monkeypatch):
+    import pytest
+    from editreward_rt.tolerances import hidden_snr_floor_db, tolerance
+
+    monkeypatch.setitem(schemes.REGISTRY, Int2.name, schemes.SchemeEntry(Int2, f"{__name__}:fake_quantize"))
+    monkeypatch.setitem(schemes.SCHEMES, Int2.name, Int2)
+    spec = type("Spec", (), {"text": type("Text", (), {"hidden_size": 64, "intermediate_size": 128, "num_layers": 10})})
+    assert hidden_snr_floor_db(Int2().to_dict(), spec) == pytest.approx(20.0 - 3.0 - 1.0)
+    assert hidden_snr_floor_db(Int2().to_dict(), spec, margin_db=0.0) == pytest.approx(19.0)
+    # An 8-bit embedding (int8 rows over the hidden width) adds twice its noise to the layers'.
+    with_embedding = 10 * (6e-4 + 4e-4) + 2 * 2 * math.log(64) / (12 * 127**2)
+    assert hidden_snr_floor_db(Int2(embedding_bits=8).to_dict(), spec) == pytest.approx(-10 * math.log10(with_embedding) - 4.0)
+    assert tolerance("onnxruntime", "test-int2") == schemes.Tolerance(0.5, 0.25, 0.6)
+    with pytest.raises(KeyError, match="tolerances of scheme test-int2"):
+        tolerance("torch", "test-int2")
+
+
+def test_the_trt_precisions_are_the_trt_schemes():
+    assert schemes.trt_precisions() == {"int8": "trt-int8-sq", "fp8": "trt-fp8", "int4": "trt-int4-awq"}
+    assert schemes.TrtInt8Sq.emulation_db == 6.0 and schemes.TrtFp8.emulation_db == 0.0

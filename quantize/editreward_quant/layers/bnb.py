@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from editreward_rt.errors import BackendError
 from editreward_rt.extras import require
+from editreward_rt.schemes import BnbInt8, BnbNf4, Scheme, scheme_from_dict
 
 from .embedding import swap_empty_embedding
 
@@ -18,22 +19,30 @@ def _bnb():
     return require("bitsandbytes", "quant", "bitsandbytes schemes")
 
 
-def _make_layer(linear, quant: dict):
+def _int8_layer(bnb, linear, scheme: BnbInt8):
+    return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               has_fp16_weights=False, threshold=scheme.threshold)
+
+
+def _nf4_layer(bnb, linear, scheme: BnbNf4):
     import torch
 
-    bnb = _bnb()
-    config = quant["config"]
-    bias = linear.bias is not None
-    if quant["scheme"] == "bnb-int8":
-        return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
-                                   threshold=config["threshold"])
-    if quant["scheme"] == "bnb-nf4":
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias,
-                                  compute_dtype=getattr(torch, config["compute_dtype"]), quant_type="nf4",
-                                  compress_statistics=config["double_quant"], quant_storage=torch.uint8)
-        layer.weight.blocksize = config["block_size"]  # weights per absmax scale, used when the layer quantizes
-        return layer
-    raise BackendError(f"unknown bitsandbytes scheme {quant['scheme']!r}")
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=getattr(torch, scheme.compute_dtype), quant_type="nf4",
+                              compress_statistics=scheme.double_quant, quant_storage=torch.uint8)
+    layer.weight.blocksize = scheme.block_size  # weights per absmax scale, used when the layer quantizes
+    return layer
+
+
+# The layer each bitsandbytes config builds, by config class (as torchao registers a handler per config).
+LAYERS = {BnbInt8: _int8_layer, BnbNf4: _nf4_layer}
+
+
+def _make_layer(linear, scheme: Scheme):
+    make = LAYERS.get(type(scheme))
+    if make is None:
+        raise BackendError(f"{scheme.name} is not a bitsandbytes scheme")
+    return make(_bnb(), linear, scheme)
 
 
 def quantizable_linears(module):
@@ -46,15 +55,15 @@ def quantizable_linears(module):
                 yield parent, attr, child
 
 
-def swap_linears(modules: dict, quant: dict, device, load_float: bool) -> None:
+def swap_linears(modules: dict, scheme: Scheme, device, load_float: bool) -> None:
     """Replace the decoder's (and optionally the vision tower's) linears by bitsandbytes layers.
 
     ``load_float``: copy the float weights in (quantize now); otherwise leave them to be loaded
     from a quantized state dict."""
-    targets = ["decoder"] + (["vision"] if quant["config"].get("include_vision") else [])
+    targets = ["decoder"] + (["vision"] if scheme.include_vision else [])
     for name in targets:
         for parent, attr, linear in list(quantizable_linears(modules[name])):
-            layer = _make_layer(linear, quant)
+            layer = _make_layer(linear, scheme)
             if load_float:
                 layer.load_state_dict(linear.state_dict())
             setattr(parent, attr, layer.to(device))  # moving a bitsandbytes layer quantizes it
@@ -64,18 +73,19 @@ def load_bnb_modules(modules: dict, quant: dict, state: dict, device, dtype) -> 
     """Registry ``load`` of the bitsandbytes schemes: rebuild the quantized embedding and linear
     layers recorded in the manifest, then load the folder's saved state into them."""
     swap_empty_embedding(modules["decoder"], quant.get("embedding"), dtype)
-    swap_linears(modules, quant, device, load_float=False)
-    load_quantized_state(modules, quant, state, device)
+    swap_linears(modules, scheme_from_dict(quant), device, load_float=False)
+    load_quantized_state(modules, state, device)
 
 
-def load_quantized_state(modules: dict, quant: dict, state: dict, device) -> None:
-    """Load a saved quantized state into modules whose linears were swapped with ``load_float=False``."""
+def load_quantized_state(modules: dict, state: dict, device) -> None:
+    """Load a saved quantized state into modules whose linears were swapped with ``load_float=False``.
+    4-bit layers take their packed weights and statistics through ``Params4bit``, the rest through
+    ``load_state_dict``."""
     bnb = _bnb()
     for name, module in modules.items():
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-        if quant["scheme"] == "bnb-nf4":
-            _load_4bit(module, own, bnb, device)
-            own = {k: v for k, v in own.items() if not _is_4bit_key(module, k)}
+        _load_4bit(module, own, bnb, device)
+        own = {k: v for k, v in own.items() if not _is_4bit_key(module, k)}
         missing, unexpected = module.load_state_dict(own, strict=False)
         leftovers = [k for k in missing if not _is_4bit_key(module, k)]
         if leftovers or unexpected:

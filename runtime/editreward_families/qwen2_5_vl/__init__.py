@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from . import flops as FLOPS
 from . import published as PUBLISHED
-from .chat import PromptBuilder, image_rows, render_chat_template
+from .chat import PromptBuilder, render_chat_template
 from .fixture import SIZES as _FIXTURE_SIZES
-from .graphs import fp16_fp32_pins, graph_specs, trt_profile_axes
+from .graphs import cache_layout, fp16_fp32_pins, graph_specs, trt_profile_axes
 from .spec import ModelSpec
 from .spec import build_spec as _build_spec
-from .vision import vision_feeds
+from .vision import join_feeds
+from .vision import vision_feeds as _vision_feeds
 from .weights import (
     UNUSED,
     check_module_state,
@@ -41,8 +42,18 @@ def spec_from_dict(data: dict) -> ModelSpec:
     return ModelSpec.from_dict(data)
 
 
-def prompt_builder(tokenizer, chat_text: str, templates, spec: ModelSpec) -> PromptBuilder:
+def prompt_builder(spec: ModelSpec, tokenizer, chat_text: str, templates) -> PromptBuilder:
     return PromptBuilder(tokenizer, chat_text, templates, spec)
+
+
+def vision_feeds(spec: ModelSpec, image):
+    """One preprocessed image -> the vision graph's inputs and the index back to processor order (``vision``)."""
+    return _vision_feeds(image, spec)
+
+
+def join_vision_feeds(spec: ModelSpec, feeds: list) -> tuple:
+    """Several images' ``vision_feeds`` as one vision call's inputs (``vision.join_feeds``)."""
+    return join_feeds(feeds)
 
 
 def torch_modules(spec: ModelSpec, state, dtype):
@@ -85,7 +96,7 @@ def dummy_inputs(spec: ModelSpec, kv_dtype: str) -> dict:
     return dummies(spec, kv_dtype)
 
 
-def torch_image_feeds(image, spec: ModelSpec, resize: str = "bilinear"):
+def torch_image_feeds(spec: ModelSpec, image, resize: str = "bilinear"):
     """A [3, H, W] image in [0, 1] carrying gradients -> vision inputs, output order, token count
     (``torch_inputs``: resize to the reference's size, bilinear or bicubic, then the processor's arithmetic)."""
     from .torch_inputs import image_feeds
@@ -103,5 +114,5 @@ def write_fixture(out_dir, size: str = "tiny", seed: int = 0, **kw):
 __all__ = ["NAME", "PUBLISHED", "FLOPS", "FIXTURE_SIZES", "UNUSED", "build_spec", "spec_from_dict", "normalise_key", "expected_shapes",
            "embedding_rows", "decoder_parameters", "check_module_state", "checkpoint_key",
            "placeholder_modules", "validation_subset", "is_embedding", "split_state_dict", "render_chat_template",
-           "prompt_builder", "vision_feeds", "image_rows", "graph_specs", "trt_profile_axes", "fp16_fp32_pins", "torch_modules",
+           "prompt_builder", "vision_feeds", "join_vision_feeds", "graph_specs", "cache_layout", "trt_profile_axes", "fp16_fp32_pins", "torch_modules",
            "reference_runner", "export_wrappers", "dummy_inputs", "torch_image_feeds", "write_fixture"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 from editreward_rt.errors import CheckpointError, InstructionError, PromptTooLongError
-from editreward_rt.prompts import TEXT_SENTINEL, Prompt, check_instruction, render_messages, reserved_tokens
+from editreward_rt.prompts import (TEXT_SENTINEL, Prompt, check_instruction, max_instruction_chars, render_messages,
+                                  reserved_tokens)
 from editreward_rt.templates import Templates
 
 from .spec import ModelSpec
@@ -29,9 +30,10 @@ class PromptBuilder:
         self.spec = spec
         self.before, self.after = chat_text.split(TEXT_SENTINEL)
         self.reserved = reserved_tokens(tokenizer)
+        self.max_instruction_chars = max_instruction_chars(tokenizer, spec.max_prompt_tokens)
 
     def check_instruction(self, instruction) -> str:
-        return check_instruction(instruction, self.reserved)
+        return check_instruction(instruction, self.reserved, self.max_instruction_chars)
 
     def build(self, instruction: str, n_source: int, n_edited: int) -> list[Prompt]:
         """One prompt per head; ``n_source``/``n_edited`` are the images' merged token counts."""
@@ -49,17 +51,16 @@ class PromptBuilder:
                 raise PromptTooLongError(
                     f"prompt for head {k} is {len(ids)} tokens, over the limit of {self.spec.max_prompt_tokens}"
                 )
-            prompts.append(Prompt(ids, int(reward[0])))
+            prompts.append(Prompt(ids, int(reward[0]), image_spans(ids, self.spec.tokens.image_pad, n_source, n_edited)))
         return prompts
 
 
-def image_rows(ids: np.ndarray, spec: ModelSpec, src_offset: int, edit_offset: int) -> np.ndarray:
-    """Each position's row in the call's image-embedding table, or -1 for text. Image pads come in
-    two runs, source then edited, split where the positions jump."""
-    rows = np.full(len(ids), -1, dtype=np.int64)
-    pads = np.flatnonzero(ids == spec.tokens.image_pad)
-    gaps = np.flatnonzero(np.diff(pads) > 1)
-    n_src = int(gaps[0]) + 1 if len(gaps) else len(pads)
-    rows[pads[:n_src]] = src_offset + np.arange(n_src)
-    rows[pads[n_src:]] = edit_offset + np.arange(len(pads) - n_src)
-    return rows
+def image_spans(ids: np.ndarray, image_pad: int, *counts: int) -> tuple[tuple[int, int], ...]:
+    """Where the builder's image pads landed: (first position, count) of each image's run, in order.
+    The template puts each image's pads in one run, so the runs must match the images' token counts."""
+    pads = np.flatnonzero(ids == image_pad)
+    runs = np.split(pads, np.flatnonzero(np.diff(pads) > 1) + 1) if len(pads) else []
+    spans = tuple((int(run[0]), len(run)) for run in runs)
+    if tuple(n for _, n in spans) != counts:
+        raise InstructionError(f"the prompt's image runs {spans} do not hold the images' {counts} tokens")
+    return spans

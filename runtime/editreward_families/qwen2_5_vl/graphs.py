@@ -8,12 +8,19 @@ dynamic axes), the torch wrappers the exporter traces and the dummy inputs it tr
 
 from __future__ import annotations
 
-from editreward_rt.families import GraphSpec
+from editreward_rt.families import CacheLayout, GraphSpec
+
+
+def cache_layout(spec, kv_dtype: str) -> CacheLayout:
+    """[layers, key/value, batch, kv heads, positions, head dim]: the decoder's cache in and out."""
+    t = spec.text
+    return CacheLayout(kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "past", t.head_dim), 2, 4)
 
 
 def graph_specs(spec, kv_dtype: str) -> dict[str, GraphSpec]:
     """The three graphs' I/O, in the roles the fast path feeds them."""
     t, v = spec.text, spec.vision
+    cache = cache_layout(spec, kv_dtype).axes
     patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
     return {
         "vision": GraphSpec("vision", (
@@ -25,9 +32,9 @@ def graph_specs(spec, kv_dtype: str) -> dict[str, GraphSpec]:
             ("input_ids", "int64", ("batch", "seq")), ("image_embeds", "float32", ("rows", t.hidden_size)),
             ("image_index", "int64", ("batch", "seq")), ("position_ids", "int64", ("batch", "seq")),
             ("attention_mask", "int64", ("batch", "total")),
-            ("past", kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "past", t.head_dim)),
+            ("past", kv_dtype, cache),
         ), (("hidden", "float32", ("batch", "seq", t.hidden_size)),
-            ("present", kv_dtype, (t.num_layers, 2, "batch", t.num_kv_heads, "total", t.head_dim)))),
+            ("present", kv_dtype, tuple("total" if a == "past" else a for a in cache)))),
         "heads": GraphSpec("heads", (("hidden", "float32", ("batch", spec.heads.num_heads, t.hidden_size)),),
                            (("rewards", "float32", ("batch", spec.heads.num_heads, 2)),)),
     }
@@ -73,7 +80,7 @@ def dummy_inputs(spec, kv_dtype: str) -> dict:
                    torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)),
         "decoder": (torch.zeros(b, s, dtype=torch.long), torch.zeros(3, t.hidden_size), torch.full((b, s), -1),
                     torch.arange(s).repeat(b, 1) + p, torch.ones(b, p + s, dtype=torch.long),
-                    torch.zeros(t.num_layers, 2, b, t.num_kv_heads, p, t.head_dim, dtype=getattr(torch, kv_dtype))),
+                    torch.zeros(cache_layout(spec, kv_dtype).shape(b, p), dtype=getattr(torch, kv_dtype))),
         "heads": (torch.zeros(b, spec.heads.num_heads, t.hidden_size),),
     }
 

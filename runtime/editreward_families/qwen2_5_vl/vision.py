@@ -88,3 +88,18 @@ def vision_feeds(image, spec) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     prep = vision_inputs(tuple(image.grid_thw), v.head_dim, v.spatial_merge_size, v.window_size, v.patch_size)
     patches = prep.permute_patches(image.pixel_values).astype(np.float32, copy=False)
     return (patches, prep.cos, prep.sin, prep.window_segments, prep.image_segments), prep.reverse_index
+
+
+def join_feeds(feeds: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Several images' ``vision_feeds`` as one call's inputs: patches and rotary tables concatenated,
+    each image's window and image ids moved past the previous image's, so that no window or image
+    spans two of them. The merged output is the images' outputs, concatenated in order."""
+    if len(feeds) == 1:
+        return feeds[0]
+    patches, cos, sin, windows, images = zip(*feeds)
+
+    def apart(segments) -> np.ndarray:
+        starts = np.cumsum([0] + [int(s.max()) + 1 for s in segments[:-1]])
+        return np.concatenate([s + start for s, start in zip(segments, starts)])
+
+    return np.concatenate(patches), np.concatenate(cos), np.concatenate(sin), apart(windows), apart(images)

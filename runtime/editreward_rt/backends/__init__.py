@@ -2,9 +2,11 @@
 the benchmarks and the parity test. Adding a backend is one module with a ``load`` function
 plus one line in ``BACKENDS``.
 
-A backend module's ``load(path_or_id, *, mode, base, prompts_from, device, threads, dtype)``
-returns ``(backend, model)``: the backend has ``head_outputs(prepared_triples) -> [T, K, 2]``
-and ``description``; the model has ``spec``, ``tokenizer``, ``chat_text``, ``templates``.
+A backend module's ``load(path_or_id, *, mode, <its options>)`` returns ``(backend, model)``:
+the backend has ``head_outputs(prepared_triples) -> [T, K, 2]`` and ``description`` (with a
+normalised ``device``: ``cpu`` or ``cuda:N``, where it really runs); the model has ``spec``,
+``tokenizer``, ``chat_text``, ``templates``. The entry lists the options its ``load`` takes:
+an option another backend takes is refused naming those backends, never silently dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 from dataclasses import dataclass
 
 from ..errors import BackendError
+from ..tolerances import Tolerance
 
 
 @dataclass(frozen=True)
@@ -23,22 +26,56 @@ class BackendEntry:
     module: str  # the module holding ``load``, imported only when this backend is asked for
     reads: tuple[str, ...]  # what it loads: "checkpoint" (hub id or folder) and/or "exported" (a model folder)
     devices: tuple[str, ...]  # where it runs: "cpu" and/or "cuda"
+    options: tuple[str, ...]  # the keyword options its ``load`` takes besides ``mode``
+    # Its fast path's bound against the float32 reference in each float precision it computes in
+    # (quantization schemes state their own rows); ``editreward_rt.tolerances`` reads them all.
+    tolerances: dict[str, Tolerance]
 
-    def load(self, path_or_id, *, mode: str = "fast", **kwargs):
+    @property
+    def tolerance_key(self) -> str:
+        """Its fast path's key in the tolerance table: a backend that also runs the reference is
+        keyed ``NAME-fast``, the fast path being what is held to the tolerance."""
+        return f"{self.name}-fast" if "reference" in self.modes else self.name
+
+    def load(self, path_or_id, *, mode: str = "fast", **options):
+        """``options`` whose value is None are not given (the backend's own default applies)."""
         if mode not in MODES:
             raise BackendError(f"unknown mode {mode!r}; use {' or '.join(MODES)}")
         if mode not in self.modes:
             others = [e.name for e in BACKENDS.values() if mode in e.modes]
             raise BackendError(f"the {self.name} backend runs mode {' or '.join(self.modes)} only; "
                                f"mode {mode!r} is run by {', '.join(others) or 'no backend'}")
-        return importlib.import_module(self.module).load(path_or_id, mode=mode, **kwargs)
+        given = {k: v for k, v in options.items() if v is not None}
+        for key in given:
+            if key not in self.options:
+                raise BackendError(_refused(self, key))
+        return importlib.import_module(self.module).load(path_or_id, mode=mode, **given)
+
+
+def _refused(entry: BackendEntry, key: str) -> str:
+    takers = [e.name for e in BACKENDS.values() if key in e.options]
+    where = (f"it is an option of the {', '.join(takers)} backend" if takers
+             else f"no backend takes it (backends take {', '.join(option_names())})")
+    return (f"the {entry.name} backend does not take option {key!r}: {where}; "
+            f"{entry.name} takes {', '.join(entry.options)}")
 
 
 BACKENDS = {e.name: e for e in (
+    # bf16: bf16 on both sides (GPU), different kernels and summation order; not yet measured on a GPU here.
     BackendEntry("torch", ("fast", "reference"), "torch", "editreward_rt.backends.torch_backend",
-                 ("checkpoint", "exported"), ("cpu", "cuda")),
-    BackendEntry("onnxruntime", ("fast",), "onnx", "editreward_rt.backends.ort_backend", ("exported",), ("cpu", "cuda")),
-    BackendEntry("tensorrt", ("fast",), "trt", "editreward_rt.backends.trt_backend", ("exported",), ("cuda",)),
+                 ("checkpoint", "exported"), ("cpu", "cuda"),
+                 ("device", "threads", "dtype", "memory", "base", "prompts_from"),
+                 {"float32": Tolerance(1e-4, 1e-4), "bfloat16": Tolerance(5e-2, 5e-2, 0.95)}),
+    BackendEntry("onnxruntime", ("fast",), "onnx", "editreward_rt.backends.ort_backend", ("exported",), ("cpu", "cuda"),
+                 ("device", "threads", "optimization", "io_binding"),
+                 {"float32": Tolerance(1e-4, 1e-4), "float16": Tolerance(5e-2, 5e-2, 0.9),
+                  "bfloat16": Tolerance(1e-1, 1e-1, 0.9)}),
+    # TensorRT engines (fp32 built with TF32 off) against the reference; not yet measured on a GPU
+    # with TensorRT: benchmarks/gpu_trt_check.py reports the real margins.
+    BackendEntry("tensorrt", ("fast",), "trt", "editreward_rt.backends.trt_backend", ("exported",), ("cuda",),
+                 ("device", "cuda_graphs"),
+                 {"float32": Tolerance(1e-3, 1e-3), "float16": Tolerance(5e-2, 5e-2, 0.9),
+                  "bfloat16": Tolerance(1e-1, 1e-1, 0.9)}),
 )}
 MODES = ("fast", "reference")
 # An exported folder whose manifest names no runtime holds ONNX graphs; a checkpoint is read by torch.
@@ -54,3 +91,19 @@ def backend(name: str) -> BackendEntry:
 
 def names() -> tuple[str, ...]:
     return tuple(BACKENDS)
+
+
+def option_names() -> list[str]:
+    """Every option some backend takes, sorted."""
+    return sorted({o for e in BACKENDS.values() for o in e.options})
+
+
+def default_max_batch(device: str) -> int:
+    """Triples per fast-path call where ``device`` (a backend description's) runs: 8 on a GPU, 1
+    on a CPU. On a CPU one triple's matmuls already have hundreds of rows (each rubric suffix is
+    hundreds of tokens), so its kernels run near their peak alone; a batch only adds padding
+    (images and rubrics differ in length) and cache copies: 8 per call was 11% slower than 1 on
+    the small fixture (``benchmarks/cpu_speed.py``), and a 7B triple takes about 1.2 GB of
+    activations. Edits of one source still share its encoding: ``Scorer.score_prepared`` gives
+    them one prefix across calls."""
+    return 1 if device == "cpu" else 8

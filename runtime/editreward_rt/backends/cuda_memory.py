@@ -102,11 +102,12 @@ def _runs(rows) -> list[tuple[int, int, int]]:
     return out
 
 
-def gather_batch(mem, src: DeviceTensor, rows, dst: DeviceTensor) -> DeviceTensor:
-    """``dst = src[:, :, rows]`` for caches laid out [L, 2, B, ...]: one strided copy per run of rows."""
-    lead, batch = src.shape[0] * src.shape[1], src.shape[2]
-    row = math.prod(src.shape[3:]) * src.itemsize
-    assert dst.shape == src.shape[:2] + (len(rows),) + src.shape[3:], (dst.shape, src.shape, len(rows))
+def gather_batch(mem, src: DeviceTensor, rows, dst: DeviceTensor, axis: int) -> DeviceTensor:
+    """``dst = np.take(src, rows, axis)`` (a cache's batch axis, from its ``CacheLayout``): one
+    strided copy per run of consecutive rows."""
+    lead, batch = math.prod(src.shape[:axis]), src.shape[axis]
+    row = math.prod(src.shape[axis + 1:]) * src.itemsize
+    assert dst.shape == src.shape[:axis] + (len(rows),) + src.shape[axis + 1:], (dst.shape, src.shape, len(rows))
     if row and len(rows):
         s, d = src.ptr, dst.ptr
         for j, r, n in _runs(rows):
@@ -114,11 +115,12 @@ def gather_batch(mem, src: DeviceTensor, rows, dst: DeviceTensor) -> DeviceTenso
     return dst
 
 
-def place_batch(mem, chunk: DeviceTensor, dst: DeviceTensor, offset: int) -> None:
-    """``dst[:, :, offset:offset+b] = chunk`` for caches laid out [L, 2, B, ...]."""
-    lead, b, total = chunk.shape[0] * chunk.shape[1], chunk.shape[2], dst.shape[2]
-    row = math.prod(chunk.shape[3:]) * chunk.itemsize
-    assert dst.shape[:2] + dst.shape[3:] == chunk.shape[:2] + chunk.shape[3:] and offset + b <= total
+def place_batch(mem, chunk: DeviceTensor, dst: DeviceTensor, offset: int, axis: int) -> None:
+    """``dst[..., offset:offset+b, ...] = chunk`` along ``axis`` (a cache's batch axis)."""
+    lead, b, total = math.prod(chunk.shape[:axis]), chunk.shape[axis], dst.shape[axis]
+    row = math.prod(chunk.shape[axis + 1:]) * chunk.itemsize
+    rest = lambda shape: shape[:axis] + shape[axis + 1:]
+    assert rest(dst.shape) == rest(chunk.shape) and offset + b <= total
     if row and b:
         mem.copy_2d(dst.ptr + offset * row, total * row, chunk.ptr, b * row, b * row, lead)
 

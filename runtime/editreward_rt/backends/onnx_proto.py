@@ -1,4 +1,4 @@
-"""Just enough of the ONNX protobuf wire format to write a one-node model, so that a backend
+"""Just enough of the ONNX protobuf wire format to write a small helper model, so that a backend
 can build a helper graph with onnxruntime alone (the ``onnx`` package is an export-time
 dependency). Field numbers are those of ``onnx.proto3``; the bytes equal what ``onnx.helper``
 serialises for the same model with ``ir_version=8`` (tested; onnxruntime 1.18 and later read IR 8)."""
@@ -44,8 +44,10 @@ def value_info(name: str, elem_type: int, shape: list) -> bytes:
     return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, elem_type) + _bytes(2, dims)))
 
 
-def model(node_bytes: bytes, graph_name: str, inputs: list[bytes], outputs: list[bytes], opset: int) -> bytes:
-    """ModelProto: ir_version (1), graph (7: node 1, name 2, input 11, output 12), opset_import (8: domain 1, version 2)."""
-    graph = _bytes(1, node_bytes) + _bytes(2, graph_name) + b"".join(_bytes(11, i) for i in inputs) \
+def model(nodes: bytes | list[bytes], graph_name: str, inputs: list[bytes], outputs: list[bytes], opset: int) -> bytes:
+    """ModelProto: ir_version (1), graph (7: node 1, name 2, input 11, output 12), opset_import (8: domain 1, version 2).
+    ``nodes``: one node or a list, in topological order."""
+    nodes = [nodes] if isinstance(nodes, bytes) else nodes
+    graph = b"".join(_bytes(1, n) for n in nodes) + _bytes(2, graph_name) + b"".join(_bytes(11, i) for i in inputs) \
         + b"".join(_bytes(12, o) for o in outputs)
     return _int(1, IR_VERSION) + _bytes(7, graph) + _bytes(8, _bytes(1, "") + _int(2, opset))

@@ -8,9 +8,9 @@ import numpy as np
 
 from ..errors import BackendError, ManifestError
 from ..extras import require
-from ..families import family
+from ..families import family_for
 from ..manifest import open_exported
-from ..pipeline import FastPipeline, PipelineBackend
+from ..pipeline import FastPipeline, PipelineBackend, host_keep, host_table
 from . import BACKENDS, onnx_proto
 
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -20,45 +20,85 @@ def _ort():
     return require("onnxruntime", BACKENDS["onnxruntime"].extra, "the onnxruntime backend")
 
 
-def load(path_or_id, *, mode: str = "fast", device: str = "cpu", threads=None, **_ignored):
-    """Registry entry: an exported model folder (float or ``ort-*``-quantized graphs)."""
-    ort = OrtBackend(path_or_id, device=device, threads=threads)
+def load(path_or_id, *, mode: str = "fast", device: str = "cpu", threads=None, optimization: str = "all",
+         io_binding: bool | None = None):
+    """Registry entry: an exported model folder (float or ``ort-*``-quantized graphs). ``io_binding``:
+    keep the key/value cache on the session's device (default: on a CUDA provider only)."""
+    if io_binding not in (None, True, False):
+        raise BackendError(f"io_binding must be true or false, not {io_binding!r}")
+    ort = OrtBackend(path_or_id, device=device, threads=threads, optimization=optimization, io_binding=io_binding)
     return ort, ort.model
 
 
-def providers_for(device: str) -> list[str]:
+def cuda_index(device: str) -> int:
+    """N of ``cuda:N``; 0 for ``cuda`` and ``auto``."""
+    if device in ("cuda", "auto"):
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise BackendError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+
+
+def providers_for(device: str) -> list:
     available = _ort().get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
+    # The GPU's index goes to the provider: without it every cuda:N session runs on GPU 0.
+    cuda = [("CUDAExecutionProvider", {"device_id": cuda_index(device)}), "CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in available:
             raise BackendError(
                 f"device {device!r} requested but ONNX Runtime has no CUDA execution provider "
                 f"(available: {available}); install onnxruntime-gpu and check the GPU driver"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return cuda
     if device == "auto":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
-    raise BackendError(f"unknown device {device!r}; use cpu, cuda or auto")
+        return cuda if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+    raise BackendError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
 
-def _select_graph(kv_dtype: np.dtype) -> bytes:
-    """A one-node ONNX model, Gather(cache, rows, axis=2), that gathers cache rows on the session's
-    device (used with I/O binding). Serialised by hand (``onnx_proto``) so that the CUDA path needs
-    onnxruntime alone."""
+def device_of(providers: list[str], asked: str) -> str:
+    """Where sessions made with ``providers_for(asked)`` run: ``cpu`` or ``cuda:N``."""
+    return f"cuda:{cuda_index(asked)}" if providers[0] == "CUDAExecutionProvider" else "cpu"
+
+
+def _helper_graph(nodes: list[bytes], name: str, inputs: list[tuple], outputs: list[tuple]) -> bytes:
+    """A small ONNX model over (name, element type, shape) I/O, for work on the session's device
+    with I/O binding. Serialised by hand (``onnx_proto``) so that the CUDA path needs onnxruntime alone."""
+    info = lambda items: [onnx_proto.value_info(*item) for item in items]
+    return onnx_proto.model(nodes, name, info(inputs), info(outputs), opset=17)
+
+
+def _select_graph(layout, kv_dtype: np.dtype) -> bytes:
+    """Gather(cache, rows) along the cache layout's batch axis."""
     elem = onnx_proto.FLOAT16 if kv_dtype == np.float16 else onnx_proto.FLOAT
-    return onnx_proto.model(
-        onnx_proto.node("Gather", ["cache", "rows"], ["selected"], axis=2), "select_rows",
-        [onnx_proto.value_info("cache", elem, ["L", 2, "B", "H", "T", "D"]),
-         onnx_proto.value_info("rows", onnx_proto.INT64, ["R"])],
-        [onnx_proto.value_info("selected", elem, ["L", 2, "R", "H", "T", "D"])], opset=17)
+    axes = [f"d{i}" for i in range(len(layout.axes))]
+    picked = [("R" if i == layout.batch_axis else a) for i, a in enumerate(axes)]
+    return _helper_graph([onnx_proto.node("Gather", ["cache", "rows"], ["selected"], axis=layout.batch_axis)], "select_rows",
+                         [("cache", elem, axes), ("rows", onnx_proto.INT64, ["R"])], [("selected", elem, picked)])
+
+
+def _table_graph(parts: int) -> bytes:
+    """Gather(Concat(part_0, ..., part_n-1), index): the call's image-embedding table from the vision outputs."""
+    names = [f"part_{i}" for i in range(parts)]
+    return _helper_graph([onnx_proto.node("Concat", names, ["joined"], axis=0),
+                          onnx_proto.node("Gather", ["joined", "index"], ["table"], axis=0)], "embedding_table",
+                         [*[(n, onnx_proto.FLOAT, [f"n{i}", "H"]) for i, n in enumerate(names)],
+                          ("index", onnx_proto.INT64, ["R"])], [("table", onnx_proto.FLOAT, ["R", "H"])])
+
+
+def _keep_graph() -> bytes:
+    """GatherND(states [B, S, H], keep [T, K, 2]) -> [T, K, H]: the hidden states the heads read."""
+    return _helper_graph([onnx_proto.node("GatherND", ["states", "keep"], ["kept"])], "keep_rows",
+                         [("states", onnx_proto.FLOAT, ["B", "S", "H"]), ("keep", onnx_proto.INT64, ["T", "K", 2])],
+                         [("kept", onnx_proto.FLOAT, ["T", "K", "H"])])
 
 
 def check_graphs(model, sessions: dict) -> None:
     """The graphs' own I/O against what the manifest's spec implies (the family's graph specs):
     names in order and every fixed dimension. A folder whose spec and graphs disagree (a swapped
     graph, an edited spec) is refused at load, not at the first score."""
-    declared = family(model.spec.family).graph_specs(model.spec, model.manifest.get("kv_dtype", "float32"))
+    declared = family_for(model.spec).graph_specs(model.manifest.get("kv_dtype", "float32"))
     for name, session in sessions.items():
         for kind, actual, expected in (("input", session.get_inputs(), declared[name].inputs),
                                        ("output", session.get_outputs(), declared[name].outputs)):
@@ -91,6 +131,7 @@ class OrtGraphs:
         self.options, self.providers_asked = options, providers  # what every session of these graphs is made with
         self.ort, self.spec = ort, model.spec
         self.kv_dtype = np.dtype(model.manifest.get("kv_dtype", "float32"))
+        self.cache = family_for(model.spec).cache_layout(str(self.kv_dtype))
         self.sessions = {}
         for name in ("vision", "decoder", "heads"):
             path = model.graph_path(name)
@@ -106,52 +147,80 @@ class OrtGraphs:
         # With I/O binding the key/value cache stays on the device between decoder calls.
         self.binding = on_gpu if io_binding is None else io_binding
         self.cache_device = "cuda" if on_gpu else "cpu"
-        if self.binding:
-            self.sessions["select"] = ort.InferenceSession(_select_graph(self.kv_dtype), options, providers=providers)
 
     def _feeds(self, graph: str, arrays) -> dict:
         """Arrays in the graph's input order -> {input name: array}; float inputs as float32."""
         return {name: (a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a)
                 for name, a in zip(self.inputs[graph], arrays)}
 
-    def vision(self, *inputs):
-        return self.sessions["vision"].run(None, self._feeds("vision", inputs))[0]
+    def _bound(self, session: str, inputs: dict, outputs: dict) -> list:
+        """One run with I/O binding: OrtValue inputs stay where they are, numpy ones are copied in;
+        ``outputs`` maps each output to the device it is left on. -> the outputs, as OrtValues."""
+        binding = self.sessions[session].io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name, where in outputs.items():
+            binding.bind_output(name, where)
+        self.sessions[session].run_with_iobinding(binding)
+        return binding.get_outputs()
 
-    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
-        # The cache is the decoder's last input and its second output (the first is the hidden states).
-        feeds = self._feeds("decoder", (input_ids, image_embeds, image_index, position_ids, attention_mask))
-        cache_in = self.inputs["decoder"][-1]
+    def _helper(self, name: str, make) -> str:
+        if name not in self.sessions:
+            self.sessions[name] = self.ort.InferenceSession(make(), self.options, providers=self.providers_asked)
+        return name
+
+    def vision(self, feeds):
+        # One run per image: the exported graph attends over all of its patches under a mask, so
+        # images run together would cost the square of their total patch count.
+        out_name = self.outputs["vision"][0]
         if not self.binding:
-            hidden, present = self.sessions["decoder"].run(None, {**feeds, cache_in: past})
-            return hidden, present
-        binding = self.sessions["decoder"].io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        binding.bind_ortvalue_input(cache_in, past)
+            outs = [self.sessions["vision"].run(None, self._feeds("vision", arrays))[0] for arrays in feeds]
+            return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return [self._bound("vision", self._feeds("vision", arrays), {out_name: self.cache_device})[0] for arrays in feeds]
+
+    def table(self, parts, index):
+        if not self.binding:
+            return host_table(parts, index)
+        flat = [v for p in parts for v in (p if isinstance(p, list) else [p])]
+        session = self._helper(f"table{len(flat)}", lambda: _table_graph(len(flat)))
+        feeds = {**{f"part_{i}": v for i, v in enumerate(flat)}, "index": np.asarray(index, np.int64)}
+        return self._bound(session, feeds, {"table": self.cache_device})[0]
+
+    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
+        # The cache is the decoder's last input and its second output (the first is the hidden states).
+        names = self.inputs["decoder"]
+        feeds = {**self._feeds("decoder", (input_ids,)), names[1]: image_embeds,
+                 **dict(zip(names[2:5], (image_index, position_ids, attention_mask))), names[-1]: past}
         hidden_out, cache_out = self.outputs["decoder"]
-        binding.bind_output(hidden_out, "cpu")
-        binding.bind_output(cache_out, self.cache_device)
-        self.sessions["decoder"].run_with_iobinding(binding)
-        hidden, present = binding.get_outputs()
-        return hidden.numpy(), present
+        if not self.binding:
+            hidden, present = self.sessions["decoder"].run(None, feeds)
+            return host_keep(hidden, keep), present
+        hidden, present = self._bound("decoder", feeds, {hidden_out: self.cache_device, cache_out: self.cache_device})
+        if keep is None:
+            return None, present
+        kept = self._bound(self._helper("keep", _keep_graph), {"states": hidden, "keep": np.asarray(keep, np.int64)},
+                           {"kept": self.cache_device})[0]
+        return kept, present
 
     def heads(self, hidden):
-        return self.sessions["heads"].run(None, self._feeds("heads", (hidden,)))[0]
+        name, out = self.inputs["heads"][0], self.outputs["heads"][0]
+        if not self.binding:
+            return self.sessions["heads"].run(None, {name: hidden})[0]
+        return self._bound("heads", {name: hidden}, {out: "cpu"})[0].numpy()  # the call's one copy to the host
 
     def empty_cache(self, batch: int = 1):
-        t = self.spec.text
-        empty = np.zeros((t.num_layers, 2, batch, t.num_kv_heads, 0, t.head_dim), dtype=self.kv_dtype)
+        empty = np.zeros(self.cache.shape(batch), dtype=self.kv_dtype)
         return self.ort.OrtValue.ortvalue_from_numpy(empty, self.cache_device) if self.binding else empty
 
     def select(self, cache, rows):
+        rows = np.asarray(rows, dtype=np.int64)
         if not self.binding:
-            return np.take(cache, rows, axis=2)
-        binding = self.sessions["select"].io_binding()
-        binding.bind_ortvalue_input("cache", cache)
-        binding.bind_cpu_input("rows", np.ascontiguousarray(rows, dtype=np.int64))
-        binding.bind_output("selected", self.cache_device)
-        self.sessions["select"].run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+            return np.take(cache, rows, axis=self.cache.batch_axis)
+        session = self._helper("select", lambda: _select_graph(self.cache, self.kv_dtype))
+        return self._bound(session, {"cache": cache, "rows": rows}, {"selected": self.cache_device})[0]
 
 
 class OrtBackend(PipelineBackend):
@@ -164,6 +233,7 @@ class OrtBackend(PipelineBackend):
         self.spec = self.model.spec
         self.graphs = OrtGraphs(self.model, device, threads, optimization, io_binding)
         self.pipeline = FastPipeline(self.graphs)
-        self.description = {"backend": "onnxruntime", "mode": "fast", "providers": self.graphs.providers,
+        self.description = {"backend": "onnxruntime", "mode": "fast", "device": device_of(self.graphs.providers, device),
+                            "providers": self.graphs.providers,
                             "precision": self.model.manifest.get("precision"), "io_binding": self.graphs.binding,
                             "quantization": (self.model.manifest.get("quantization") or {}).get("scheme")}

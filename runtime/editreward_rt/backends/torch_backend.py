@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..extras import require
-from ..families import family
+from ..families import family_for
 from ..manifest import MANIFEST
 from ..pipeline import FastPipeline, PipelineBackend, PreparedTriple, SharedPrefix
 from . import BACKENDS
@@ -51,7 +51,12 @@ def pick_device(device: str):
         raise BackendError(f"device {device!r} requested but PyTorch sees no CUDA GPU")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise BackendError(f"unknown device {device!r}; use cpu or cuda")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BackendError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    # ``cuda`` means the current GPU: named by its index, so the description says which one it is.
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
 def pick_dtype(dtype: str | None, device) :
@@ -64,15 +69,23 @@ def pick_dtype(dtype: str | None, device) :
 
 
 class TorchGraphs:
-    """The fast-path primitives on this project's torch modules (also what ONNX export traces)."""
+    """The fast-path primitives on this project's torch modules (also what ONNX export traces).
+    Embeddings, caches and hidden rows stay tensors on ``device``; ``heads`` returns the one host array."""
 
     def __init__(self, spec, state: dict | None, device, dtype, modules: tuple | None = None):
         torch = _torch()
         self.torch, self.spec, self.device, self.dtype = torch, spec, device, dtype
+        fam = self.family = family_for(spec)
         if modules is None:
-            with torch.device(device):  # initialise on the target device: a 7B model's CPU init takes minutes
-                modules = family(spec.family).torch_modules(spec, state, dtype)
+            with torch.device(device):  # built on meta, each weight moved to ``device`` in ``dtype`` as it is loaded
+                modules = fam.torch_modules(state, dtype)
         self.vision_module, self.decoder, self.head_module = (m.to(device) for m in modules)
+        self.cache = fam.cache_layout(str(dtype).replace("torch.", ""))
+        # The load's peak, kept; then the peak is reset, so that the next reading is what serving needs.
+        self.load_peak_mb = None
+        if torch.device(device).type == "cuda":
+            self.load_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
 
     @classmethod
     def empty(cls, spec, device, dtype) -> "TorchGraphs":
@@ -82,28 +95,32 @@ class TorchGraphs:
     def _t(self, array, dtype=None):
         return self.torch.as_tensor(np.ascontiguousarray(array), device=self.device, dtype=dtype)
 
-    def vision(self, patches, cos, sin, window_segments, image_segments):
+    def vision(self, feeds):
+        # All images in one call: the tower attends per window and per image, so joining them
+        # adds no attention work, and their merged outputs come back concatenated in order.
+        patches, cos, sin, window_segments, image_segments = self.family.join_vision_feeds(feeds)
         with self.torch.inference_mode():
-            out = self.vision_module(self._t(patches, self.dtype), self._t(cos), self._t(sin),
-                                     self._t(window_segments), self._t(image_segments))
-        return out.float().cpu().numpy()
+            return self.vision_module(self._t(patches, self.dtype), self._t(cos), self._t(sin), self._t(window_segments),
+                                      self._t(image_segments), self.vision_module.layout(window_segments, image_segments))
 
-    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
+    def table(self, parts, index):
+        return (parts[0] if len(parts) == 1 else self.torch.cat(parts))[self._t(index)]
+
+    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
         with self.torch.inference_mode():
-            hidden, present = self.decoder(self._t(input_ids), self._t(image_embeds, self.dtype), self._t(image_index),
+            hidden, present = self.decoder(self._t(input_ids), image_embeds, self._t(image_index),
                                            self._t(position_ids), self._t(attention_mask), past)
-        return hidden.float().cpu().numpy(), present
+            return (None if keep is None else hidden[self._t(keep[..., 0]), self._t(keep[..., 1])]), present
 
     def heads(self, hidden):
         with self.torch.inference_mode():
-            return self.head_module(self._t(hidden, self.torch.float32)).cpu().numpy()
+            return self.head_module(hidden.float()).cpu().numpy()
 
     def empty_cache(self, batch: int = 1):
-        t = self.spec.text
-        return self.torch.zeros((t.num_layers, 2, batch, t.num_kv_heads, 0, t.head_dim), dtype=self.dtype, device=self.device)
+        return self.torch.zeros(self.cache.shape(batch), dtype=self.dtype, device=self.device)
 
     def select(self, cache, rows):
-        return cache[:, :, self._t(rows)]
+        return cache.index_select(self.cache.batch_axis, self._t(rows))
 
 
 class Residency:
@@ -159,7 +176,7 @@ class TorchBackend(PipelineBackend):
         dt = pick_dtype(dtype, dev)
         state = checkpoint.state_dict()
         if mode == "reference":
-            self.runner = family(self.spec.family).reference_runner(self.spec, checkpoint.config, state, dev, dt)
+            self.runner = family_for(self.spec).reference_runner(checkpoint.config, state, dev, dt)
             self.pipeline = None
             self.residency = Residency(torch, [], dev, "resident")
         else:
@@ -196,7 +213,7 @@ class TorchBackend(PipelineBackend):
         from ..errors import ManifestError, WeightMismatchError
 
         try:  # before any module is built: a spec that does not fit the saved state costs no time
-            family(self.spec.family).check_module_state(self.spec, safetensors_shapes(weights))
+            family_for(self.spec).check_module_state(safetensors_shapes(weights))
         except WeightMismatchError as exc:
             raise ManifestError(f"{model.root}: {exc}") from None
         self.graphs = TorchGraphs.empty(self.spec, dev, dt)

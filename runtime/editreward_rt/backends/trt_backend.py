@@ -26,8 +26,9 @@ import numpy as np
 
 from ..errors import BackendError, InputError, ManifestError, PromptTooLongError
 from ..extras import require
+from ..families import family_for
 from ..manifest import open_exported
-from ..pipeline import FastPipeline, PipelineBackend, PreparedTriple, SharedPrefix
+from ..pipeline import FastPipeline, PipelineBackend, PreparedTriple, SharedPrefix, host_keep, host_table
 from . import BACKENDS, cuda_memory
 from .cuda_memory import DeviceBuffer, DeviceTensor, gather_batch, place_batch
 
@@ -43,9 +44,12 @@ def _trt():
     return require("tensorrt", BACKENDS["tensorrt"].extra, "the tensorrt backend", TRT_NOTE)
 
 
-def load(path_or_id, *, mode: str = "fast", device: str = "cuda", **_ignored):
-    """Registry entry: an exported model folder whose engines ``export/build_trt.py`` built."""
-    trt = TrtBackend(path_or_id, device=device)
+def load(path_or_id, *, mode: str = "fast", device: str = "cuda", cuda_graphs: bool = False):
+    """Registry entry: an exported model folder whose engines ``export/build_trt.py`` built.
+    ``cuda_graphs``: replay calls whose shapes repeat from captured CUDA graphs."""
+    if not isinstance(cuda_graphs, bool):
+        raise BackendError(f"cuda_graphs must be true or false, not {cuda_graphs!r}")
+    trt = TrtBackend(path_or_id, device=device, cuda_graphs=cuda_graphs)
     return trt, trt.model
 
 
@@ -251,6 +255,7 @@ class TrtGraphs:
         self.outputs = {n: [o["name"] for o in model.manifest["graphs"][n]["outputs"]] for n in GRAPHS}
         self.batch_axis, self.rows_axis = (self.declared["decoder"][i]["shape"][0] for i in (0, 1))
         self.kv_itemsize = self.runners["decoder"].io[self.inputs["decoder"][-1]][1]
+        self.cache = family_for(self.spec).cache_layout(model.manifest.get("kv_dtype", "float32"))
         self.empty = DeviceBuffer(self.mem.malloc(256), 256)  # bound for zero-length caches
 
     def _host(self, tensor: DeviceTensor, out: np.ndarray | None = None) -> np.ndarray:
@@ -266,7 +271,10 @@ class TrtGraphs:
             out.update({d: int(n) for d, n in zip(item["shape"], array.shape) if isinstance(d, str)})
         return out
 
-    def vision(self, *inputs):
+    def vision(self, feeds):
+        return np.concatenate([self._vision_one(arrays) for arrays in feeds])
+
+    def _vision_one(self, inputs):
         dims = self.dims("vision", inputs)
         chosen = plan(self.profiles["vision"], None, dims, self.batch_axis)
         if chosen is None:
@@ -276,7 +284,10 @@ class TrtGraphs:
         self.mem.synchronize()
         return result
 
-    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
+    def table(self, parts, index):
+        return host_table(parts, index)
+
+    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
         b, s = input_ids.shape
         total = attention_mask.shape[1]
         # Batch and image rows are split into chunks below; every other axis must fit a profile.
@@ -284,31 +295,33 @@ class TrtGraphs:
         fixed = {a: v for a, v in dims.items() if a not in (self.batch_axis, self.rows_axis)}
         chosen = plan(self.profiles["decoder"], b, fixed, self.batch_axis)
         if chosen is None:
-            raise PromptTooLongError(f"a decoder step of {s} new tokens over {past.shape[4]} cached ones fits none of the "
+            raise PromptTooLongError(f"a decoder step of {s} new tokens over {past.shape[self.cache.length_axis]} cached ones fits none of the "
                                      "engine's profiles (rebuild with a larger --max-seq)")
         index, size = chosen
         max_rows = self.profiles["decoder"][index]["axes"][self.rows_axis][2]
-        present = self.pool.tensor(self.pool.other(CACHE_KEYS, past.buffer), past.shape[:2] + (b,) + past.shape[3:4]
-                                   + (total,) + past.shape[5:], self.kv_itemsize)
-        hidden = np.empty((b, s, self.spec.text.hidden_size), np.float32)
+        present = self.pool.tensor(self.pool.other(CACHE_KEYS, past.buffer), self.cache.shape(b, total), self.kv_itemsize)
+        # Only the levels whose hidden rows are kept copy hidden states to the host.
+        hidden = None if keep is None else np.empty((b, s, self.spec.text.hidden_size), np.float32)
         runner = self.runners["decoder"]
         for sl in batch_chunks(image_index, size, max_rows):
-            whole = sl.stop - sl.start == b
+            whole = sl.stop - sl.start == b and len(image_embeds) <= max_rows
             if whole:
                 table, rows, chunk_past = image_embeds, image_index, past
             else:
                 used, rows = local_rows(image_index[sl])
                 table = image_embeds[used] if len(used) else np.zeros((1, image_embeds.shape[1]), np.float32)
                 chunk_past = gather_batch(self.mem, past, np.arange(sl.start, sl.stop), self.pool.tensor(
-                    ("decoder", "past-chunk"), past.shape[:2] + (sl.stop - sl.start,) + past.shape[3:], self.kv_itemsize))
+                    ("decoder", "past-chunk"), self.cache.shape(sl.stop - sl.start, past.shape[self.cache.length_axis]),
+                    self.kv_itemsize), self.cache.batch_axis)
             feeds = (input_ids[sl], table, rows, position_ids[sl], attention_mask[sl], chunk_past)
             hidden_out, cache_out = self.outputs["decoder"]
             out = runner.run(index, dict(zip(self.inputs["decoder"], feeds)), {cache_out: present} if whole else None)
             if not whole:
-                place_batch(self.mem, out[cache_out], present, sl.start)
-            self._host(out[hidden_out], hidden[sl])
+                place_batch(self.mem, out[cache_out], present, sl.start, self.cache.batch_axis)
+            if hidden is not None:
+                self._host(out[hidden_out], hidden[sl])
         self.mem.synchronize()
-        return hidden, present
+        return host_keep(hidden, keep), present
 
     def heads(self, hidden):
         chosen = plan(self.profiles["heads"], len(hidden), {}, self.batch_axis)
@@ -321,14 +334,12 @@ class TrtGraphs:
         return out
 
     def empty_cache(self, batch: int = 1):
-        t = self.spec.text
-        return DeviceTensor(self.empty, (t.num_layers, 2, batch, t.num_kv_heads, 0, t.head_dim), self.kv_itemsize,
-                            self.empty.generation)
+        return DeviceTensor(self.empty, self.cache.shape(batch), self.kv_itemsize, self.empty.generation)
 
     def select(self, cache, rows):
         dst = self.pool.tensor(self.pool.other(CACHE_KEYS, cache.buffer),
-                               cache.shape[:2] + (len(rows),) + cache.shape[3:], cache.itemsize)
-        return gather_batch(self.mem, cache, rows, dst)
+                               self.cache.shape(len(rows), cache.shape[self.cache.length_axis]), cache.itemsize)
+        return gather_batch(self.mem, cache, rows, dst, self.cache.batch_axis)
 
     def close(self) -> None:
         self.mem.synchronize()

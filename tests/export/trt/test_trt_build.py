@@ -20,6 +20,7 @@ from editreward_rt.backends.cuda_memory import BufferPool, DeviceTensor, bucket_
 from editreward_rt.errors import BackendError, ExportError, InputError, PromptTooLongError
 from editreward_rt.manifest import open_exported, write_manifest
 from editreward_rt.preprocess import smart_resize
+from editreward_rt.schemes import trt_precisions
 from editreward_trt.build import PRECISIONS, build_trt, compute_limits, compute_profiles, configure, keep_fp32_nodes
 from editreward_trt.ops import available_versions, check_exported, check_model, load_support
 from editreward_trt.ops import main as check_main
@@ -133,7 +134,9 @@ def test_fp16_settings_keep_vision_down_projections_fp32(tiny_onnx, tmp_path):
     with pytest.raises(ExportError, match="naming changed"):
         keep_fp32_nodes(copy / "vision.onnx", (r"/blocks\.(\d+)/mlp/no_such_proj/",), depth)
     assert PRECISIONS["bf16"].strongly_typed and not PRECISIONS["bf16"].flags
-    assert all(PRECISIONS[q].strongly_typed for q in ("fp8", "int8", "int4"))
+    # The quantized precisions are the trt-* schemes' own (one map): each names the scheme that writes its graphs.
+    assert {q: PRECISIONS[q].scheme for q in PRECISIONS if PRECISIONS[q].quantized} == trt_precisions()
+    assert all(PRECISIONS[q].strongly_typed for q in trt_precisions())
     assert PRECISIONS["fp32"].cleared_flags == ("TF32",)
 
 
@@ -152,14 +155,12 @@ def test_build_without_tensorrt_writes_everything_then_names_the_install(built_w
 
 
 def _without_modelopt(monkeypatch):
-    """Whatever this environment has, behave as if NVIDIA ModelOpt were not installed."""
-    import editreward_quant.trt_schemes as trt_quant
-    from editreward_rt.schemes import QuantizeError
+    """Whatever this environment has, behave as if NVIDIA ModelOpt were not installed: the trt-* schemes
+    need a module that no environment has."""
+    from editreward_rt.schemes import SCHEMES, trt_precisions
 
-    def missing():
-        raise QuantizeError(f"ModelOpt is not installed: pip install 'editreward-deploy[trt-quant]' {trt_quant.INSTALL_NOTE}")
-
-    monkeypatch.setattr(trt_quant, "require_modelopt", missing)
+    for name in trt_precisions().values():
+        monkeypatch.setattr(SCHEMES[name], "modules", ("modelopt_not_installed",))
 
 
 def test_build_refuses_what_it_cannot_do(tiny, tmp_path, monkeypatch):
@@ -326,21 +327,26 @@ def test_pool_reuses_buffers_and_detects_stale_caches():
     assert pool.other((("x", 0), ("x", 1)), c.buffer) == ("x", 0)
 
 
-def test_cache_rows_are_gathered_and_placed_on_the_device():
+@pytest.mark.parametrize("axis", [2, 0, 3])
+def test_cache_rows_are_gathered_and_placed_on_the_device(axis):
+    """Along the layout's batch axis (2 in the family's [L, 2, B, kv, P, d]; others as a family may declare)."""
     mem, rng = FakeMemory(), np.random.default_rng(0)
     pool = BufferPool(mem)
-    cache = rng.standard_normal((3, 2, 4, 2, 5, 3)).astype(np.float32)  # [L, 2, B, kv, P, d]
+    shape = (3, 2, 4, 2, 5, 3)
+    with_batch = lambda b: shape[:axis] + (b,) + shape[axis + 1:]
+    cache = rng.standard_normal(with_batch(4)).astype(np.float32)
     src = _upload(mem, pool, "src", cache)
     rows = np.array([2, 0, 0, 1, 2, 3])
-    dst = pool.tensor("dst", (3, 2, len(rows), 2, 5, 3), 4)
-    np.testing.assert_array_equal(_download(mem, gather_batch(mem, src, rows, dst)), np.take(cache, rows, axis=2))
-    whole = pool.tensor("whole", (3, 2, 7, 2, 5, 3), 4)
-    parts = np.split(rng.standard_normal((3, 2, 7, 2, 5, 3)).astype(np.float32), [3, 5], axis=2)
+    dst = pool.tensor("dst", with_batch(len(rows)), 4)
+    np.testing.assert_array_equal(_download(mem, gather_batch(mem, src, rows, dst, axis)), np.take(cache, rows, axis=axis))
+    whole = pool.tensor("whole", with_batch(7), 4)
+    parts = np.split(rng.standard_normal(with_batch(7)).astype(np.float32), [3, 5], axis=axis)
     for i, (offset, part) in enumerate(zip((0, 3, 5), parts)):
-        place_batch(mem, _upload(mem, pool, ("part", i), np.ascontiguousarray(part)), whole, offset)
-    np.testing.assert_array_equal(_download(mem, whole), np.concatenate(parts, axis=2))
-    empty = DeviceTensor(src.buffer, (3, 2, 4, 2, 0, 3), 4, src.generation)
-    assert gather_batch(mem, empty, rows, pool.tensor("e", (3, 2, 6, 2, 0, 3), 4)).nbytes == 0
+        place_batch(mem, _upload(mem, pool, ("part", i), np.ascontiguousarray(part)), whole, offset, axis)
+    np.testing.assert_array_equal(_download(mem, whole), np.concatenate(parts, axis=axis))
+    if axis == 2:
+        empty = DeviceTensor(src.buffer, (3, 2, 4, 2, 0, 3), 4, src.generation)
+        assert gather_batch(mem, empty, rows, pool.tensor("e", (3, 2, 6, 2, 0, 3), 4), axis).nbytes == 0
 
 
 class FakeDecoderRunner:
@@ -373,11 +379,13 @@ class FakeDecoderRunner:
 
 def _fake_engine(spec, profiles, manifest):
     from editreward_rt.backends.cuda_memory import DeviceBuffer
+    from editreward_rt.families import family_for
 
     engine = tb.TrtGraphs.__new__(tb.TrtGraphs)
     engine.spec, engine.mem = spec, FakeMemory(1 << 24)
     engine.pool, engine.profiles, engine.kv_itemsize = BufferPool(engine.mem), {"decoder": profiles}, 4
     engine.empty = DeviceBuffer(engine.mem.malloc(256), 256)
+    engine.cache = family_for(spec).cache_layout("float32")
     engine.runners = {"decoder": FakeDecoderRunner(engine.mem, engine.pool, spec, profiles)}
     engine.declared = {n: g["inputs"] for n, g in manifest["graphs"].items()}
     engine.batch_axis, engine.rows_axis = "batch", "rows"
@@ -401,11 +409,12 @@ def test_chunked_decode_equals_one_call(tiny_onnx):
     for profiles in (roomy, small):
         engine = _fake_engine(spec, profiles, model.manifest)
         first, cache = engine.decode(args[0][:1, :2], args[1], np.full((1, 2), -1), np.arange(2)[None], np.ones((1, 2), np.int64),
-                                     engine.empty_cache(1))
+                                     engine.empty_cache(1), None)
         second, cache = engine.decode(args[0][:1, :2], args[1], np.full((1, 2), -1), np.arange(2, 4)[None],
-                                      np.ones((1, 4), np.int64), cache)
+                                      np.ones((1, 4), np.int64), cache, None)
         past = engine.select(cache, np.zeros(b, np.int64))
-        hidden, present = engine.decode(*args, past)
+        every = np.stack(np.meshgrid(np.arange(b), np.arange(s), indexing="ij"), axis=-1)  # keep all [b, s] rows
+        hidden, present = engine.decode(*args, past, every)
         results.append((hidden, _download(engine.mem, present), engine.runners["decoder"].calls))
     (h1, p1, calls1), (h2, p2, calls2) = results
     assert calls1[-1] == (1, 7) and [c for c in calls2[2:]] == [(1, 4), (1, 3)]

@@ -52,14 +52,67 @@ def test_the_check_finds_a_family_name(tmp_path):
     assert [line.split(": ")[1] for line in family_names_outside([leak])] == ["graph I/O name", "key prefix", "class"]
 
 
-def test_the_family_provides_the_whole_interface():
-    """Every name of ``ModelFamily`` is there, and the family's spec names its registry key."""
+def interface() -> set[str]:
     import inspect
 
-    from editreward_rt.families import FAMILIES, ModelFamily, family
+    from editreward_rt.families import ModelFamily
 
-    wanted = {n for n, _ in inspect.getmembers(ModelFamily) if not n.startswith("_")} | set(ModelFamily.__annotations__)
+    return {n for n, _ in inspect.getmembers(ModelFamily) if not n.startswith("_")} | set(ModelFamily.__annotations__)
+
+
+def missing(package) -> set[str]:
+    """The interface's names a family package lacks."""
+    return interface() - set(dir(package))
+
+
+def test_the_family_provides_the_whole_interface():
+    """Every name of ``ModelFamily`` is there, and the family's spec names its registry key."""
+    from editreward_rt.families import FAMILIES, family
+
     for name in FAMILIES:
         module = family(name)
-        assert wanted <= set(dir(module)), wanted - set(dir(module))
+        assert missing(module) == set()
         assert module.NAME == name
+
+
+# What callers reach a family through: a bound family (``fam``, ``self.family``, ``family_for(...)``) or a package.
+CALLER = re.compile(r"(?:\bfam|self\.family|family_for\([^()]*\)|\bfamily\([^()]*\))\.([A-Za-z_]\w*)")
+
+
+def test_every_name_a_caller_uses_is_in_the_interface():
+    """The interface lists everything any caller uses: a name reached outside the family folder and
+    missing from ``ModelFamily`` would let a new family omit it unnoticed."""
+    used = {}
+    for path in package_files():
+        for name in CALLER.findall(path.read_text(encoding="utf-8")):
+            used.setdefault(name, path.name)
+    assert len(used) > 15 and {"vision_feeds", "graph_specs", "placeholder_modules"} <= set(used)
+    assert {n: f for n, f in used.items() if n not in interface() | {"module", "spec"}} == {}
+
+
+def test_a_bound_family_binds_the_spec_and_refuses_other_names(tiny):
+    import pytest
+    from editreward_rt.checkpoint import open_checkpoint
+    from editreward_rt.families import ModelFamily, family_for, spec_bound_names
+
+    spec = open_checkpoint(str(tiny.checkpoint), prompts_from=str(tiny.prompts)).spec
+    fam = family_for(spec)
+    bound = spec_bound_names()
+    assert {"vision_feeds", "graph_specs", "cache_layout", "expected_shapes", "prompt_builder"} <= set(bound)
+    assert fam.graph_specs("float32") == fam.module.graph_specs(spec, "float32")
+    assert fam.cache_layout("float32").shape(3, 5)[fam.cache_layout("float32").batch_axis] == 3
+    assert fam.FLOPS is fam.module.FLOPS and fam.checkpoint_key is fam.module.checkpoint_key
+    with pytest.raises(AttributeError, match="not part of the model-family interface"):
+        fam.image_rows  # noqa: B018 (a name the package may have but the interface does not list)
+    assert not hasattr(ModelFamily, "image_rows")
+
+
+def test_a_family_lacking_an_interface_name_is_caught():
+    """The whole-interface check names what a package lacks (here, the exporter's ``validation_subset``)."""
+    import types
+
+    from editreward_rt.families import FAMILIES, family
+
+    module = family(next(iter(FAMILIES)))
+    lacking = types.SimpleNamespace(**{n: getattr(module, n) for n in interface() - {"validation_subset"}})
+    assert missing(lacking) == {"validation_subset"}
