@@ -94,20 +94,25 @@ def _keep_graph() -> bytes:
                          [("kept", onnx_proto.FLOAT, ["T", "K", "H"])])
 
 
+# ONNX Runtime's names of the element types a graph spec declares.
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+             "int64": "tensor(int64)", "int32": "tensor(int32)"}
+
+
 def check_graphs(model, sessions: dict) -> None:
     """The graphs' own I/O against what the manifest's spec implies (the family's graph specs):
-    names in order and every fixed dimension. A folder whose spec and graphs disagree (a swapped
-    graph, an edited spec) is refused at load, not at the first score."""
+    names and element types in order and every fixed dimension. A folder whose spec and graphs
+    disagree (a swapped graph, an edited spec or kv_dtype) is refused at load, not at the first score."""
     declared = family_for(model.spec).graph_specs(model.manifest.get("kv_dtype", "float32"))
     for name, session in sessions.items():
         for kind, actual, expected in (("input", session.get_inputs(), declared[name].inputs),
                                        ("output", session.get_outputs(), declared[name].outputs)):
-            got = [(a.name, list(a.shape)) for a in actual]
-            want = [(n, list(shape)) for n, _, shape in expected]
-            fixed_mismatch = len(got) != len(want) or any(
-                gn != wn or len(gs) != len(ws) or any(isinstance(w, int) and g != w for g, w in zip(gs, ws))
-                for (gn, gs), (wn, ws) in zip(got, want))
-            if fixed_mismatch:
+            got = [(a.name, a.type, list(a.shape)) for a in actual]
+            want = [(n, ORT_TYPES.get(dtype, dtype), list(shape)) for n, dtype, shape in expected]
+            mismatch = len(got) != len(want) or any(
+                gn != wn or gt != wt or len(gs) != len(ws) or any(isinstance(w, int) and g != w for g, w in zip(gs, ws))
+                for (gn, gt, gs), (wn, wt, ws) in zip(got, want))
+            if mismatch:
                 raise ManifestError(f"{model.graph_path(name)}: the graph's {kind}s {got} do not match what the "
                                     f"manifest's model spec implies, {want}: the graph or the spec was changed")
 
