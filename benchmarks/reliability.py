@@ -1,4 +1,4 @@
-"""Reliability cases replayed against a live ``editreward serve``, written to ``docs/reliability.md`` (``python benchmarks/reliability.py --help``; the code is ``editreward_bench.reliability``)."""
+"""Issue 25's reliability cases replayed (in-process and against a live ``editreward serve``), written to ``docs/reliability.md`` (``python benchmarks/reliability.py --help``; the code is ``editreward_bench.reliability``)."""
 
 import sys
 

@@ -104,7 +104,7 @@ class _GptqRun:
         decoder = self.graphs.decoder
         layers = decoder.layers
         losses = []
-        self.graphs.vision = _memo_vision(self.graphs.vision)
+        self.graphs.vision = _memo_vision(self.graphs)
         call_hook = decoder.register_forward_pre_hook(self._next_call)
         try:
             for i, layer in enumerate(layers):
@@ -221,18 +221,25 @@ def _pack(linear, q_weight, scale, zero, g_idx, scheme: GptqInt4):
     return finish(layer, device)
 
 
-def _memo_vision(vision):
-    """The graphs' vision call, run once per distinct image for the whole job."""
-    seen = {}
+def _memo_vision(graphs):
+    """The graphs' vision call, run once per distinct image for the whole job: a call's images
+    already seen come from the memo, the others are encoded (each alone) and kept."""
+    vision, seen = graphs.vision, {}
 
-    def memo(patches, cos, sin, window_segments, image_segments):
-        key = hashlib.blake2b(np.ascontiguousarray(patches).tobytes(), digest_size=16)
-        key.update(repr(np.shape(patches)).encode())
-        key.update(np.ascontiguousarray(image_segments).tobytes())
-        digest = key.hexdigest()
-        if digest not in seen:
-            seen[digest] = vision(patches, cos, sin, window_segments, image_segments)
-        return seen[digest]
+    def key(arrays) -> str:
+        patches, *_, image_segments = arrays
+        digest = hashlib.blake2b(np.ascontiguousarray(patches).tobytes(), digest_size=16)
+        digest.update(repr(np.shape(patches)).encode())
+        digest.update(np.ascontiguousarray(image_segments).tobytes())
+        return digest.hexdigest()
+
+    def memo(feeds):
+        keys = [key(arrays) for arrays in feeds]
+        for k, arrays in zip(keys, feeds):
+            if k not in seen:
+                seen[k] = vision([arrays])
+        parts = [seen[k] for k in keys]
+        return graphs.table(parts, np.arange(sum(len(p) for p in parts)))
 
     return memo
 
