@@ -187,23 +187,22 @@ def huge_instruction() -> str:
     return "word " * 10_000_000  # 50 MB: before the limit, tokenizing it took 77 s and 9.9 GB
 
 
-def _rss_mb() -> float:
-    """This process's resident memory now (Linux /proc), against which the peak's growth is read."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS in /proc/self/status")
+def _peak_mb() -> float:
+    """This process's peak resident memory so far (getrusage; KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def limit_probe(model: str, how: str, path: str) -> None:
     """Run in a child process (its peak RSS is its own): load a Scorer, then send the 50 MB
     instruction through ``Scorer.score`` or ``editreward score --input path``; print one JSON line
-    with the peak RSS (getrusage) over the resident size just before."""
+    with how far the work raised the process's peak RSS (getrusage) above its peak before: loading
+    the model sets that earlier peak, and a refusal that tokenized the whole string would pass it by
+    gigabytes."""
     from editreward_rt.cli import main
 
     scorer = Scorer.load(model, threads=1)
     image, huge = picture(1, 40, 56), (huge_instruction() if how == "scorer" else None)
-    before, start = _rss_mb(), time.monotonic()
+    before, start = _peak_mb(), time.monotonic()
     if how == "scorer":
         try:
             scorer.score(huge, image, image)
@@ -215,13 +214,14 @@ def limit_probe(model: str, how: str, path: str) -> None:
         record = json.loads(Path(path + ".out").read_text().splitlines()[0])
         kind = f"{record.get('error', {}).get('type', 'scored')}, exit {code}"
     seconds = time.monotonic() - start
-    growth_mb = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)  # ru_maxrss: KiB on Linux
+    growth_mb = _peak_mb() - before
     print(json.dumps({"kind": kind, "seconds": seconds, "growth_mb": growth_mb}))
 
 
 def instruction_limit(model: str, tmp: Path) -> tuple[str, bool, str]:
     """Held when both are refused as prompt_too_long in under 10 s, the peak RSS growing by under
-    1 GB: the string and its JSON line are 50 MB each, so a few copies fit; tokenizing took 9.9 GB."""
+    1 GB above the model-loaded peak: the string and its JSON line are 50 MB each, so a few copies
+    fit; tokenizing it took 9.9 GB."""
     picture(1, 40, 56).save(tmp / "s.png")
     line = tmp / "huge.jsonl"
     line.write_text(json.dumps({"instruction": huge_instruction(), "source": "s.png", "edited": "s.png"}) + "\n")
@@ -239,7 +239,7 @@ def instruction_limit(model: str, tmp: Path) -> tuple[str, bool, str]:
     held = (found["scorer"]["kind"] == "prompt_too_long" and found["cli"]["kind"] == "prompt_too_long, exit 0"
             and all(f["seconds"] < 10 and f["growth_mb"] < 1024 for f in found.values()))
     detail = "; ".join(f"{'Scorer.score' if how == 'scorer' else 'score --input'}: {f['kind']} in {f['seconds']:.2f} s, "
-                       f"peak RSS +{f['growth_mb']:.0f} MB over the resident size before" for how, f in found.items())
+                       f"peak RSS raised by {f['growth_mb']:.0f} MB" for how, f in found.items())
     return "a 50 MB instruction through Scorer.score and through `score --input` (one line)", held, detail
 
 
@@ -380,13 +380,13 @@ def small_ones(scorer: Scorer, model: str, tmp: Path) -> tuple[str, bool, str]:
 def _configs(tmp: Path) -> dict[str, bool]:
     """A tiny checkpoint (written here: the exported folder has no config.json) whose base config is
     100,000 deep, then a list: each a CheckpointError naming config.json, never an untyped error."""
-    from editreward_families.qwen2_5_vl.fixture import write_fixture
     from editreward_rt.checkpoint import open_checkpoint
+    from editreward_rt.families import DEFAULT_FAMILY, family
 
-    paths = write_fixture(tmp / "checkpoint-fixture", size="tiny")
+    paths = family(DEFAULT_FAMILY).write_fixture(tmp / "checkpoint-fixture", size="tiny")
     out = {}
     for name, text in (("a 100,000-deep config.json", "[" * 100_000 + "]" * 100_000),
-                       ("a list-valued config.json", '["model_type", "qwen2_5_vl"]')):
+                       ("a list-valued config.json", '["model_type", "vision_config"]')):
         (paths.base / "config.json").write_text(text)
         try:
             open_checkpoint(paths.checkpoint, prompts_from=paths.prompts)
