@@ -124,9 +124,12 @@ def test_a_graph_over_2gb_streams_through_export_and_quantization(wide, tmp_path
     graph_bytes = data.stat().st_size
     assert graph_bytes > 2**31 and (root / "fp32" / "decoder.onnx").stat().st_size < 2**22
     q4_peak = _peak_rss("quantize/quantize.py", "--model-dir", str(root / "fp32"), "--scheme", "ort-int4", "--out", str(root / "q4"))
-    # A materialising path holds the graph at least once (the old exporter: twice); streaming holds a layer.
+    # A materialising path holds the graph at least once (the old exporter: twice); streaming holds a
+    # layer. The rest of the peak is the process (torch, ONNX Runtime, the validation subset), which
+    # moves with the allocator and thread pools from run to run (0.55x the graph seen on one CI run),
+    # so the bound sits between that and the 1x that any materialising path needs.
     print(f"graph {graph_bytes / 2**30:.2f} GiB, export peak {export_peak / 2**30:.2f} GiB, int4 peak {q4_peak / 2**30:.2f} GiB")
-    assert export_peak < graph_bytes / 2 and q4_peak < graph_bytes / 2
+    assert export_peak < 0.8 * graph_bytes and q4_peak < 0.8 * graph_bytes
 
     triples = [("Make the sky purple", images[0], images[1]), ("Remove the car", images[2], images[3])]
     streamed = Scorer.load(root / "fp32").score_batch(triples)
