@@ -211,7 +211,7 @@ def _cpu_speed_document():
                   "mu": [0.5, 0.25], "log_sigma": [0.0, 0.0], "tolerance_key": ["onnxruntime", "float32"]}]
         cpu_speed.summarise(block, peaks[str(threads)])
         rows += block
-    return results_document("cpu-speed", {"ckpt": "results/work/fixture-small/checkpoint", "gemm_peaks": peaks}, rows, "cpu")
+    return results_document("cpu-speed", {"ckpt": "fixtures/fixture-small/checkpoint", "gemm_peaks": peaks}, rows, "cpu")
 
 
 def test_report_plots_throughput_against_threads_and_batch(tmp_path):
