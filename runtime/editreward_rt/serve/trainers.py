@@ -192,15 +192,17 @@ class TrainerProtocols:
         items = data["requests"]
         if len(items) > self.limits.max_triples:
             raise S.ApiError(f"{len(items)} requests in one call, over the limit of {self.limits.max_triples}")
-        answers, todo = [None] * len(items), []
+        answers, todo, prints, decoded = [None] * len(items), [], [None] * len(items), {}
         for i, item in enumerate(items):
             key = item.get("idempotency_key") if isinstance(item, dict) else None
-            replay = self.replays.get(str(key), _fingerprint(item)) if key is not None else None
-            if replay is not None:
-                answers[i] = replay
-                continue
+            if key is not None:  # json.dumps of an item with two base64 images: once per item
+                prints[i] = _fingerprint(item)
+                replay = self.replays.get(str(key), prints[i])
+                if replay is not None:
+                    answers[i] = replay
+                    continue
             try:
-                triple, others = self._unirl_item(i, item)
+                triple, others = self._unirl_item(i, item, decoded)
             except InputError as exc:
                 answers[i] = ({}, {REWARD: f"{exc.kind}: {exc}"})
                 continue
@@ -212,8 +214,8 @@ class TrainerProtocols:
             names = [(f"requests[{i}].history[0].image_b64", f"requests[{i}].history[1].image_b64") for i, _ in todo]
             for (i, _), result in zip(todo, await self._score([t for _, t in todo], names, deadline)):
                 answers[i] = self._unirl_answer(result, answers[i][1], with_heads)
-                if "error" not in result or result.get("status", 500) < 500:
-                    self._remember(items[i], answers[i])
+                if prints[i] is not None and ("error" not in result or result.get("status", 500) < 500):
+                    self.replays.put(str(items[i]["idempotency_key"]), prints[i], answers[i])
         return JSONResponse({
             "protocol_version": PROTOCOL,
             "results": [result for result, _ in answers],
@@ -222,14 +224,10 @@ class TrainerProtocols:
                            for item in items],
         })
 
-    def _remember(self, item: dict, answer: tuple) -> None:
-        key = item.get("idempotency_key")
-        if key is not None:
-            self.replays.put(str(key), _fingerprint(item), answer)
-
-    def _unirl_item(self, i: int, item) -> tuple[tuple | None, dict]:
+    def _unirl_item(self, i: int, item, decoded: dict) -> tuple[tuple | None, dict]:
         """One UniRL request -> (its triple, or None when it does not ask for editreward; errors of
-        the other rewards it asks for, which this service does not serve)."""
+        the other rewards it asks for, which this service does not serve). ``decoded``: the call's
+        images so far, base64 text -> bytes (``_decode_once``)."""
         where = f"requests[{i}]"
         if not isinstance(item, dict):
             raise S.ApiError(f"{where} must be an object")
@@ -246,8 +244,8 @@ class TrainerProtocols:
             if turn.get("image_b64") is None:
                 raise S.ApiError(f"{where}.history[{t}] has no image_b64")
         instruction = S.check_instruction(history[0].get("text"), self.limits, f"{where}.history[0].text")
-        source = S.decode_image_field(history[0]["image_b64"], f"{where}.history[0].image_b64")
-        edited = S.decode_image_field(history[1]["image_b64"], f"{where}.history[1].image_b64")
+        source, edited = (_decode_once(turn["image_b64"], f"{where}.history[{t}].image_b64", decoded)
+                          for t, turn in enumerate(history))
         return (instruction, source, edited), others
 
     @staticmethod
@@ -298,6 +296,18 @@ class TrainerProtocols:
         if not isinstance(value, (list, tuple)):
             raise S.ApiError(f"{name} must be a list, not {type(value).__name__}")
         return list(value)
+
+
+def _decode_once(value, field: str, decoded: dict) -> bytes:
+    """``S.decode_image_field`` of each distinct base64 string once per call. A UniRL call repeats
+    its source in every edit's history: decoded once, it is one bytes object, which Ray pickles once
+    on the way to the scorer replica and which is hashed once there (8 edits: 9 images, not 16).
+    A string that fails is not remembered: each item it appears in gets its own error."""
+    if not isinstance(value, str):
+        return S.decode_image_field(value, field)
+    if value not in decoded:
+        decoded[value] = S.decode_image_field(value, field)
+    return decoded[value]
 
 
 class _ItemError(InputError):
