@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from editreward_rt.hardware import dtype_of
+
 from .common import ensure_fixture, results_document, synthetic_groups, write_document
 
 METHODS = ("reference-serial", "score", "batching", "score-groups")
@@ -154,7 +156,7 @@ def tolerance_key(description: dict) -> tuple[str, str]:
     """A fast scorer's description -> its (backend, precision) row of the tolerance table."""
     if description["backend"] == "torch":
         return "torch-fast", description.get("quantization", description["dtype"])
-    return description["backend"], description.get("quantization") or description.get("precision") or "float32"
+    return description["backend"], description.get("quantization") or dtype_of(description.get("precision") or "fp32")
 
 
 def bench(fast, reference, groups: list, producers: int, max_wait_ms: float, methods=METHODS, tolerance: float = 1e-4) -> list:

@@ -12,6 +12,7 @@ from . import backends
 from .errors import EditRewardError, InputError, OutputError
 from .extras import require
 from .families import DEFAULT_FAMILY, family
+from .hardware import PRECISIONS
 from .jsonl import TRIPLE_FIELDS, is_blank, not_regular, parse_record, parse_triple, read_lines, resolve
 
 
@@ -104,11 +105,11 @@ def _done_indices(output: Path, lines: list[bytes]) -> set[int]:
     return set(done)
 
 
-def _result(index: int, record: dict | None, outcome) -> dict:
+def _result(index: int, record: dict | None, outcome, engine: str) -> dict:
     if isinstance(outcome, EditRewardError):
         return {"index": index, "error": outcome.to_dict()}
     fields = {k: record[k] for k in TRIPLE_FIELDS} if record else {}
-    return {"index": index, **outcome.to_dict(), **fields}
+    return {"index": index, **outcome.to_dict(), **fields, "backend": engine}
 
 
 def _groups(triples: list[tuple]) -> list[tuple]:
@@ -183,7 +184,7 @@ def score_file(scorer, input_path: Path, output_path: Path, chunk: int | None = 
                 groups = _groups(triples)
                 for (indices, _), results in zip(groups, scorer.score_groups([g for _, g in groups], errors="return")):
                     outcomes.update(zip(indices, results))
-                results = [_result(i, records.get(i), outcomes[i]) for i in batch]
+                results = [_result(i, records.get(i), outcomes[i], scorer.engine) for i in batch]
                 out.append(results)
                 for result in results:
                     counts["errors" if "error" in result else "scored"] += 1
@@ -214,7 +215,7 @@ def load_scorer(args):
 
     return Scorer.load(args.model, backend=args.backend, mode=args.mode, base=args.base, prompts_from=args.prompts_from,
                        device=args.device, threads=args.threads, max_batch=args.max_batch, memory=args.memory,
-                       options=dict(args.backend_option))
+                       precision=args.precision, options=dict(args.backend_option))
 
 
 def cmd_score(args) -> int:
@@ -235,7 +236,7 @@ def cmd_score(args) -> int:
         except EditRewardError as exc:
             print(json.dumps({"error": exc.to_dict(), **record}))
             return 2
-        print(json.dumps({**score.to_dict(), **record}))
+        print(json.dumps({**score.to_dict(), **record, "backend": scorer.engine}))
         return 0
     counts = score_file(scorer, Path(args.input), Path(args.output))
     print(json.dumps(counts), file=sys.stderr)
@@ -319,6 +320,13 @@ def backend_option(text: str) -> tuple[str, bool | int | str]:
         return key, value
 
 
+def add_precision_argument(p) -> None:
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (the default, or $EDITREWARD_PRECISION): bf16 where the device computes it natively "
+                        "(AMX or AVX512-BF16 on a CPU, a current GPU), fp32 elsewhere; fp32: the reference's own, "
+                        "to the float32 tolerance")
+
+
 def add_backend_option(p) -> None:
     p.add_argument("--backend-option", type=backend_option, action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the backend's load, repeatable (e.g. io_binding=true for onnxruntime, "
@@ -332,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score one triple or a JSONL file of triples")
     score.add_argument("--model", required=True, help="checkpoint (hub id or folder) or exported model folder")
     score.add_argument("--backend", choices=backends.names(),
-                       help="default: onnxruntime for an exported folder, torch for a checkpoint")
+                       help="default: torch for a checkpoint; for a float ONNX folder on a CPU the fastest engine "
+                            "installed (backends.cpu_engine), else the runtime the folder names")
+    add_precision_argument(score)
     score.add_argument("--mode", choices=backends.MODES, default="fast")
     score.add_argument("--base", help="base model hub id or folder (torch backend)")
     score.add_argument("--prompts-from", help="local clone of the upstream repository (torch backend)")
@@ -373,11 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the HTTP scoring API on Ray Serve (needs the serve extra)")
     add_serve_arguments(serve)
+    add_precision_argument(serve)
     add_backend_option(serve)
     serve.set_defaults(func=cmd_serve)
 
     batch = sub.add_parser("batch", help="score a JSONL/Parquet file of triples with Ray Data (needs the serve extra)")
     add_batch_arguments(batch)
+    add_precision_argument(batch)
     add_backend_option(batch)
     batch.set_defaults(func=cmd_batch)
 

@@ -26,6 +26,7 @@ MANIFEST_VERSION = 1
 KNOWN_VERSIONS = (1,)
 # The backends that read a model folder: what the manifest's "runtime" may name.
 EXPORTED_RUNTIMES = tuple(name for name, entry in BACKENDS.items() if "exported" in entry.reads)
+IR_GRAPH, IR_WEIGHTS = ".xml", ".bin"  # an OpenVINO IR graph and the weights file it implies
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB cap, with margin: larger graphs keep their weights in <graph>.onnx.data
 
 
@@ -94,7 +95,11 @@ def referenced_files(manifest: dict) -> dict[str, str]:
     if not isinstance(engines, dict):
         raise ManifestError("the manifest's trt.engines is not an object")
     for name, graph in (manifest.get("graphs") or {}).items():
-        out[graph.get("file") if isinstance(graph, dict) else graph] = f"graph {name!r}"
+        file = graph.get("file") if isinstance(graph, dict) else graph
+        out[file] = f"graph {name!r}"
+        if isinstance(file, str) and file.endswith(IR_GRAPH):
+            # An OpenVINO IR graph names no weights file: OpenVINO reads the .bin of the same stem.
+            out[file[: -len(IR_GRAPH)] + IR_WEIGHTS] = f"graph {name!r}'s weights"
     for key in ("tokenizer", "weights"):
         if manifest.get(key) is not None:
             out[manifest[key]] = key
@@ -115,7 +120,8 @@ def check_layout(root: Path, manifest: dict) -> None:
     """Every file the folder holds and every file the manifest points at is covered by the
     manifest's hashes: plain names inside the folder (no separators, no links), none unlisted.
     A graph's external data lives in such a file too (``<graph>.onnx.data``), and the graph that
-    names it is hashed, so nothing the runtime reads escapes the hashes."""
+    names it is hashed; an OpenVINO IR graph ``<graph>.xml`` names no weights file, so its
+    ``<graph>.bin`` is referenced itself. Nothing the runtime reads escapes the hashes."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
         raise ManifestError(f"{root / MANIFEST} lists no file hashes")

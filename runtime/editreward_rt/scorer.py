@@ -50,10 +50,19 @@ def preference(a: Score, b: Score) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def _backend_name(path_or_id, backend: str | None) -> str:
+def _backend_name(path_or_id, backend: str | None, device: str = "cpu", precision: str | None = None) -> str:
+    """The backend asked for; else a checkpoint's (torch) or the one an exported folder names, and
+    for a float ONNX folder on a CPU the fastest engine installed (``backends.cpu_engine``)."""
+    if backend:
+        return backend
     folder = Path(str(path_or_id))
-    exported = folder.is_dir() and (folder / MANIFEST).is_file()
-    return backend or (_manifest_runtime(folder) if exported else backends.DEFAULT_CHECKPOINT)
+    if not (folder.is_dir() and (folder / MANIFEST).is_file()):
+        return backends.DEFAULT_CHECKPOINT
+    manifest = read_manifest(folder)
+    runtime = manifest.get("runtime", backends.DEFAULT_EXPORTED)
+    if runtime == backends.DEFAULT_EXPORTED and "quantization" not in manifest and device == "cpu":
+        return backends.cpu_engine(precision)
+    return runtime
 
 
 def _merge_options(named: dict, options: dict | None) -> dict:
@@ -63,12 +72,6 @@ def _merge_options(named: dict, options: dict | None) -> dict:
         raise BackendError(f"option {twice[0]!r} has an argument of its own ({twice[0]}=, or "
                            f"--{twice[0].replace('_', '-')} on the command line); give it there, not among the options")
     return {**named, **(options or {})}
-
-
-def _manifest_runtime(folder: Path) -> str:
-    """The backend an exported folder is made for (ONNX graphs unless the manifest says otherwise);
-    ``read_manifest`` refuses a broken manifest or an unknown runtime with a ``ManifestError``."""
-    return read_manifest(folder).get("runtime", backends.DEFAULT_EXPORTED)
 
 
 def _unpack(index: int, triple) -> tuple:
@@ -140,23 +143,34 @@ class Scorer:
     def load(cls, path_or_id: str | os.PathLike, backend: str | None = None, mode: str = "fast", base: str | None = None,
              prompts_from: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None,
              dtype: str | None = None, max_batch: int | None = None, max_input_pixels: int | None = None,
-             memory: str | None = None, options: dict | None = None) -> "Scorer":
+             memory: str | None = None, precision: str | None = None, options: dict | None = None) -> "Scorer":
         """``path_or_id``: a checkpoint (hub id or folder; torch backend) or an exported model folder.
         ``max_batch``: triples per fast-path call (default: ``backends.default_max_batch`` of the
         device the backend runs on). ``max_input_pixels`` caps decoded image size (decompression-bomb
         guard). ``memory`` (torch backend): ``resident`` weights stay on the device, ``per-call``
         they are there only during a call. ``options``: the backend's other options (its registry
         entry lists them, e.g. ``{"io_binding": True}``, ``{"cuda_graphs": True}``). A None option
-        is not given; one the backend does not take is a BackendError naming those that take it."""
+        is not given; one the backend does not take is a BackendError naming those that take it.
+        ``precision``: ``auto`` (the default, or $EDITREWARD_PRECISION), ``fp32`` or ``bf16``;
+        auto is bf16 where the device computes it natively (``hardware.resolve_precision``), and
+        the description's ``precision`` says which ran. With no ``backend``, a float ONNX folder on
+        a CPU runs on the fastest engine installed for that precision (``backends.cpu_engine``)."""
         named = {"base": base, "prompts_from": prompts_from, "device": device, "threads": threads, "dtype": dtype,
-                 "memory": memory}
-        entry = backends.backend(_backend_name(path_or_id, backend))
+                 "memory": memory, "precision": precision}
+        entry = backends.backend(_backend_name(path_or_id, backend, device, precision))
         impl, model = entry.load(path_or_id, mode=mode, **_merge_options(named, options))
         return cls(impl, model, max_batch=max_batch, max_input_pixels=max_input_pixels)
 
     @property
     def description(self) -> dict:
         return dict(self.backend.description)
+
+    @property
+    def engine(self) -> str:
+        """The engine and the precision that ran, as each result names them: ``openvino bf16``,
+        ``onnxruntime fp32 ort-int8`` (a quantized folder adds its scheme)."""
+        d = self.backend.description
+        return " ".join(str(x) for x in (d["backend"], d.get("precision"), d.get("quantization")) if x)
 
     def preprocess(self, image) -> PreprocessedImage:
         return image if isinstance(image, PreprocessedImage) else preprocess_image(image, self.image_spec)

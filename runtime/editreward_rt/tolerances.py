@@ -128,3 +128,25 @@ def hidden_snr_floor_db(quantization: dict, spec, margin_db: float = MARGIN_DB) 
     noise = scheme.noise(spec)
     total = spec.text.num_layers * (noise["weights"] + noise["activations"]) + 2 * noise["embedding"]
     return -10 * math.log10(total) - margin_db - scheme.emulation_db
+
+# ---------------------------------------------------------------- bfloat16 against float32, from first principles
+
+# bfloat16 keeps 8 significant bits: rounding to it is a relative error uniform within +-2^-9,
+# a noise power of (2^-8)^2 / 12 of the value's.
+BF16_NOISE = 2.0**-16 / 12
+# Tensors of the stream's size rounded to bf16 in one transformer block (decoder or vision) of a
+# bf16 run: the 7 weight matrices, the 4 matmul inputs (two norm outputs, the attention output,
+# the gated product), the 2 residual sums, the attention scores and probabilities and the norm's
+# scale. Measured on the random fixtures (torch, tiny and small): 11 and 13 such roundings'
+# worth of noise per block, so 16 bounds it before the margin.
+BF16_ROUNDINGS_PER_BLOCK = 16
+
+
+def bf16_snr_floor_db(spec, margin_db: float = MARGIN_DB) -> float:
+    """Floor on the hidden-state SNR at <|Reward|> of a bf16 run against the float32 reference.
+    The vision tower runs in bf16 too (unlike the quantized schemes, which keep it), so every
+    block of both towers adds ``BF16_ROUNDINGS_PER_BLOCK`` roundings of relative noise
+    ``BF16_NOISE`` to what the heads read. It holds where an engine computes fp32 instead (a CPU
+    without bf16 units, where a bf16 hint may be ignored): less noise, a higher SNR."""
+    blocks = spec.text.num_layers + spec.vision.depth
+    return -10 * math.log10(blocks * BF16_ROUNDINGS_PER_BLOCK * BF16_NOISE) - margin_db

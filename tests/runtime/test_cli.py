@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import save
-from editreward_rt import cli
+from editreward_rt import backends, cli
 from editreward_rt.cli import main
 
 
@@ -320,6 +320,33 @@ def test_score_serve_and_batch_default_to_the_devices_batch(tiny_onnx):
     actor = ScoreActor(batch.model, batch.backend, batch.device, 1, batch.max_batch, None, dict(batch.backend_option))
     assert actor.scorer.max_batch == default_max_batch("cpu")
     assert load_scorer(_parsed("score", "--model", str(tiny_onnx), "--max-batch", "3")).max_batch == 3
+
+
+def test_precision_reaches_the_scorer_of_score_serve_and_batch(tiny_onnx):
+    """--precision: the scorer of each command runs it (the description names what ran); unset, the default."""
+    pytest.importorskip("ray")  # the serve extra: serve's replica and batch's actor
+    from editreward_rt.cli import load_scorer
+    from editreward_rt.serve.batch import ScoreActor
+    from editreward_rt.serve.replica import ScorerReplica
+
+    engine = backends.cpu_engine()
+    score = _parsed("score", "--model", str(tiny_onnx), "--precision", "fp32")
+    assert load_scorer(score).engine == f"{engine} fp32"
+    serve = _parsed("serve", "--model", str(tiny_onnx), "--precision", "fp32")
+    replica = ScorerReplica(serve.model, threads=1, options=dict(serve.backend_option), precision=serve.precision)
+    try:
+        assert replica.ready()["precision"] == "fp32"
+    finally:
+        replica.batcher.close()
+    batch = _parsed("batch", "--model", str(tiny_onnx), "--input", "in.jsonl", "--output", "out", "--precision", "fp32")
+    actor = ScoreActor(batch.model, batch.backend, batch.device, 1, None, None, {}, batch.precision)
+    assert actor.scorer.description["precision"] == "fp32"
+    assert _parsed("serve", "--model", "m").precision is None  # the default: Scorer.load's (auto, or $EDITREWARD_PRECISION)
+    with pytest.raises(SystemExit):
+        _parsed("score", "--model", "m", "--precision", "fp16")
+    if engine == "openvino":  # ONNX Runtime has no bf16 CPU kernels; OpenVINO runs bf16 (or says it ran fp32)
+        bf16 = load_scorer(_parsed("score", "--model", str(tiny_onnx), "--precision", "bf16"))
+        assert bf16.description["precision"] in ("bf16", "fp32") and bf16.description["backend"] == "openvino"
 
 
 def test_backend_options_from_the_command_line(tiny_onnx, images, tmp_path, capsys):

@@ -12,6 +12,7 @@ an option another backend takes is refused naming those backends, never silently
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 from ..errors import BackendError
@@ -64,10 +65,10 @@ BACKENDS = {e.name: e for e in (
     # bf16: bf16 on both sides (GPU), different kernels and summation order; not yet measured on a GPU here.
     BackendEntry("torch", ("fast", "reference"), "torch", "editreward_rt.backends.torch_backend",
                  ("checkpoint", "exported"), ("cpu", "cuda"),
-                 ("device", "threads", "dtype", "memory", "base", "prompts_from"),
+                 ("device", "threads", "dtype", "precision", "memory", "base", "prompts_from"),
                  {"float32": Tolerance(1e-4, 1e-4), "bfloat16": Tolerance(5e-2, 5e-2, 0.95)}),
     BackendEntry("onnxruntime", ("fast",), "onnx", "editreward_rt.backends.ort_backend", ("exported",), ("cpu", "cuda"),
-                 ("device", "threads", "optimization", "io_binding"),
+                 ("device", "threads", "precision", "optimization", "io_binding"),
                  {"float32": Tolerance(1e-4, 1e-4), "float16": Tolerance(5e-2, 5e-2, 0.9),
                   "bfloat16": Tolerance(1e-1, 1e-1, 0.9)}),
     # TensorRT engines (fp32 built with TF32 off) against the reference; not yet measured on a GPU
@@ -76,6 +77,15 @@ BACKENDS = {e.name: e for e in (
                  ("device", "cuda_graphs"),
                  {"float32": Tolerance(1e-3, 1e-3), "float16": Tolerance(5e-2, 5e-2, 0.9),
                   "bfloat16": Tolerance(1e-1, 1e-1, 0.9)}),
+    # bf16, derived: the hidden state at <|Reward|> carries at most the relative error e of
+    # tolerances.bf16_snr_floor_db's model before its margin (bf16's 8 bits, 16 roundings in each
+    # block of both towers): e = 1.4e-2 on the 36M fixture's 10 blocks, 0.9e-2 on tiny's 4. The heads
+    # are linear to first order, so a unit-sized reward moves by about e; 3 e = 4.3e-2 lies within 5e-2
+    # (tested on the fixture's spec). A CPU without bf16 units ignores the hint (fp32) or emulates it
+    # (the same roundings): within it too. The 7B's 60 blocks make e 2.4x; parity.py gates the checkpoint.
+    BackendEntry("openvino", ("fast",), "openvino", "editreward_rt.backends.ov_backend", ("exported",), ("cpu",),
+                 ("device", "threads", "precision", "cache_dir"),
+                 {"float32": Tolerance(1e-4, 1e-4), "bfloat16": Tolerance(5e-2, 5e-2, 0.95)}),
 )}
 MODES = ("fast", "reference")
 # An exported folder whose manifest names no runtime holds ONNX graphs; a checkpoint is read by torch.
@@ -96,6 +106,25 @@ def names() -> tuple[str, ...]:
 def option_names() -> list[str]:
     """Every option some backend takes, sorted."""
     return sorted({o for e in BACKENDS.values() for o in e.options})
+
+
+# The engines a float ONNX folder may run on with no backend named, on a CPU, fastest first, by
+# precision (the rule ``cpu_engine`` applies; docs/performance.md has the measurements behind it).
+CPU_ENGINES = {"bf16": ("openvino", "onnxruntime"), "fp32": ("openvino", "onnxruntime")}
+
+
+def cpu_engine(precision: str | None = None) -> str:
+    """The backend a float ONNX folder loads on, on a CPU, with no backend named: the first of
+    ``CPU_ENGINES`` for the precision ``precision`` resolves to here whose library is installed.
+    OpenVINO reads the same graphs and computes bf16 on the CPU's bf16 units (ONNX Runtime has no
+    bf16 CPU kernels): 1.8x ONNX Runtime's float32 on an AVX512-BF16 EPYC, 3.5x on an AMX Xeon; in
+    float32 it was 1.03x and 1.28x, so it leads in both (docs/cpu.md)."""
+    from ..hardware import resolve_precision
+
+    for name in CPU_ENGINES[resolve_precision(precision, "cpu")]:
+        if importlib.util.find_spec(name) is not None:  # these engines' libraries import by their backend's name
+            return name
+    return DEFAULT_EXPORTED
 
 
 def default_max_batch(device: str) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import BackendError, ManifestError
 from ..extras import require
 from ..families import family_for
+from ..hardware import precision_of, resolve_precision
 from ..manifest import open_exported
 from ..pipeline import FastPipeline, PipelineBackend, host_keep, host_table
 from . import BACKENDS, onnx_proto
@@ -21,12 +22,19 @@ def _ort():
 
 
 def load(path_or_id, *, mode: str = "fast", device: str = "cpu", threads=None, optimization: str = "all",
-         io_binding: bool | None = None):
+         io_binding: bool | None = None, precision: str | None = None):
     """Registry entry: an exported model folder (float or ``ort-*``-quantized graphs). ``io_binding``:
-    keep the key/value cache on the session's device (default: on a CUDA provider only)."""
+    keep the key/value cache on the session's device (default: on a CUDA provider only).
+    ``precision``: ONNX Runtime computes in the precision the graphs were exported in; ``auto``
+    (and the default) runs them so, and a precision they do not have is refused (its CPU provider
+    has no bfloat16 matrix kernels: bf16 on a CPU is the openvino or torch backend's)."""
     if io_binding not in (None, True, False):
         raise BackendError(f"io_binding must be true or false, not {io_binding!r}")
     ort = OrtBackend(path_or_id, device=device, threads=threads, optimization=optimization, io_binding=io_binding)
+    graphs = ort.description["precision"]
+    if precision not in (None, "auto") and resolve_precision(precision, ort.description["device"]) != graphs:
+        raise BackendError(f"the onnxruntime backend runs {ort.model.root} in its graphs' precision, {graphs}; "
+                           f"for {precision} on a CPU use the openvino backend (or torch on a checkpoint)")
     return ort, ort.model
 
 
@@ -240,5 +248,6 @@ class OrtBackend(PipelineBackend):
         self.pipeline = FastPipeline(self.graphs)
         self.description = {"backend": "onnxruntime", "mode": "fast", "device": device_of(self.graphs.providers, device),
                             "providers": self.graphs.providers,
-                            "precision": self.model.manifest.get("precision"), "io_binding": self.graphs.binding,
+                            "precision": precision_of(self.model.manifest.get("precision", "float32")),
+                            "io_binding": self.graphs.binding,
                             "quantization": (self.model.manifest.get("quantization") or {}).get("scheme")}

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import BackendError
 from ..extras import require
 from ..families import family_for
+from ..hardware import PRECISION_DTYPES, precision_of, resolve_precision
 from ..manifest import MANIFEST
 from ..pipeline import FastPipeline, PipelineBackend, PreparedTriple, SharedPrefix
 from . import BACKENDS
@@ -29,7 +30,7 @@ MEMORY_MODES = ("resident", "per-call")
 
 
 def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device: str = "cpu", threads=None, dtype=None,
-         memory: str = "resident"):
+         memory: str = "resident", precision: str | None = None):
     """Registry entry: a checkpoint (hub id or folder), or a quantized model folder written by the quantize tool."""
     folder = Path(str(path_or_id))
     if folder.is_dir() and (folder / MANIFEST).is_file():
@@ -38,11 +39,16 @@ def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device
         if memory != "resident":  # quantized layers pack their weights when moved; a per-call copy would repack them
             raise BackendError(f"memory {memory!r} needs float weights; a quantized folder stays resident")
         model = open_exported(folder)
+        computes = precision_of(model.manifest.get("compute_dtype", "float32"))
+        if precision is not None and precision != "auto" and resolve_precision(precision, device) != computes:
+            raise BackendError(f"{folder} is quantized to compute in {computes}; precision {precision!r} is not "
+                               "available for it (quantize again from the float checkpoint for another)")
         return TorchBackend.from_quantized(model, mode=mode, device=device, threads=threads), model
     from ..checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path_or_id, base=base, prompts_from=prompts_from)
-    return TorchBackend(ckpt, mode=mode, device=device, dtype=dtype, threads=threads, memory=memory), ckpt
+    return TorchBackend(ckpt, mode=mode, device=device, dtype=dtype, threads=threads, memory=memory,
+                        precision=precision), ckpt
 
 
 def pick_device(device: str):
@@ -59,13 +65,25 @@ def pick_device(device: str):
     return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
-def pick_dtype(dtype: str | None, device) :
+def pick_dtype(dtype: str | None, device, precision: str | None = None, mode: str = "fast"):
+    """The compute dtype: ``dtype`` (a torch dtype name) if given, else ``precision`` (fp32, bf16 or
+    auto; ``hardware.resolve_precision``): auto is bfloat16 where ``device`` computes it natively.
+    With neither, the fast path runs the default precision (auto, or $EDITREWARD_PRECISION), and
+    the reference, the yardstick every other path is checked against, float32 on a CPU and
+    bfloat16 on a GPU (upstream's own)."""
     torch = _torch()
-    name = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype is not None and precision is not None:
+        if PRECISION_DTYPES.get(resolve_precision(precision, str(device))) != dtype:
+            raise BackendError(f"dtype {dtype!r} and precision {precision!r} disagree; give one of them")
+    if dtype is None:
+        if precision is None and mode == "reference":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        else:
+            dtype = PRECISION_DTYPES[resolve_precision(precision, str(device))]
     try:
-        return getattr(torch, name)
+        return getattr(torch, dtype)
     except AttributeError as exc:
-        raise BackendError(f"unknown dtype {name!r}") from exc
+        raise BackendError(f"unknown dtype {dtype!r}") from exc
 
 
 class TorchGraphs:
@@ -163,7 +181,7 @@ class TorchBackend(PipelineBackend):
     name = "torch"
 
     def __init__(self, checkpoint, mode: str = "fast", device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None, memory: str = "resident"):
+                 threads: int | None = None, memory: str = "resident", precision: str | None = None):
         torch = _torch()
         if threads:
             torch.set_num_threads(threads)
@@ -173,7 +191,7 @@ class TorchBackend(PipelineBackend):
             raise BackendError(f"memory {memory!r} applies to the fast path; the reference stays resident")
         self.spec, self.mode = checkpoint.spec, mode
         dev = pick_device(device)
-        dt = pick_dtype(dtype, dev)
+        dt = pick_dtype(dtype, dev, precision, mode)
         state = checkpoint.state_dict()
         if mode == "reference":
             self.runner = family_for(self.spec).reference_runner(checkpoint.config, state, dev, dt)
@@ -185,8 +203,9 @@ class TorchBackend(PipelineBackend):
             graphs.device = dev
             self.pipeline = FastPipeline(graphs)
             self.residency = Residency(torch, [graphs.vision_module, graphs.decoder, graphs.head_module], dev, memory)
-        self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
-                            "memory": memory}
+        name = str(dt).replace("torch.", "")
+        self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": name,
+                            "precision": precision_of(name), "memory": memory}
 
     @classmethod
     def from_quantized(cls, model, mode: str = "fast", device: str = "cpu", threads: int | None = None):
@@ -222,8 +241,9 @@ class TorchBackend(PipelineBackend):
         state = load_file(str(weights))
         entry(quant["scheme"]).function("load")(modules, quant, state, dev, dt)
         self.pipeline = FastPipeline(self.graphs)
-        self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
-                            "quantization": quant["scheme"]}
+        name = str(dt).replace("torch.", "")
+        self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": name,
+                            "precision": precision_of(name), "quantization": quant["scheme"]}
         return self
 
     def head_outputs(self, triples: list[PreparedTriple], prefix: SharedPrefix | None = None) -> np.ndarray:

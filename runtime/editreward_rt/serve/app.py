@@ -72,6 +72,7 @@ class ServeConfig:
     limits: S.Limits = field(default_factory=S.Limits)
     token: str | None = None  # bearer token the JSON protocols require (None: open); see trainers.py
     backend_options: dict = field(default_factory=dict)  # Scorer.load's ``options``
+    precision: str | None = None  # Scorer.load's: None, the default (auto, or $EDITREWARD_PRECISION)
 
     @property
     def replica_ongoing(self) -> int:
@@ -459,7 +460,7 @@ def build_app(cfg: ServeConfig):
         max_queued_requests=cfg.max_queued,
         **shutdown,
     ).bind(cfg.model, cfg.backend, cfg.device, cfg.threads, cfg.max_batch, cfg.batch_wait_ms / 1000.0,
-           cfg.limits.max_image_pixels, cfg.backend_options)
+           cfg.limits.max_image_pixels, cfg.backend_options, cfg.precision)
     # One gateway sees every request, so /metrics covers the whole service. Its own bounds sit
     # above the scorer's, so overflow is answered by the gateway's typed 429 first.
     ongoing = cfg.replicas * cfg.replica_ongoing + cfg.max_queued + 16

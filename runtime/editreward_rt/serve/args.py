@@ -9,7 +9,8 @@ from ..backends import names as backend_names
 
 def add_serve_arguments(p) -> None:
     p.add_argument("--model", required=True, help="exported model folder (or checkpoint for --backend torch)")
-    p.add_argument("--backend", choices=backend_names(), help="default: onnxruntime for an exported folder")
+    p.add_argument("--backend", choices=backend_names(), help="default: for a float ONNX folder on a CPU the fastest engine installed "
+                   "(backends.cpu_engine), else the runtime the folder names")
     p.add_argument("--device", default="cpu", help="cpu or cuda; with cuda each replica takes one GPU")
     p.add_argument("--replicas", type=int, help="default: one per GPU, or one per --threads CPU cores")
     p.add_argument("--threads", type=int,

@@ -57,6 +57,7 @@ class BatchConfig:
     part_rows: int = 256
     progress: bool = True
     backend_options: dict = field(default_factory=dict)  # Scorer.load's ``options``
+    precision: str | None = None  # Scorer.load's: None, the default (auto, or $EDITREWARD_PRECISION)
 
 
 # ---------------------------------------------------------------- input
@@ -177,11 +178,11 @@ class ScoreActor:
     """Holds one Scorer; called with batches of decoded rows, returns result rows."""
 
     def __init__(self, model: str, backend: str | None, device: str, threads: int | None, max_batch: int | None,
-                 max_input_pixels: int | None, options: dict | None = None):
+                 max_input_pixels: int | None, options: dict | None = None, precision: str | None = None):
         from ..scorer import Scorer
 
         self.scorer = Scorer.load(model, backend=backend, device=device, threads=threads, max_batch=max_batch,
-                                  max_input_pixels=max_input_pixels, options=options)
+                                  max_input_pixels=max_input_pixels, precision=precision, options=options)
 
     def _patches(self, row: dict, f: str, cache: dict):
         key = row[f + "_path"]
@@ -261,7 +262,8 @@ def run_batch(cfg: BatchConfig, input_path, output_path, log=None) -> dict:
                             batch_size=rows_per_call, num_cpus=1, memory=decode_memory(spec, rows_per_call))
         resources = {"num_gpus": 1} if cfg.device.startswith("cuda") else {"num_cpus": max(1, cfg.threads or 1)}
         ds = ds.map_batches(ScoreActor, fn_constructor_args=(cfg.model, cfg.backend, cfg.device, cfg.threads,
-                                                             cfg.max_batch, cfg.max_input_pixels, cfg.backend_options),
+                                                             cfg.max_batch, cfg.max_input_pixels, cfg.backend_options,
+                                                             cfg.precision),
                             batch_format="pyarrow", batch_size=rows_per_call,
                             compute=ray.data.ActorPoolStrategy(size=max(1, cfg.concurrency)), **resources)
         ds.write_parquet(str(output))

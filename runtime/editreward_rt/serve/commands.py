@@ -51,7 +51,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(model=args.model, backend=args.backend, device=args.device, replicas=replicas, threads=threads,
                       max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_ongoing=args.max_ongoing,
                       max_queued=args.max_queued, graceful_shutdown_s=args.graceful_shutdown_s, limits=limits,
-                      backend_options=dict(args.backend_option), token=args.token)
+                      backend_options=dict(args.backend_option), precision=args.precision, token=args.token)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -89,7 +89,7 @@ def cmd_batch(args) -> int:
         threads = args.threads or (None if args.device.startswith("cuda") else 1)
         cfg = BatchConfig(model=args.model, backend=args.backend, device=args.device, threads=threads,
                           max_batch=args.max_batch, concurrency=args.concurrency,
-                          backend_options=dict(args.backend_option),
+                          backend_options=dict(args.backend_option), precision=args.precision,
                           max_input_pixels=args.max_image_pixels, part_rows=args.part_rows,
                           progress=not args.no_progress)
         counts = run_batch(cfg, args.input, args.output)

@@ -77,10 +77,10 @@ def _timed_out_or_result(future):
 class ScorerReplica:
     def __init__(self, model: str, backend: str | None = None, device: str = "cpu", threads: int | None = None,
                  max_batch: int | None = None, batch_wait_s: float = 0.01, max_input_pixels: int | None = None,
-                 options: dict | None = None):
+                 options: dict | None = None, precision: str | None = None):
         # max_batch None: the device's per-call size (backends.default_max_batch) and the batcher's merge width.
         self.scorer = Scorer.load(model, backend=backend, device=device, threads=threads, max_batch=max_batch,
-                                  max_input_pixels=max_input_pixels, options=options)
+                                  max_input_pixels=max_input_pixels, precision=precision, options=options)
         # Requests take turns on the decoding threads: a request of many large images cannot hold them all.
         self._prep = FairPool(max(1, threads or 1), name="editreward-prep")
         self._infos, self._infos_lock = [], threading.Lock()

@@ -28,6 +28,8 @@ def _runnable(name: str) -> str | None:
         return f"the {name} backend runs on {'/'.join(entry.devices)} only and this machine has no CUDA GPU"
     if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (its engines are built and checked in tests/export/trt/ where it is)"
+    if name == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed (pip install 'editreward-deploy[openvino]')"
     return None
 
 
@@ -70,7 +72,7 @@ def variants(tiny, tiny_onnx, tmp_path_factory):
                                 out=tmp_path_factory.mktemp("trt") / "fp32", log=lambda *_: None)
                 loaded[name] = Scorer.load(out, backend=name, device="cuda")
             else:
-                loaded[name] = Scorer.load(tiny_onnx, backend=name, device="cpu")
+                loaded[name] = Scorer.load(tiny_onnx, backend=name, device="cpu", precision="fp32")  # the matrix's float32
         return loaded[name]
 
     return load
@@ -113,7 +115,7 @@ def test_fast_mode_decodes_less_than_reference(fast, images):
 def test_onnxruntime_sessions_do_not_spin_between_runs(tiny_onnx):
     """The fast path alternates between its sessions, each with its own intra-op pool: a pool that
     spins after its run takes a core from the next one (benchmarks/cpu_speed.py, 2 threads)."""
-    scorer = Scorer.load(tiny_onnx, threads=2)
+    scorer = Scorer.load(tiny_onnx, backend="onnxruntime", threads=2)
     sessions = scorer.backend.graphs.sessions
     assert set(sessions) >= {"vision", "decoder", "heads"}
     for session in sessions.values():

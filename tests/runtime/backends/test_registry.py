@@ -62,17 +62,17 @@ def test_an_option_the_backend_does_not_take_names_the_backends_that_do(tiny_onn
     with pytest.raises(BackendError, match="'device' has an argument of its own"):
         Scorer.load(tiny_onnx, options={"device": "cpu"})
     with pytest.raises(BackendError, match="io_binding must be true or false"):
-        Scorer.load(tiny_onnx, options={"io_binding": "yes"})
+        Scorer.load(tiny_onnx, backend="onnxruntime", options={"io_binding": "yes"})
 
 
 def test_options_reach_the_backend_and_none_means_not_given(tiny_onnx):
     """``io_binding`` (once unreachable) goes through ``Scorer.load``; a None option is the backend's default."""
-    assert Scorer.load(tiny_onnx, options={"io_binding": True}).description["io_binding"] is True
-    assert Scorer.load(tiny_onnx, options={"io_binding": None}).description["io_binding"] is False  # CPU default
+    assert Scorer.load(tiny_onnx, backend="onnxruntime", options={"io_binding": True}).description["io_binding"] is True
+    assert Scorer.load(tiny_onnx, backend="onnxruntime", options={"io_binding": None}).description["io_binding"] is False  # CPU default
     loaded, _ = backends.backend("onnxruntime").load(tiny_onnx, memory=None, optimization="basic")
     assert loaded.description["device"] == "cpu"
     with pytest.raises(BackendError, match="optimisation level 'fastest'"):
-        Scorer.load(tiny_onnx, options={"optimization": "fastest"})
+        Scorer.load(tiny_onnx, backend="onnxruntime", options={"optimization": "fastest"})
 
 
 def test_description_device_is_where_it_runs(tiny_onnx, fast):

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on
 requests = pytest.importorskip("requests")
 
 from conftest import png_bytes, random_image, serving  # noqa: E402
+from editreward_rt import backends  # noqa: E402
 
 MAX_PIXELS = 1_000_000
 MAX_BODY = 2 * 1024 * 1024
@@ -102,7 +103,9 @@ def error_of(response, status: int) -> str:
 def test_health_ready_and_openapi(server):
     assert requests.get(server + "/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
     ready = requests.get(server + "/readyz", timeout=TIMEOUT)
-    assert ready.status_code == 200 and ready.json()["model"]["backend"] == "onnxruntime"
+    # the default engine for a float ONNX folder on a CPU, at the suite's pinned default precision
+    assert ready.status_code == 200 and ready.json()["model"]["backend"] == backends.cpu_engine()
+    assert ready.json()["model"]["precision"] == "fp32"
     assert ready.json()["model"]["max_input_pixels"] == MAX_PIXELS
     spec = requests.get(server + "/openapi.json", timeout=TIMEOUT).json()
     assert {"/v1/score", "/v1/rank", "/v1/prefer", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
