@@ -42,7 +42,8 @@ from .calib import calibration_triples, prepare_all
 from .output import staged_output
 
 # The decoder graph's inputs by role, in the order the fast path feeds them (their names are the family's).
-ROLES = ("ids", "embeds", "index", "positions", "mask", "cache")
+ROLES = ("ids", "embeds", "index", "positions", "mask", "cache")  # GraphRunner.decode's arrays (its keep aside)
+GRAPH_ROLES = ("ids", "embeds", "index", "positions", "mask", "keep", "cache")  # the decoder graph's inputs
 WINDOW = 32  # tokens per calibration feed (AWQ samples 64 tokens over all feeds; max/entropy ranges see them all)
 MAX_WINDOWS = 64
 CHECK_WINDOWS = 4
@@ -87,7 +88,8 @@ def window_spans(feed: dict, window: int) -> list[tuple[int, int]]:
 
 def window_feed(feed: dict, present: np.ndarray, b: int, s: int, window: int) -> dict:
     """Tokens [s, s + window) of row ``b`` as a batch-1 feed (keyed by role) continuing the call's cache:
-    cache = present[:, :, b, :, :P + s] ([L, 2, 1, kv, P + s, d]); P + s may be 0."""
+    cache = present[:, :, b, :, :P + s] ([L, 2, 1, kv, P + s, d]); P + s may be 0. Every token is kept
+    ([1, window, 2]), so the calibration sees the last layer at every row, not only at <|Reward|>."""
     p = feed["cache"].shape[4]
     rows = feed["index"][b, s : s + window]
     used = np.unique(rows[rows >= 0])
@@ -98,6 +100,7 @@ def window_feed(feed: dict, present: np.ndarray, b: int, s: int, window: int) ->
         "index": np.where(rows >= 0, np.searchsorted(used, rows), -1)[None].astype(np.int64),
         "positions": np.ascontiguousarray(feed["positions"][b : b + 1, s : s + window]),
         "mask": np.ascontiguousarray(feed["mask"][b : b + 1, : p + s + window]),
+        "keep": np.stack([np.zeros(window, np.int64), np.arange(window)], axis=-1)[None],
         "cache": np.ascontiguousarray(present[:, :, b : b + 1, :, : p + s]),
     }
 
@@ -143,7 +146,7 @@ def record_windows(model_dir: Path, triples: list, window: int = WINDOW, limit: 
 
 def decoder_inputs(manifest: dict) -> dict[str, str]:
     """Role -> the decoder graph's input name, from the manifest's graph I/O."""
-    return dict(zip(ROLES, (item["name"] for item in manifest["graphs"]["decoder"]["inputs"])))
+    return dict(zip(GRAPH_ROLES, (item["name"] for item in manifest["graphs"]["decoder"]["inputs"])))
 
 
 class WindowReader:

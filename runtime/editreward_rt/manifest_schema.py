@@ -173,11 +173,15 @@ def _check_trt(section) -> None:
         string(obj(engine, at).get("file"), child(at, "file"))
 
 
+STALE = ("the graphs or the manifest were changed, or an older editreward-deploy exported them (the graphs' I/O "
+         "has changed since: re-export the model with `editreward export`)")
+
+
 def check_graph_io(graphs: dict, expected: dict) -> None:
     """The manifest's declared graph I/O against what its spec and kv_dtype imply (the family's
     ``graph_specs``): the same roles, and per role the same names, dtypes and shapes in order.
-    A consistent-looking folder whose declaration disagrees (an edited kv_dtype, an edited spec)
-    is refused here, not at the first score."""
+    A consistent-looking folder whose declaration disagrees (an edited kv_dtype, an edited spec,
+    graphs exported before their I/O changed) is refused here, not at the first score."""
     if not graphs:
         return
     if set(graphs) != set(expected):
@@ -187,9 +191,8 @@ def check_graph_io(graphs: dict, expected: dict) -> None:
         for kind in ("inputs", "outputs"):
             at, got = child(child("graphs", name), kind), graphs[name][kind]
             if len(got) != len(want[kind]):
-                refuse(at, [i["name"] for i in got], f"has {len(got)} entries; the spec implies {len(want[kind])}")
+                refuse(at, [i["name"] for i in got], f"has {len(got)} entries; the spec implies {len(want[kind])}: {STALE}")
             for i, (g, w) in enumerate(zip(got, want[kind])):
                 for key in ("name", "dtype", "shape"):
                     if g[key] != w[key]:
-                        refuse(child(child(at, i), key), g[key],
-                               f"the spec and kv_dtype imply {w[key]!r}: the graphs or the manifest were changed")
+                        refuse(child(child(at, i), key), g[key], f"the spec and kv_dtype imply {w[key]!r}: {STALE}")

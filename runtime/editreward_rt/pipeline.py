@@ -63,9 +63,10 @@ def host_table(parts: list[np.ndarray], index: np.ndarray) -> np.ndarray:
     return (parts[0] if len(parts) == 1 else np.concatenate(parts))[index]
 
 
-def host_keep(hidden: np.ndarray, keep: np.ndarray | None) -> np.ndarray | None:
-    """The rows ``keep`` of a host hidden state (``GraphRunner.decode``)."""
-    return None if keep is None else hidden[keep[..., 0], keep[..., 1]]
+def graph_keep(keep: np.ndarray | None) -> np.ndarray:
+    """``GraphRunner.decode``'s ``keep`` as an exported decoder's input, whose last layer computes
+    only those rows: [T, K, 2] as given, or an empty [0, 1, 2] for a call that keeps nothing."""
+    return np.zeros((0, 1, 2), np.int64) if keep is None else np.asarray(keep, np.int64)
 
 
 @dataclass

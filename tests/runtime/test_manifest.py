@@ -77,11 +77,26 @@ def test_a_swapped_graph_is_refused_at_load(tiny_onnx, tmp_path):
         Scorer.load(folder)
 
 
+def test_a_folder_of_an_older_graph_io_is_refused_naming_the_re_export(tiny_onnx, tmp_path):
+    """A folder exported before the graphs' I/O changed (the vision graph took window and image
+    segments and masked all N x N pairs; the decoder had no rows to keep) is refused at load,
+    with what to do about it."""
+    def older(manifest):
+        vision = manifest["graphs"]["vision"]["inputs"]
+        vision[3:] = [{"name": "window_segments", "dtype": "int64", "shape": ["patches"]},
+                      {"name": "image_segments", "dtype": "int64", "shape": ["patches"]}]
+        del manifest["graphs"]["decoder"]["inputs"][5]
+    folder = copy_export(tiny_onnx, tmp_path)
+    edit_manifest(folder, older)
+    with pytest.raises(ManifestError, match=r"graphs.vision.inputs\[3\].name='window_segments'.*re-export the model"):
+        Scorer.load(folder)
+
+
 @pytest.mark.parametrize("field,value,message", [
     (("image", "patch_size"), 0, "patch_size=0"),
     (("text", "hidden_size"), 96, "do not read hidden size 96"),
     (("image", "max_pixels"), 40_000_000, "max 40000000"),
-    (("text", "num_layers"), 3, r"graphs.decoder.inputs\[5\].shape=\[2, .*the spec and kv_dtype imply \[3, "),
+    (("text", "num_layers"), 3, r"graphs.decoder.inputs\[6\].shape=\[2, .*the spec and kv_dtype imply \[3, "),
     (("text", "num_kv_heads"), 3, "not a multiple of num_kv_heads"),
     (("vision", "depth"), "two", "depth='two'"),
 ])
@@ -127,9 +142,9 @@ MALFORMED = [
     ("quantization is a string", _set("quantization", "ort-int8"), r"quantization='ort-int8': not an object"),
     ("an unknown kv_dtype", _set("kv_dtype", "int2"), r"kv_dtype='int2': not one of"),
     ("a float16 cache declared on float32 graphs", _set("kv_dtype", "float16"),
-     r"graphs\.decoder\.inputs\[5\]\.dtype='float32'.*imply 'float16'"),
+     r"graphs\.decoder\.inputs\[6\]\.dtype='float32'.*imply 'float16'"),
     ("a float16 cache declared throughout on float32 graphs",
-     lambda m: [_set(p, "float16")(m) for p in ("kv_dtype", "graphs.decoder.inputs.5.dtype", "graphs.decoder.outputs.1.dtype")],
+     lambda m: [_set(p, "float16")(m) for p in ("kv_dtype", "graphs.decoder.inputs.6.dtype", "graphs.decoder.outputs.1.dtype")],
      r"decoder\.onnx: the graph's inputs .* do not match .*float16"),  # in each engine's own type names
     ("image_mean of 2 channels", _set("spec.image.image_mean", [0.5, 0.5]), r"spec\.image\.image_mean=.*2 elements"),
     ("an unknown fusion", _set("spec.heads.fusion", "max"), r"spec\.heads\.fusion='max': not one of mean, min, sum"),

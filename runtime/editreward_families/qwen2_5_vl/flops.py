@@ -4,7 +4,8 @@ Counted: every weight matmul and the two attention matmuls (scores and values), 
 multiply-add; norms, activations and softmax are left out (a few percent, and not GEMM work).
 Attention counts only the pairs a query may see: causal in the decoder, within a window or an
 image in the vision tower. Padding is never counted, so the figures are the work the model
-needs, whatever a backend executes: the bound a "% of peak" column divides by.
+needs, whatever a backend executes: the bound a "% of peak" column divides by (``vision``'s
+``graph`` flag counts what the exported vision graph executes, its padded windows included).
 """
 
 from __future__ import annotations
@@ -12,29 +13,26 @@ from __future__ import annotations
 import numpy as np
 
 
-def _pairs(segments: np.ndarray) -> int:
-    """Query-key pairs of attention within equal segment ids."""
-    counts = np.unique(np.asarray(segments), return_counts=True)[1]
-    return int((counts.astype(np.int64) ** 2).sum())
-
-
-def vision(spec, window_segments: np.ndarray, image_segments: np.ndarray) -> float:
-    """One vision-graph call on ``len(window_segments)`` patches."""
+def vision(spec, window_rows: np.ndarray, graph: bool = False) -> float:
+    """One vision-graph call on one image, its windows ``window_rows`` [windows, W] (-1: padding).
+    ``graph``: what the exported graph executes instead, every window's W x W pairs, padding included."""
     v = spec.vision
-    n, h = len(window_segments), v.hidden_size
+    rows = np.asarray(window_rows)
+    counts = (rows >= 0).sum(1).astype(np.int64)
+    n, h = int(counts.sum()), v.hidden_size
     patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
     total = 2.0 * n * patch * h  # patch embedding
-    windowed, full = _pairs(window_segments), _pairs(image_segments)
+    windowed = rows.size * rows.shape[1] if graph else int((counts**2).sum())
     for block in range(v.depth):
         total += 2.0 * n * (4 * h * h + 3 * h * v.intermediate_size)  # qkv, proj, gated MLP
-        total += 4.0 * (full if block in v.fullatt_block_indexes else windowed) * h  # scores and values, all heads
+        total += 4.0 * (n * n if block in v.fullatt_block_indexes else windowed) * h  # scores and values, all heads
     unit = h * v.spatial_merge_size**2
     return total + 2.0 * (n // v.spatial_merge_size**2) * (unit * unit + unit * v.out_hidden_size)
 
 
-def vision_call(spec, patches, cos, sin, window_segments, image_segments) -> float:
+def vision_call(spec, patches, cos, sin, window_rows, window_slots, graph: bool = False) -> float:
     """One vision-graph call, from its inputs (``vision.vision_feeds``' order)."""
-    return vision(spec, window_segments, image_segments)
+    return vision(spec, window_rows, graph)
 
 
 def decoder_token(spec) -> float:

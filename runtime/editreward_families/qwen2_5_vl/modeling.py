@@ -2,7 +2,7 @@
 
 Three pieces, each exportable on its own:
 - ``VisionEncoder``: one image's patches -> merged image embeddings. Everything that depends
-  on the image grid (rotary tables, window permutation, attention segments) is computed on
+  on the image grid (rotary tables, window permutation, padded attention windows) is computed on
   the host by ``vision_inputs`` (numpy) and fed in, so the graph has no data-dependent control flow.
 - ``Decoder``: the Qwen2 decoder with plain 1-D RoPE positions (the reference feeds
   ``attention_mask.cumsum(-1) - 1`` to all three M-RoPE sections, which is ordinary RoPE),
@@ -15,12 +15,14 @@ Parameter names match the checkpoint (after stripping ``model.visual.``,
 
 from __future__ import annotations
 
-import numpy as np
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .spec import HeadSpec, ModelSpec, TextSpec, VisionSpec
+from .vision import window_counts
 from .weights import split_state_dict
 
 
@@ -66,16 +68,8 @@ def neg_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def tracing() -> bool:
     """True while the ONNX exporter traces the modules. The eager fast paths below read tensor values
     on the host (window sizes, whether a batch is padded), which a trace would freeze into constants
-    of one input; traced, the modules keep the masked form, which holds for every input."""
+    of one input; traced, the modules take forms that hold for every input (padded windows, masks)."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
-def run_lengths(segments) -> list[int]:
-    """Lengths of the runs of equal values of a 1-D numpy array (host side) or tensor (one host sync)."""
-    if isinstance(segments, torch.Tensor):
-        return torch.unique_consecutive(segments, return_counts=True)[1].tolist()
-    edges = np.flatnonzero(np.diff(segments)) + 1
-    return np.diff(np.concatenate([[0], edges, [len(segments)]])).tolist()
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -95,6 +89,23 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts:
         gather = lambda t: t[rows].reshape(len(starts), n, *t.shape[1:]).transpose(1, 2)  # [W_n, heads, n, d]
         out[rows] = F.scaled_dot_product_attention(gather(q), gather(k), gather(v)).transpose(1, 2).reshape(-1, *q.shape[1:])
     return out
+
+
+class PaddedWindows(NamedTuple):
+    """The windows as a traced graph computes them: each window's rows padded to one length."""
+
+    rows: torch.Tensor  # [windows, W] patch rows, padding pointing at row 0
+    mask: torch.Tensor  # [windows, 1, 1, W] additive: padded keys masked out
+    slots: torch.Tensor  # [N] each patch's row of the flattened [windows * W] output
+
+
+def padded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: PaddedWindows) -> torch.Tensor:
+    """Attention inside each window, all windows in one batched SDPA call over [windows, heads, W, d]:
+    the work of windows x W^2 pairs, not N^2. Padded queries read their window's keys (finite) and are
+    dropped by ``slots``; padded keys get exactly zero weight. q, k, v [N, heads, d] -> [N, heads, d]."""
+    gather = lambda t: t[windows.rows].transpose(1, 2)  # [windows, W, heads, d] -> [windows, heads, W, d]
+    out = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), attn_mask=windows.mask)
+    return out.transpose(1, 2).reshape(-1, *q.shape[1:])[windows.slots]
 
 
 SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
@@ -127,9 +138,9 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(spec.hidden_size, 3 * spec.hidden_size)
         self.proj = nn.Linear(spec.hidden_size, spec.hidden_size)
 
-    def forward(self, x, cos, sin, mask, counts):
-        """Attention inside windows (or images): ``counts``, the rows of each (eager), or ``mask``
-        [N, N] additive, as a traced graph computes it (``counts`` is then None)."""
+    def forward(self, x, cos, sin, windows, counts):
+        """Attention inside windows (or images): ``counts``, the rows of each (eager); traced,
+        ``windows`` (``PaddedWindows``) in the windowed blocks, or over the whole call (one image) when None."""
         n = x.shape[0]
         # [N, 3*D] -> 3 x [N, heads, head_dim]
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)
@@ -140,9 +151,11 @@ class VisionAttention(nn.Module):
         k = (k.to(wide) * cos + rotate_half(k.to(wide)) * sin).to(dtype)
         if counts is not None:
             return self.proj(segment_attention(q, k, v, counts).reshape(n, -1))
-        # [1, heads, N, head_dim]; the additive mask keeps attention inside each window or image
+        if windows is not None:
+            return self.proj(padded_window_attention(q, k, v, windows).reshape(n, -1))
+        # the call's one image: [1, heads, N, head_dim], no mask
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out[0].transpose(0, 1).reshape(n, -1))
 
 
@@ -154,8 +167,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(spec)
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, mask, counts):
-        x = x + self.attn(self.norm1(x), cos, sin, mask, counts)
+    def forward(self, x, cos, sin, windows, counts):
+        x = x + self.attn(self.norm1(x), cos, sin, windows, counts)
         return x + self.mlp(self.norm2(x))
 
 
@@ -194,19 +207,23 @@ class VisionEncoder(nn.Module):
         self.merger = Merger(spec)
 
     @staticmethod
-    def layout(window_segments, image_segments) -> tuple[list[int], list[int]]:
-        """The patches per window and per image, from the segment arrays (numpy: read on the host,
-        so that ``forward`` need not copy them back from the device)."""
-        return run_lengths(window_segments), run_lengths(image_segments)
+    def layout(feeds) -> tuple[list[int], list[int]]:
+        """The patches per window and per image of several images' ``vision_feeds`` (numpy, read on
+        the host), for ``forward`` on their ``join_feeds``: the eager path attends per image."""
+        windows = [n for arrays in feeds for n in window_counts(arrays[3])]
+        return windows, [len(arrays[0]) for arrays in feeds]
 
-    def forward(self, patches, cos, sin, window_segments, image_segments, layout=None):
-        """``layout``: ``self.layout(...)`` of the segments, when the caller has them on the host."""
+    def forward(self, patches, cos, sin, window_rows, window_slots, layout=None):
+        """One image's ``vision_feeds`` (several images' joined, with their ``layout``).
+        ``layout``: ``self.layout(...)`` of the feeds, when the caller has them on the host."""
         x = self.patch_embed(patches)
-        if tracing():  # [N, N] additive masks: what the exported graph computes, for any image
-            window = (neg_mask(window_segments[:, None] == window_segments[None, :], x.dtype), None)
-            full = (neg_mask(image_segments[:, None] == image_segments[None, :], x.dtype), None)
+        if tracing():  # padded windows, then the call's one image: what the exported graph computes, for any image
+            valid = window_rows >= 0
+            # where, not clamp: ONNX Clip on int64 is outside TensorRT's published ONNX op support.
+            rows = torch.where(valid, window_rows, 0)
+            window, full = (PaddedWindows(rows, neg_mask(valid, x.dtype)[:, None, None, :], window_slots), None), (None, None)
         else:  # attention per window (per image in the full-attention blocks), no mask
-            windows, images = layout or self.layout(window_segments, image_segments)
+            windows, images = layout or (window_counts(window_rows), [x.shape[0]])
             window, full = (None, windows), (None, images)
         for i, block in enumerate(self.blocks):
             x = _run(block, self.checkpointing, x, cos, sin, *(full if i in self.fullatt else window))
@@ -222,21 +239,42 @@ class DecoderAttention(nn.Module):
         self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim)
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
+    def forward(self, x, cos, sin, mask, past_k, past_v, keep=None):
+        """-> (attention output [B, S, H], or [R, H] at the (batch row, position) pairs ``keep``
+        ([R] each) only; the keys and values of every position, past included)."""
         b, s, _ = x.shape
         # [B, S, heads*d] -> [B, heads, S, d]
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k = torch.cat([past_k, k], dim=2)  # [B, kv_heads, P+S, d]
         v = torch.cat([past_v, v], dim=2)
+        if keep is not None:
+            return self.kept(x, cos, sin, mask, k, v, *keep), k, v
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
         if mask is None:  # causal, nothing padded: no mask at all (FlashAttention's case on a GPU)
             out = gqa_attention(q, k, v, SDPA_GQA, is_causal=True)
         else:  # boolean (prefix-causal or padded), or additive when traced (what the exported graph has always had)
             out = gqa_attention(q, k, v, SDPA_GQA and mask.dtype == torch.bool, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
+
+    def kept(self, x, cos, sin, mask, k, v, rows, pos) -> torch.Tensor:
+        """Attention output [R, H] of the queries at (rows[r], pos[r]) alone, over their rows' keys.
+        One query per row: its heads sharing a key/value head are that head's queries, [R, kv_heads,
+        groups, d], so grouped-query attention needs no repeated keys. Shapes are spelled out, not -1:
+        R is 0 in a call that keeps nothing, and ONNX's Reshape cannot infer -1 beside a 0."""
+        r, groups = rows.shape[0], self.num_heads // self.num_kv_heads  # shape, not len(): traced, len() is a constant
+        # cos, sin [B, 1, S, d] -> [R, 1, 1, d]; q [R, kv_heads, groups, d]; k, v [R, kv_heads, P+S, d]
+        cos, sin = cos[rows, :, pos].unsqueeze(2), sin[rows, :, pos].unsqueeze(2)
+        q = self.q_proj(x[rows, pos]).reshape(r, self.num_kv_heads, groups, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        if mask is None:  # causal over an unpadded batch without a past: a query sees the keys up to its own
+            mask = (torch.arange(k.shape[2], device=k.device)[None, :] <= pos[:, None])[:, None, None, :]
+        else:
+            mask = mask[rows, :, pos].unsqueeze(2)  # [B, 1, S, P+S] -> [R, 1, 1, P+S]
+        out = F.scaled_dot_product_attention(q, k[rows], v[rows], attn_mask=mask)
+        return self.o_proj(out.reshape(r, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -254,8 +292,10 @@ class DecoderLayer(nn.Module):
         return [[(a, "q_proj"), (a, "k_proj"), (a, "v_proj")], [(a, "o_proj")], [(m, "gate_proj"), (m, "up_proj")],
                 [(m, "down_proj")]]
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+    def forward(self, x, cos, sin, mask, past_k, past_v, keep=None):
+        """``keep`` (rows [R], positions [R]): the output only there, [R, H] (keys and values everywhere)."""
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v, keep)
+        x = x if keep is None else x[keep]
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -266,7 +306,8 @@ def rope_inv_freq(spec: TextSpec) -> torch.Tensor:
 
 class Decoder(nn.Module):
     """(ids [B,S], image rows [M,H], row index [B,S] (-1: text), positions [B,S],
-    mask [B,P+S], past [L,2,B,kv,P,d]) -> (final-normed hidden [B,S,H], present [L,2,B,kv,P+S,d])."""
+    mask [B,P+S], past [L,2,B,kv,P,d], keep [..., 2] or None) -> (final-normed hidden [B,S,H], or
+    [..., H] at the (batch row, position) pairs ``keep``; present [L,2,B,kv,P+S,d])."""
 
     def __init__(self, spec: TextSpec):
         super().__init__()
@@ -321,15 +362,20 @@ class Decoder(nn.Module):
         causal = (keys[None, :] <= queries[:, None])[None]
         return (causal & ((attention_mask[:, None, :] > 0) | (keys[None, :] == queries[:, None])[None])).unsqueeze(1)
 
-    def forward(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past):
+    def forward(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep=None):
+        """``keep``: the last layer computes its attention output and MLP at those rows alone (its keys
+        and values at every position still go into the cache): nothing else reads the others."""
         x = self.embed(input_ids, image_embeds, image_index)
         cos, sin = self.rope(position_ids, x.dtype)
         mask = self.attention_mask(attention_mask, input_ids.shape[1], x.dtype)
-        present = []
+        rows = None if keep is None else (keep[..., 0].reshape(-1), keep[..., 1].reshape(-1))
+        present, last = [], len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, k, v = _run(layer, self.checkpointing, x, cos, sin, mask, past[i, 0].to(x.dtype), past[i, 1].to(x.dtype))
+            x, k, v = _run(layer, self.checkpointing, x, cos, sin, mask, past[i, 0].to(x.dtype), past[i, 1].to(x.dtype),
+                           rows if i == last else None)
             present.append(torch.stack([k, v]))
-        return self.norm(x), torch.stack(present)
+        hidden = self.norm(x)
+        return (hidden if keep is None else hidden.reshape(*keep.shape[:-1], hidden.shape[-1])), torch.stack(present)
 
 
 def head_mlp(sizes: tuple[int, ...]) -> nn.Sequential:

@@ -52,8 +52,8 @@ def patchify(image: torch.Tensor, spec: ImageSpec) -> tuple[torch.Tensor, tuple[
 
 
 def image_feeds(image: torch.Tensor, spec, resize_mode: str = "bilinear") -> tuple[tuple, torch.Tensor, int]:
-    """[3, H, W] in [0, 1] -> the vision graph's inputs (window-ordered patches, cos, sin, window and
-    image segments), the index putting its output back in processor order, and the token count."""
+    """[3, H, W] in [0, 1] -> the vision graph's inputs (window-ordered patches, cos, sin, window rows
+    and slots), the index putting its output back in processor order, and the token count."""
     pixels, grid = patchify(resize(image, spec.image, resize_mode), spec.image)
     v = spec.vision
     prep = vision_inputs(grid, v.head_dim, v.spatial_merge_size, v.window_size, v.patch_size)
@@ -62,5 +62,5 @@ def image_feeds(image: torch.Tensor, spec, resize_mode: str = "bilinear") -> tup
     order = torch.as_tensor(prep.window_index, device=image.device)
     patches = pixels.reshape(-1, unit, d)[order].reshape(n, d)
     to = lambda a, dtype=None: torch.as_tensor(np.ascontiguousarray(a), device=image.device, dtype=dtype)
-    feeds = (patches, to(prep.cos, image.dtype), to(prep.sin, image.dtype), to(prep.window_segments), to(prep.image_segments))
+    feeds = (patches, to(prep.cos, image.dtype), to(prep.sin, image.dtype), to(prep.window_rows), to(prep.window_slots))
     return feeds, to(prep.reverse_index), grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2

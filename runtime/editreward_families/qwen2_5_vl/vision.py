@@ -3,7 +3,9 @@
 Qwen2.5-VL's vision tower permutes patches into attention windows, uses 2-D rotary
 positions and alternates window and full attention. All of that depends only on the grid,
 so it is computed here once per image shape and cached, and the exported graph stays free
-of data-dependent control flow.
+of data-dependent control flow: it gathers each window's rows, padded to the largest window
+the spec allows, from ``window_rows`` and puts them back with ``window_slots``, so that its
+windowed blocks compute the windows' attention, not all N x N pairs under a mask.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ class VisionInputs:
     reverse_index: np.ndarray  # [N / unit] undoes window_index on the merged output
     cos: np.ndarray  # [N, head_dim] float32, window order
     sin: np.ndarray
-    window_segments: np.ndarray  # [N] int64: patches attend within equal ids (windowed blocks)
-    image_segments: np.ndarray  # [N] int64: patches attend within equal ids (full blocks)
+    window_rows: np.ndarray  # [windows, window_len] int64: each window's patch rows, -1 past its end
+    window_slots: np.ndarray  # [N] int64: each patch's slot in the flattened [windows * window_len] layout
 
     def permute_patches(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N, D] in processor order -> [N, D] in window order."""
@@ -52,6 +54,21 @@ def _window_index(grid_t: int, llm_h: int, llm_w: int, window: int) -> tuple[np.
     return flat[flat >= 0], sizes[sizes > 0]
 
 
+def window_len(window_size: int, merge: int, patch_size: int) -> int:
+    """Patches in the largest window (a side of window_size / patch_size patches, 64 in the
+    published config): the fixed padded length of ``window_rows``."""
+    return (window_size // merge // patch_size * merge) ** 2
+
+
+def padded_windows(sizes: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patches per window (consecutive runs) -> ``window_rows`` [windows, length] and ``window_slots`` [N]."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    offsets = np.arange(length)
+    rows = np.where(offsets < sizes[:, None], starts[:, None] + offsets, -1)
+    # Valid slots in flattened order are the patches in order: windows are consecutive runs.
+    return rows.astype(np.int64), np.flatnonzero(rows.reshape(-1) >= 0).astype(np.int64)
+
+
 @lru_cache(maxsize=64)
 def vision_inputs(grid: tuple[int, int, int], head_dim: int, merge: int, window_size: int, patch_size: int,
                   theta: float = 10000.0) -> VisionInputs:
@@ -70,36 +87,50 @@ def vision_inputs(grid: tuple[int, int, int], head_dim: int, merge: int, window_
     window_index, sizes = _window_index(grid_t, grid_h // merge, grid_w // merge, window)
     n = len(rows)
     permute = lambda a: a.reshape(-1, unit, a.shape[-1])[window_index].reshape(n, -1)
-    window_segments = np.repeat(np.arange(len(sizes)), sizes * unit)
+    window_rows, window_slots = padded_windows(sizes * unit, window_len(window_size, merge, patch_size))
     return VisionInputs(
         window_index=window_index,
         reverse_index=np.argsort(window_index),
         cos=np.cos(permute(emb)).astype(np.float32),
         sin=np.sin(permute(emb)).astype(np.float32),
-        window_segments=window_segments.astype(np.int64),
-        image_segments=np.repeat(np.arange(grid_t), grid_h * grid_w).astype(np.int64),
+        window_rows=window_rows,
+        window_slots=window_slots,
     )
 
 
 def vision_feeds(image, spec) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """One preprocessed image -> the vision graph's inputs in order (window-ordered patches, cos,
-    sin, window segments, image segments) and the index that puts its output back in processor order."""
+    sin, window rows, window slots) and the index that puts its output back in processor order.
+    A graph call is one image: its full-attention blocks attend over all of the call's patches."""
     v = spec.vision
+    if image.grid_thw[0] != 1:
+        raise ValueError(f"an image has one temporal patch, not {image.grid_thw[0]} (videos are not scored)")
     prep = vision_inputs(tuple(image.grid_thw), v.head_dim, v.spatial_merge_size, v.window_size, v.patch_size)
     patches = prep.permute_patches(image.pixel_values).astype(np.float32, copy=False)
-    return (patches, prep.cos, prep.sin, prep.window_segments, prep.image_segments), prep.reverse_index
+    return (patches, prep.cos, prep.sin, prep.window_rows, prep.window_slots), prep.reverse_index
 
 
 def join_feeds(feeds: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
-    """Several images' ``vision_feeds`` as one call's inputs: patches and rotary tables concatenated,
-    each image's window and image ids moved past the previous image's, so that no window or image
-    spans two of them. The merged output is the images' outputs, concatenated in order."""
+    """Several images' ``vision_feeds`` as one call's inputs for the eager modules (which attend per
+    image in their full-attention blocks; a graph call is one image): patches and rotary tables
+    concatenated, each image's window rows and slots moved past the previous image's, so that no
+    window spans two of them. The merged output is the images' outputs, concatenated in order."""
     if len(feeds) == 1:
         return feeds[0]
-    patches, cos, sin, windows, images = zip(*feeds)
+    patches, cos, sin, rows, slots = zip(*feeds)
+    first_row = np.cumsum([0] + [len(p) for p in patches[:-1]])
+    first_slot = np.cumsum([0] + [r.size for r in rows[:-1]])
+    rows = [np.where(r >= 0, r + start, -1) for r, start in zip(rows, first_row)]
+    return (np.concatenate(patches), np.concatenate(cos), np.concatenate(sin), np.concatenate(rows),
+            np.concatenate([s + start for s, start in zip(slots, first_slot)]))
 
-    def apart(segments) -> np.ndarray:
-        starts = np.cumsum([0] + [int(s.max()) + 1 for s in segments[:-1]])
-        return np.concatenate([s + start for s, start in zip(segments, starts)])
 
-    return np.concatenate(patches), np.concatenate(cos), np.concatenate(sin), apart(windows), apart(images)
+def window_counts(window_rows) -> list[int]:
+    """Patches in each window of ``window_rows``: a numpy array, or a tensor (one host sync)."""
+    return (window_rows >= 0).sum(1).tolist()
+
+
+def max_windows(tokens: int, window: int) -> int:
+    """The most windows an image of at most ``tokens`` merged tokens has (a grid of h x w tokens has
+    ceil(h / window) x ceil(w / window) windows of ``window`` x ``window`` tokens): a TensorRT profile's bound."""
+    return max(-(-h // window) * -(-(tokens // h) // window) for h in range(1, tokens + 1))

@@ -11,7 +11,7 @@ from ..extras import require
 from ..families import family_for
 from ..hardware import precision_of, resolve_precision
 from ..manifest import open_exported
-from ..pipeline import FastPipeline, PipelineBackend, host_keep, host_table
+from ..pipeline import FastPipeline, PipelineBackend, graph_keep, host_table
 from . import BACKENDS, onnx_proto
 
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -93,13 +93,6 @@ def _table_graph(parts: int) -> bytes:
                           onnx_proto.node("Gather", ["joined", "index"], ["table"], axis=0)], "embedding_table",
                          [*[(n, onnx_proto.FLOAT, [f"n{i}", "H"]) for i, n in enumerate(names)],
                           ("index", onnx_proto.INT64, ["R"])], [("table", onnx_proto.FLOAT, ["R", "H"])])
-
-
-def _keep_graph() -> bytes:
-    """GatherND(states [B, S, H], keep [T, K, 2]) -> [T, K, H]: the hidden states the heads read."""
-    return _helper_graph([onnx_proto.node("GatherND", ["states", "keep"], ["kept"])], "keep_rows",
-                         [("states", onnx_proto.FLOAT, ["B", "S", "H"]), ("keep", onnx_proto.INT64, ["T", "K", 2])],
-                         [("kept", onnx_proto.FLOAT, ["T", "K", "H"])])
 
 
 # ONNX Runtime's names of the element types a graph spec declares.
@@ -186,8 +179,8 @@ class OrtGraphs:
         return name
 
     def vision(self, feeds):
-        # One run per image: the exported graph attends over all of its patches under a mask, so
-        # images run together would cost the square of their total patch count.
+        # One run per image: the exported graph's full-attention blocks attend over all of a call's
+        # patches, so a call is one image.
         out_name = self.outputs["vision"][0]
         if not self.binding:
             outs = [self.sessions["vision"].run(None, self._feeds("vision", arrays))[0] for arrays in feeds]
@@ -203,20 +196,17 @@ class OrtGraphs:
         return self._bound(session, feeds, {"table": self.cache_device})[0]
 
     def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
-        # The cache is the decoder's last input and its second output (the first is the hidden states).
+        # The cache is the decoder's last input and its second output (the first is the hidden
+        # states at the rows kept, all the graph's last layer computes).
         names = self.inputs["decoder"]
         feeds = {**self._feeds("decoder", (input_ids,)), names[1]: image_embeds,
-                 **dict(zip(names[2:5], (image_index, position_ids, attention_mask))), names[-1]: past}
+                 **dict(zip(names[2:6], (image_index, position_ids, attention_mask, graph_keep(keep)))), names[-1]: past}
         hidden_out, cache_out = self.outputs["decoder"]
         if not self.binding:
             hidden, present = self.sessions["decoder"].run(None, feeds)
-            return host_keep(hidden, keep), present
-        hidden, present = self._bound("decoder", feeds, {hidden_out: self.cache_device, cache_out: self.cache_device})
-        if keep is None:
-            return None, present
-        kept = self._bound(self._helper("keep", _keep_graph), {"states": hidden, "keep": np.asarray(keep, np.int64)},
-                           {"kept": self.cache_device})[0]
-        return kept, present
+        else:
+            hidden, present = self._bound("decoder", feeds, {hidden_out: self.cache_device, cache_out: self.cache_device})
+        return (None if keep is None else hidden), present
 
     def heads(self, hidden):
         name, out = self.inputs["heads"][0], self.outputs["heads"][0]

@@ -24,7 +24,7 @@ from ..extras import require
 from ..families import family_for
 from ..hardware import resolve_precision
 from ..manifest import MANIFEST, open_exported
-from ..pipeline import FastPipeline, PipelineBackend, host_keep, host_table
+from ..pipeline import FastPipeline, PipelineBackend, graph_keep, host_table
 from . import BACKENDS
 
 # Our precision -> OpenVINO's INFERENCE_PRECISION_HINT, and OpenVINO's element type names back to ours.
@@ -135,7 +135,7 @@ class OvGraphs:
         return [result[port] for port in self.compiled[name].outputs]
 
     def vision(self, feeds):
-        # One run per image: the exported graph attends over all of its patches under a mask.
+        # One run per image: the exported graph's full-attention blocks attend over its one image.
         outs = [self._run("vision", [a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a for a in arrays])[0]
                 for arrays in feeds]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
@@ -144,8 +144,10 @@ class OvGraphs:
         return host_table(parts, index)
 
     def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
-        hidden, present = self._run("decoder", (input_ids, image_embeds, image_index, position_ids, attention_mask, past))
-        return host_keep(hidden, keep), present
+        # The graph's last layer computes only the rows kept: its hidden output is those rows.
+        arrays = (input_ids, image_embeds, image_index, position_ids, attention_mask, graph_keep(keep), past)
+        hidden, present = self._run("decoder", arrays)
+        return (None if keep is None else hidden), present
 
     def heads(self, hidden):
         return self._run("heads", (np.ascontiguousarray(hidden, dtype=np.float32),))[0]

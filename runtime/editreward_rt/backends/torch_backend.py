@@ -116,19 +116,19 @@ class TorchGraphs:
     def vision(self, feeds):
         # All images in one call: the tower attends per window and per image, so joining them
         # adds no attention work, and their merged outputs come back concatenated in order.
-        patches, cos, sin, window_segments, image_segments = self.family.join_vision_feeds(feeds)
+        patches, *tables = self.family.join_vision_feeds(feeds)
         with self.torch.inference_mode():
-            return self.vision_module(self._t(patches, self.dtype), self._t(cos), self._t(sin), self._t(window_segments),
-                                      self._t(image_segments), self.vision_module.layout(window_segments, image_segments))
+            return self.vision_module(self._t(patches, self.dtype), *map(self._t, tables),
+                                      layout=self.vision_module.layout(feeds))
 
     def table(self, parts, index):
         return (parts[0] if len(parts) == 1 else self.torch.cat(parts))[self._t(index)]
 
     def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
         with self.torch.inference_mode():
-            hidden, present = self.decoder(self._t(input_ids), image_embeds, self._t(image_index),
-                                           self._t(position_ids), self._t(attention_mask), past)
-            return (None if keep is None else hidden[self._t(keep[..., 0]), self._t(keep[..., 1])]), present
+            hidden, present = self.decoder(self._t(input_ids), image_embeds, self._t(image_index), self._t(position_ids),
+                                           self._t(attention_mask), past, None if keep is None else self._t(keep))
+            return (None if keep is None else hidden), present
 
     def heads(self, hidden):
         with self.torch.inference_mode():

@@ -28,7 +28,7 @@ from ..errors import BackendError, InputError, ManifestError, PromptTooLongError
 from ..extras import require
 from ..families import family_for
 from ..manifest import open_exported
-from ..pipeline import FastPipeline, PipelineBackend, PreparedTriple, SharedPrefix, host_keep, host_table
+from ..pipeline import FastPipeline, PipelineBackend, PreparedTriple, SharedPrefix, host_table
 from . import BACKENDS, cuda_memory
 from .cuda_memory import DeviceBuffer, DeviceTensor, gather_batch, place_batch
 
@@ -112,6 +112,16 @@ def plan(profiles: list[dict], batch: int | None, dims: dict, batch_axis: str = 
     fits = [(i, p["axes"][batch_axis][2] if batch is not None else 1) for i, p in enumerate(profiles)
             if all(p["axes"][a][0] <= v <= p["axes"][a][2] for a, v in dims.items())]
     return max(fits, key=lambda f: (f[1], -f[0])) if fits else None
+
+
+def keep_in_chunk(keep: np.ndarray | None, sl: slice) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into ``keep`` [R, 2] of its pairs in batch rows ``sl``, those pairs as the decoder
+    engine's ``keep`` input [n, 1, 2], rows counted from the chunk's first). A chunk keeping nothing
+    keeps its first row's first position, discarded: the engine's ``keep`` is never empty."""
+    picked = np.zeros(0, np.int64) if keep is None else np.flatnonzero((keep[:, 0] >= sl.start) & (keep[:, 0] < sl.stop))
+    if not len(picked):
+        return picked, np.zeros((1, 1, 2), np.int64)
+    return picked, (keep[picked] - [sl.start, 0])[:, None, :]
 
 
 def batch_chunks(image_index: np.ndarray, size: int, max_rows: int) -> list[slice]:
@@ -291,7 +301,8 @@ class TrtGraphs:
         b, s = input_ids.shape
         total = attention_mask.shape[1]
         # Batch and image rows are split into chunks below; every other axis must fit a profile.
-        dims = self.dims("decoder", (input_ids, image_embeds, image_index, position_ids, attention_mask, past))
+        one = np.zeros((1, 1, 2), np.int64)  # each chunk keeps [kept, 1, 2] rows, at least one (``chunk_keep``)
+        dims = self.dims("decoder", (input_ids, image_embeds, image_index, position_ids, attention_mask, one, past))
         fixed = {a: v for a, v in dims.items() if a not in (self.batch_axis, self.rows_axis)}
         chosen = plan(self.profiles["decoder"], b, fixed, self.batch_axis)
         if chosen is None:
@@ -301,7 +312,8 @@ class TrtGraphs:
         max_rows = self.profiles["decoder"][index]["axes"][self.rows_axis][2]
         present = self.pool.tensor(self.pool.other(CACHE_KEYS, past.buffer), self.cache.shape(b, total), self.kv_itemsize)
         # Only the levels whose hidden rows are kept copy hidden states to the host.
-        hidden = None if keep is None else np.empty((b, s, self.spec.text.hidden_size), np.float32)
+        flat = None if keep is None else np.asarray(keep, np.int64).reshape(-1, 2)
+        hidden = None if keep is None else np.empty((len(flat), self.spec.text.hidden_size), np.float32)
         runner = self.runners["decoder"]
         for sl in batch_chunks(image_index, size, max_rows):
             whole = sl.stop - sl.start == b and len(image_embeds) <= max_rows
@@ -313,15 +325,16 @@ class TrtGraphs:
                 chunk_past = gather_batch(self.mem, past, np.arange(sl.start, sl.stop), self.pool.tensor(
                     ("decoder", "past-chunk"), self.cache.shape(sl.stop - sl.start, past.shape[self.cache.length_axis]),
                     self.kv_itemsize), self.cache.batch_axis)
-            feeds = (input_ids[sl], table, rows, position_ids[sl], attention_mask[sl], chunk_past)
+            picked, chunk_keep = keep_in_chunk(flat, sl)
+            feeds = (input_ids[sl], table, rows, position_ids[sl], attention_mask[sl], chunk_keep, chunk_past)
             hidden_out, cache_out = self.outputs["decoder"]
             out = runner.run(index, dict(zip(self.inputs["decoder"], feeds)), {cache_out: present} if whole else None)
             if not whole:
                 place_batch(self.mem, out[cache_out], present, sl.start, self.cache.batch_axis)
-            if hidden is not None:
-                self._host(out[hidden_out], hidden[sl])
+            if len(picked):
+                hidden[picked] = self._host(out[hidden_out])[:, 0]
         self.mem.synchronize()
-        return host_keep(hidden, keep), present
+        return (None if keep is None else hidden.reshape(*keep.shape[:-1], hidden.shape[-1])), present
 
     def heads(self, hidden):
         chosen = plan(self.profiles["heads"], len(hidden), {}, self.batch_axis)

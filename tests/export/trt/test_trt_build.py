@@ -256,6 +256,12 @@ def test_decoder_calls_are_matched_to_profiles_and_split(tiny_onnx):
         tb.batch_chunks(index, 5, 1)
     used, local = tb.local_rows(index[2:4])
     assert used.tolist() == [4, 5] and local.tolist() == [[0, 1, -1], [-1, -1, -1]]
+    keep = np.array([[0, 2], [1, 1], [3, 0], [4, 2]])  # the (row, position) pairs kept, [R, 2]
+    picked, local = tb.keep_in_chunk(keep, slice(2, 4))
+    assert picked.tolist() == [2] and local.tolist() == [[[1, 0]]]  # rows counted from the chunk's first
+    picked, local = tb.keep_in_chunk(keep, slice(2, 3))  # nothing kept: one row computed, then dropped
+    assert picked.tolist() == [] and local.shape == (1, 1, 2)
+    assert tb.keep_in_chunk(None, slice(0, 2))[0].tolist() == []
 
 
 # ---------------------------------------------------------------- device bookkeeping, on a host-memory fake
@@ -350,7 +356,7 @@ def test_cache_rows_are_gathered_and_placed_on_the_device(axis):
 
 
 class FakeDecoderRunner:
-    """Stands in for the decoder engine: hidden = f(ids, image rows, past), present = past ++ new rows.
+    """Stands in for the decoder engine: hidden = f(ids, image rows, past) at the rows kept, present = past ++ new rows.
 
     It refuses batches beyond its profile's maximum, so chunked calls are really chunked."""
 
@@ -368,6 +374,9 @@ class FakeDecoderRunner:
                               past.shape[:2] + (b, past.shape[3], s, past.shape[5])).astype(np.float32)
         present = np.concatenate([past, new], axis=4)
         hidden = np.repeat(ids[..., None] + rows + past.sum(axis=(0, 1, 3, 4, 5))[:, None, None], self.spec.text.hidden_size, -1)
+        keep = inputs["keep"]  # [n, 1, 2]: the graph's last layer computes these rows alone
+        assert keep.shape[0] >= 1 and keep.shape[1:] == (1, 2) and (keep[..., 0] < b).all()
+        hidden = hidden[keep[..., 0], keep[..., 1]]
         out = {"hidden": _upload(self.mem, self.pool, ("fake", "hidden"), hidden.astype(np.float32))}
         given = (outputs or {}).get("present")
         target = given if given is not None else self.pool.tensor(("fake", "present"), present.shape, 4)

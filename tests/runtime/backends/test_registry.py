@@ -96,11 +96,11 @@ def test_torch_description_names_the_gpu(tiny):
 
 def test_helper_graphs_bytes_equal_onnx_helper():
     """The hand-serialised helper graphs of the I/O-binding path (cache rows along the layout's batch
-    axis, the call's embedding table, the kept hidden rows) are byte-identical to what onnx.helper
+    axis, the call's embedding table) are byte-identical to what onnx.helper
     writes, pass its checker, and compute what numpy does."""
     onnx = pytest.importorskip("onnx")
     import onnxruntime as ort
-    from editreward_rt.backends.ort_backend import _keep_graph, _select_graph, _table_graph
+    from editreward_rt.backends.ort_backend import _select_graph, _table_graph
     from editreward_rt.families import CacheLayout
     from onnx import TensorProto, helper
 
@@ -126,11 +126,8 @@ def test_helper_graphs_bytes_equal_onnx_helper():
                     info("index", TensorProto.INT64, ["R"])], [info("table", TensorProto.FLOAT, ["R", "H"])], "embedding_table")
     a, b, index = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32), np.array([4, 0, 3])
     np.testing.assert_array_equal(session.run(None, {"part_0": a, "part_1": b, "index": index})[0], np.concatenate([a, b])[index])
-    session = same(_keep_graph(), [helper.make_node("GatherND", ["states", "keep"], ["kept"])],
-                   [info("states", TensorProto.FLOAT, ["B", "S", "H"]), info("keep", TensorProto.INT64, ["T", "K", 2])],
-                   [info("kept", TensorProto.FLOAT, ["T", "K", "H"])], "keep_rows")
-    states, keep = rng.standard_normal((3, 5, 4)).astype(np.float32), np.array([[[0, 4], [1, 2]], [[2, 0], [2, 3]]])
-    np.testing.assert_array_equal(session.run(None, {"states": states, "keep": keep})[0], states[keep[..., 0], keep[..., 1]])
+
+
 def test_io_binding_path_runs_without_the_onnx_package(tiny_onnx, images):
     """The CUDA path's I/O binding (exercised on the CPU here) needs onnxruntime alone."""
     import subprocess

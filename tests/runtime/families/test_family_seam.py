@@ -13,7 +13,7 @@ PACKAGES = [ROOT / "runtime", ROOT / "export", ROOT / "quantize", ROOT / "benchm
 REGISTRY = ROOT / "runtime" / "editreward_rt" / "families.py"
 
 # Quoted graph I/O names (axis names such as "batch" or "seq" are not I/O names).
-IO_NAMES = ("patches", "cos", "sin", "window_segments", "image_segments", "image_embeds", "input_ids", "image_index",
+IO_NAMES = ("patches", "cos", "sin", "window_rows", "window_slots", "image_embeds", "input_ids", "image_index",
             "position_ids", "attention_mask", "past", "present", "hidden", "rewards")
 PATTERNS = {
     "class": re.compile(r"Qwen2_5_VL|Qwen2VL"),

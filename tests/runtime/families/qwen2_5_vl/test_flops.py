@@ -2,7 +2,8 @@
 FlopCounterMode run over the family's real modules on the tiny spec. PyTorch counts every matmul
 as executed: attention over all keys, masked or not. The spec's count keeps only the pairs a query
 may see (causal; within a window): the decoder's masked pairs are the difference, and the vision
-tower, which attends per window, executes exactly the spec's count."""
+tower, which attends per window, executes exactly the spec's count (its exported graph, windows
+padded to one length, the ``graph`` count)."""
 
 from __future__ import annotations
 
@@ -48,22 +49,26 @@ def test_decoder_flops_are_the_executed_ones_less_the_masked_pairs(modules):
     assert flops.decode_call(spec, mask, 7) == flops.decoder(spec, [5], [4])
 
 
-def test_vision_flops_are_the_executed_ones(modules, fast):
-    """The vision tower attends per window (per image in its full-attention blocks), so what PyTorch
-    executes is exactly the spec's count; the masked form the exporter traces would execute more."""
+def test_vision_flops_are_the_executed_ones(modules, fast, monkeypatch):
+    """The vision tower attends per window (over the image in its full-attention blocks), so what
+    PyTorch executes eagerly is exactly the spec's count; traced, as the exported graph computes it,
+    each window is padded to one length, and the ``graph`` count is what executes there."""
     from conftest import random_image
-    from editreward_families.qwen2_5_vl import flops
+    from editreward_families.qwen2_5_vl import flops, modeling
     from editreward_families.qwen2_5_vl.vision import vision_feeds
 
     spec, (vision, _, _) = modules
-    v = spec.vision
     image = fast.preprocess(random_image(7, 150, 230))
     feeds, _ = vision_feeds(image, spec)
-    counted = _counted(lambda: vision(*(torch.as_tensor(a) for a in feeds)))
-    n = len(feeds[0])
-    pairs = lambda seg: int((np.unique(seg, return_counts=True)[1] ** 2).sum())
-    assert pairs(feeds[3]) < n * n  # the image has several windows: per-window attention skips pairs
+    tensors = [torch.as_tensor(a) for a in feeds]
+    counted = _counted(lambda: vision(*tensors))
+    rows, n = feeds[3], len(feeds[0])
+    assert len(rows) > 1 and (rows < 0).any()  # several windows, some padded: the counts differ
     assert flops.vision_call(spec, *feeds) == counted
+    monkeypatch.setattr(modeling, "tracing", lambda: True)
+    executed = _counted(lambda: vision(*tensors))
+    assert flops.vision_call(spec, *feeds, graph=True) == executed > counted
+    assert rows.size * rows.shape[1] < n * n  # fewer pairs than the [N, N] mask the graph had before
 
 
 def test_heads_and_reference_flops(modules, fast):

@@ -75,6 +75,9 @@ def pipeline_outputs(ckpt, modules, dtype, triples):
     from editreward_rt.pipeline import FastPipeline
 
     graphs = TorchGraphs(ckpt.spec, None, torch.device("cpu"), dtype, modules=modules)
+    if modeling.tracing():  # as an exported vision graph runs: one image per call
+        joined = graphs.vision
+        graphs.vision = lambda feeds: torch.cat([joined([arrays]) for arrays in feeds])
     return FastPipeline(graphs).run(triples)
 
 
@@ -148,48 +151,103 @@ def test_decoder_attention_equals_the_additive_mask(ckpt, past_len, padded, kind
     torch.testing.assert_close(present[keep], want_present[keep], atol=1e-5, rtol=1e-5)
 
 
-def vision_batch(spec, grids, seed=0):
-    """Several images' vision inputs concatenated (window and image ids made distinct across images)."""
-    v = spec.vision
-    rng = np.random.default_rng(seed)
-    parts, windows, images = [], [], []
-    for i, grid in enumerate(grids):
-        prep = vision_inputs(grid, v.head_dim, v.spatial_merge_size, v.window_size, v.patch_size)
-        parts.append((prep.cos, prep.sin))
-        windows.append(prep.window_segments + (windows[-1].max() + 1 if windows else 0))
-        images.append(prep.image_segments + i)
-    n = sum(len(w) for w in windows)
-    patches = rng.standard_normal((n, v.in_channels * v.temporal_patch_size * v.patch_size**2)).astype(np.float32)
-    cos, sin = (np.concatenate([p[j] for p in parts]) for j in (0, 1))
-    return tuple(torch.as_tensor(a) for a in (patches, cos, sin, np.concatenate(windows), np.concatenate(images)))
-
-
-@pytest.mark.parametrize("grids", [[(1, 16, 16)], [(1, 20, 28)], [(1, 16, 16), (1, 20, 28)]],
-                         ids=["equal-windows", "unequal-windows", "two-images"])
-def test_vision_attention_per_window_equals_the_masked_form(ckpt, grids, monkeypatch):
-    vision = modeling.build_modules(ckpt.spec, ckpt.state_dict(), torch.float32)[0]
-    feeds = vision_batch(ckpt.spec, grids)
-    windows, images = vision.layout(feeds[3].numpy(), feeds[4].numpy())  # read on the host
-    assert (windows, images) == (modeling.run_lengths(feeds[3]), modeling.run_lengths(feeds[4]))
-    assert (len(set(windows)) > 1) == (grids != [(1, 16, 16)]) and len(images) == len(grids)  # the case it names
-    with torch.inference_mode():
-        fast = vision(*feeds, (windows, images))
-        found = vision(*feeds)  # no layout given: read from the segments
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize("past_len,padded", [(0, {}), (0, {1: 3}), (5, {0: 2, 1: 4})])
+def test_decoder_last_layer_at_the_kept_rows_alone(ckpt, past_len, padded, traced, monkeypatch):
+    """``keep``: the last layer's attention output and MLP at those (row, position) pairs alone
+    equal the full computation's hidden states there, shaped as ``keep`` less its last axis; the
+    cache is the same, every position's; an empty ``keep`` (a level that keeps nothing) gives [0, 1, H]."""
+    decoder = modeling.build_modules(ckpt.spec, ckpt.state_dict(), torch.float32)[1]
+    inputs = decoder_inputs(ckpt.spec, 2, 7, past_len, padded)
+    last = [7 - padded.get(row, 0) - 1 for row in (0, 1)]  # each row's last valid position (its <|Reward|>)
+    keep = torch.tensor([[[0, last[0]], [1, last[1]]], [[0, 0], [1, 2]]])  # [T=2, K=2, 2], a row kept twice
+    if traced:
         monkeypatch.setattr(modeling, "tracing", lambda: True)
-        want = vision(*feeds)
+    with torch.inference_mode():
+        full, present = decoder(*inputs)
+        kept, kept_present = decoder(*inputs, keep)
+        none, _ = decoder(*inputs, torch.zeros(0, 1, 2, dtype=torch.long))
+    assert kept.shape == (2, 2, ckpt.spec.text.hidden_size) and none.shape == (0, 1, ckpt.spec.text.hidden_size)
+    torch.testing.assert_close(kept, full[keep[..., 0], keep[..., 1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept_present, present, atol=0, rtol=0)
+
+
+def vision_feeds(spec, grid, seed=0):
+    """One image's vision inputs (random patches) as numpy arrays, in the graph's input order."""
+    v = spec.vision
+    prep = vision_inputs(grid, v.head_dim, v.spatial_merge_size, v.window_size, v.patch_size)
+    n = len(prep.window_slots)
+    patches = np.random.default_rng(seed).standard_normal((n, v.in_channels * v.temporal_patch_size * v.patch_size**2))
+    return patches.astype(np.float32), prep.cos, prep.sin, prep.window_rows, prep.window_slots
+
+
+def masked_vision(vision, patches, cos, sin, windows: list[int]):
+    """The tower as the graphs computed it before per-window attention: every block over all N
+    patches, window blocks under an additive [N, N] mask of equal window ids."""
+    ids = torch.as_tensor(np.repeat(np.arange(len(windows)), windows))
+    mask = modeling.neg_mask(ids[:, None] == ids[None, :], patches.dtype)
+    x = vision.patch_embed(patches)
+    for i, block in enumerate(vision.blocks):
+        attn = block.attn
+        h = block.norm1(x)
+        q, k, v = attn.qkv(h).reshape(len(h), 3, attn.num_heads, -1).unbind(1)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = q * c + modeling.rotate_half(q) * s, k * c + modeling.rotate_half(k) * s
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if i in vision.fullatt else mask)
+        x = x + attn.proj(out[0].transpose(0, 1).reshape(len(h), -1))
+        x = x + block.mlp(block.norm2(x))
+    return vision.merger(x)
+
+
+GRIDS = {"one-window": (1, 4, 6), "equal-windows": (1, 16, 16), "unequal-windows": (1, 20, 28)}
+
+
+@pytest.mark.parametrize("grid", list(GRIDS.values()), ids=list(GRIDS))
+def test_vision_windows_eager_and_traced_equal_the_masked_form(ckpt, grid, monkeypatch):
+    """Per window eagerly (runs of equal size batched), and as the exported graph computes it
+    (windows gathered into [windows, heads, W, d] with padded keys masked, the full blocks over
+    the call's one image), both against attention over all N patches under an [N, N] mask."""
+    vision = modeling.build_modules(ckpt.spec, ckpt.state_dict(), torch.float32)[0]
+    arrays = vision_feeds(ckpt.spec, grid)
+    feeds = tuple(torch.as_tensor(a) for a in arrays)
+    windows, images = vision.layout([arrays])  # read on the host
+    assert images == [len(arrays[0])] and sum(windows) == len(arrays[0])
+    assert (len(set(windows)) > 1) == (grid == GRIDS["unequal-windows"])  # the case it names
+    assert (arrays[3] < 0).any() == (grid != GRIDS["equal-windows"])  # padded windows: the case the mask is for
+    with torch.inference_mode():
+        want = masked_vision(vision, *feeds[:3], windows)
+        fast = vision(*feeds, layout=(windows, images))
+        found = vision(*feeds)  # no layout given: read from the window rows
+        monkeypatch.setattr(modeling, "tracing", lambda: True)
+        traced = vision(*feeds)
     torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(traced, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(found, fast, atol=0, rtol=0)
+
+
+def test_vision_window_feeds_cover_each_patch_once(ckpt):
+    """``window_rows`` lists every patch once, in order, each window's rows consecutive and padding
+    at the end; ``window_slots`` is each patch's place in the flattened rows; joined, the images'
+    windows stay apart."""
+    from editreward_families.qwen2_5_vl.vision import join_feeds
+
+    parts = [vision_feeds(ckpt.spec, grid) for grid in GRIDS.values()]
+    for *_, rows, slots in parts + [join_feeds(parts)]:
+        flat = rows.reshape(-1)
+        assert np.array_equal(flat[flat >= 0], np.arange(len(slots))) and np.array_equal(flat[slots], np.arange(len(slots)))
+        assert all(np.all(np.diff(np.flatnonzero(r >= 0)) == 1) and r[0] >= 0 for r in rows)
 
 
 def test_vision_attention_per_window_has_gradients(ckpt):
     """The differentiable reward backpropagates through the per-window path (gather and scatter included)."""
     vision = modeling.build_modules(ckpt.spec, ckpt.state_dict(), torch.float64)[0]
-    patches, cos, sin, windows, images = vision_batch(ckpt.spec, [(1, 20, 28)])
+    patches, cos, sin, rows, slots = (torch.as_tensor(a) for a in vision_feeds(ckpt.spec, GRIDS["unequal-windows"]))
     patches = patches.double().requires_grad_(True)
     counts = [3, 2, 3, 1]  # unequal runs: the gather-and-scatter branch
     q = torch.randn(sum(counts), 2, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: modeling.segment_attention(x, x * 2, x * 3, counts), (q,))
-    vision(patches, cos.double(), sin.double(), windows, images).sum().backward()
+    vision(patches, cos.double(), sin.double(), rows, slots).sum().backward()
     assert torch.isfinite(patches.grad).all() and patches.grad.abs().sum() > 0
 
 
