@@ -13,17 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from editreward_rt.manifest import MANIFEST
+from editreward_rt.hardware import DTYPE_PRECISIONS, PRECISIONS
+from editreward_rt.manifest import MANIFEST, read_manifest
 
 SCHEMA = "editreward-bench-results"
 SCHEMA_VERSION = 1
 REFERENCE = "torch-reference"
+# A backend description's precision (fp32, bf16, fp16) -> the dtype the tolerance table keys it by.
+PRECISION_DTYPE = {precision: dtype for dtype, precision in DTYPE_PRECISIONS.items()}
 
 
 def environment(device: str = "cpu") -> dict:
     """Device, CPU/GPU model and library versions recorded with every number."""
     env = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-           "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "device": device, "libraries": {}}
+           "cpu": cpu_model(), "cpu_count": os.cpu_count(), "device": device, "libraries": {}}
     for name in ("numpy", "torch", "transformers", "onnxruntime", "onnx", "tokenizers", "bitsandbytes", "gptqmodel"):
         try:
             module = __import__(name)
@@ -41,7 +44,7 @@ def environment(device: str = "cpu") -> dict:
     return env
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -114,38 +117,69 @@ def checkpoint_variants() -> dict[str, tuple[str, str]]:
 class Variant:
     """A ``checkpoint_variants`` label (``torch-reference``, ``torch-fast``), or ``model:PATH`` /
     ``onnx:PATH``: an exported model folder (float, quantized ONNX, or bitsandbytes-quantized torch),
-    run by the backend its manifest names."""
+    run by the backend its manifest names, or ``BACKEND:PATH`` (``openvino:PATH``): the folder on
+    that backend. ``@PRECISION`` after any of them (``torch-fast@bf16``, ``openvino:PATH@fp32``)
+    asks for a precision (``hardware.PRECISIONS``); without it the variant runs its default."""
 
     label: str
 
     @property
+    def precision(self) -> str | None:
+        _, sep, tail = self.label.rpartition("@")
+        return tail if sep and tail in PRECISIONS else None
+
+    @property
+    def name(self) -> str:
+        """The label without its ``@PRECISION``."""
+        return self.label.rpartition("@")[0] if self.precision else self.label
+
+    @property
+    def backend(self) -> str | None:
+        """The backend a ``BACKEND:PATH`` label names; None for the others."""
+        from editreward_rt.backends import BACKENDS
+
+        prefix, sep, _ = self.name.partition(":")
+        return prefix if sep and prefix in BACKENDS else None
+
+    @property
     def path(self) -> str | None:
-        prefix, sep, rest = self.label.partition(":")
-        return rest if sep and prefix in ("model", "onnx") else None
+        prefix, sep, rest = self.name.partition(":")
+        return rest if sep and (prefix in ("model", "onnx") or self.backend) else None
+
+    def backend_name(self) -> str:
+        """The backend the variant runs on: named, the checkpoint variant's, or the folder's manifest's
+        (a float ONNX folder is run on the engine its manifest names, not on the CPU default)."""
+        from editreward_rt.backends import DEFAULT_EXPORTED
+
+        known = checkpoint_variants()
+        if self.name in known:
+            return known[self.name][0]
+        if not self.path:
+            raise ValueError(f"unknown variant {self.label!r}: use {', '.join(known)}, model:PATH or BACKEND:PATH, "
+                             "each optionally @PRECISION")
+        return self.backend or read_manifest(Path(self.path)).get("runtime", DEFAULT_EXPORTED)
 
     def load(self, ckpt: str, base: str | None, prompts_from: str | None, device: str, threads: int | None,
              dtype: str | None = None):
-        """``dtype``: what the torch variants compute in (default float32 on a CPU, bfloat16 on a GPU)."""
+        """``dtype``: what the torch variants compute in (default float32 on a CPU, bfloat16 on a GPU)
+        unless the label asks for a precision."""
         from editreward_rt import Scorer
 
-        dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
-        known = checkpoint_variants()
-        if self.label in known:
-            backend, mode = known[self.label]
-            return Scorer.load(ckpt, backend=backend, mode=mode, base=base, prompts_from=prompts_from,
-                               device=device, threads=threads, dtype=dtype)
+        backend = self.backend_name()
         if self.path:
-            return Scorer.load(self.path, device=device, threads=threads)
-        raise ValueError(f"unknown variant {self.label!r}: use {', '.join(known)} or model:PATH")
+            return Scorer.load(self.path, backend=backend, device=device, threads=threads, precision=self.precision)
+        dtype = None if self.precision else dtype or ("float32" if device == "cpu" else "bfloat16")
+        return Scorer.load(ckpt, backend=backend, mode=checkpoint_variants()[self.name][1], base=base,
+                           prompts_from=prompts_from, device=device, threads=threads, dtype=dtype, precision=self.precision)
 
     def tolerance_key(self, scorer) -> tuple[str, str]:
         """(backend, precision or quantization scheme): the row of editreward_rt.tolerances.TOLERANCES,
         from the dtype the variant actually ran in, never from its name."""
         if not self.path:
             return ("torch-fast", scorer.description["dtype"])
-        manifest = scorer.backend.model.manifest
+        manifest, ran = scorer.backend.model.manifest, scorer.description.get("precision")
         scheme = (manifest.get("quantization") or {}).get("scheme")
-        return (scorer.description["backend"], scheme or manifest.get("precision", "float32"))
+        return (scorer.description["backend"], scheme or PRECISION_DTYPE.get(ran) or manifest.get("precision", "float32"))
 
 
 # Placeholder rubric text of about the real rubrics' length (a few hundred tokens each);

@@ -70,12 +70,12 @@ def parity_table(doc: dict) -> str:
 
 
 def cpu_speed_tables(doc: dict) -> str:
-    """cpu_speed.py's table for each thread count, from the rows it stored for that count (a blank
-    line after its GEMM-peak line: markdown starts a table only after one)."""
+    """cpu_speed.py's block for each thread count, from the rows it stored for that count: the CPU
+    and its matrix units, the GEMM peaks, the table."""
     blocks = []
     for threads, peaks in sorted(doc["config"]["gemm_peaks"].items(), key=lambda kv: int(kv[0])):
         rows = [r for r in doc["results"] if r.get("threads") == int(threads)]
-        blocks.append(cpu_speed_table(rows, peaks).replace("\n", "\n\n", 1))
+        blocks.append(cpu_speed_table(rows, peaks, doc["config"].get("cpu")))
     return "\n\n".join(blocks)
 
 
