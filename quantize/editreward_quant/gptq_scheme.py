@@ -197,10 +197,11 @@ class _Skip(torch.nn.Module):
     passes through and the key/value cache keeps its shape (zeros: only the layer being
     quantized reads its own cache, and its input is fed from the recording)."""
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
+    def forward(self, x, cos, sin, mask, past_k, past_v, keep=None):
+        """The decoder layer's signature; ``keep`` (the last layer's rows) picks those rows as it does."""
         b, heads, p, d = past_k.shape
         kv = past_k.new_zeros((b, heads, p + x.shape[1], d))
-        return x, kv, kv
+        return (x if keep is None else x[keep]), kv, kv
 
 
 def _stash(x):
