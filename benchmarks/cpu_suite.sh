@@ -16,6 +16,8 @@ quant ort-int8 "--model-dir $fixture/onnx-fp32 --option weight_type=uint8" small
 quant ort-int4 "--model-dir $fixture/onnx-fp32" small-ort-int4
 quant ort-int4 "--model-dir $fixture/onnx-fp32 --option block_size=32" small-ort-int4-b32
 quant ort-int4 "--model-dir $fixture/onnx-fp32 --option block_size=128" small-ort-int4-b128
+quant ov-int8 "--model-dir $fixture/onnx-fp32" small-ov-int8
+quant ov-int4 "--model-dir $fixture/onnx-fp32" small-ov-int4
 quant bnb-int8 "--ckpt $fixture/checkpoint --prompts-from $fixture/bench-prompts" small-bnb-int8
 quant bnb-nf4 "--ckpt $fixture/checkpoint --prompts-from $fixture/bench-prompts" small-bnb-nf4
 variants=(--variant torch-fast --variant "model:$fixture/onnx-fp32" --variant "model:$work/small-ort-int8"
@@ -27,6 +29,9 @@ python benchmarks/latency.py --fixture small --workdir "$work" "${variants[@]}" 
 python benchmarks/cpu_speed.py --fixture small --workdir "$work" --variant "model:$fixture/onnx-fp32" \
     --variant "model:$work/small-ort-int8" --variant "model:$work/small-ort-int4" --variant "model:$work/small-ort-int4-b32" \
     --variant "model:$work/small-ort-int4-b128" --variant "model:$work/small-ort-int8-u8u8" \
+    --variant torch-fast@bf16 --variant "openvino:$fixture/onnx-fp32@fp32" --variant "openvino:$fixture/onnx-fp32@bf16" \
+    --variant "model:$work/small-ov-int8" --variant "model:$work/small-ov-int4" \
+    --variant "cli:$fixture/onnx-fp32" --variant "cli:$fixture/onnx-fp32@fp32" \
     --profile --out "$out/cpu-speed-small.json" | tee "$out/cpu-speed-small.md"
 python benchmarks/report.py "$out/latency-small.json" "$out/parity-small.json" "$out/cpu-speed-small.json" --page docs/performance.md
 python -m editreward_quant.sizes "$fixture/onnx-fp32" "$work/small-ort-int8" "$work/small-ort-int4" \

@@ -58,6 +58,7 @@ def test_folder_is_ir_every_file_hashed(label, ov_quantized):
     assert not list(folder.glob("*.onnx*"))
     assert scheme_from_dict(manifest["quantization"]) == make_scheme(*VARIANTS[label])
     check = manifest["quantization"]["check"]
+    assert check["kind"] == "decoder" and check["decoder_check_bytes"] <= check["budget_bytes"]  # tiny fits anywhere
     assert check["hidden_snr_db"] >= check["floor_db"] == round(hidden_snr_floor_db(manifest["quantization"], model.spec), 2)
     assert ("calibration" in manifest["quantization"]) == label.endswith("awq")
 
@@ -124,13 +125,88 @@ def test_scores_within_the_schemes_row(label, ov_quantized, fast, reference, tri
     assert agreement >= tol.agreement, agreement
 
 
-def test_a_folder_below_its_floor_is_not_written(tiny_onnx, tmp_path, monkeypatch):
+@pytest.mark.parametrize("label", ["ov-int8", "ov-int4", "ov-int4-asym", "ov-int8-vision"])
+def test_the_streaming_check_checks_every_compressed_weight(label, tiny_onnx, tmp_path):
+    """Beyond the budget (forced with a budget of 0 bytes) each compressed weight is checked against its
+    float32 original alone: every one of them, within its floor, and the manifest says so."""
+    from editreward_quant.ov_schemes import quantize_exported
+
+    name, options = {**VARIANTS, "ov-int4-asym": ("ov-int4", {"symmetric": "false"})}[label]
+    out = quantize_exported(tiny_onnx, make_scheme(name, options), tmp_path / "q", log=lambda *_: None, check_budget=0)
+    quantization = json.loads((out / "manifest.json").read_text())["quantization"]
+    check = quantization["check"]
+    assert check["kind"] == "weights" and check["budget_bytes"] == 0 < check["decoder_check_bytes"]
+    assert set(check["graphs"]) == set(quantization["graphs"])
+    for graph, result in check["graphs"].items():
+        assert result["weights"] == sum(quantization["compressed_constants"][graph].values())
+        assert result["worst"]["snr_db"] >= result["worst"]["floor_db"]
+
+
+def test_the_check_follows_the_budget(tiny_onnx):
+    """The whole-decoder check where its estimate fits the budget, the streaming one a byte below; a
+    calibrated ov-int4 below it is refused before any work."""
+    from editreward_quant.ov_schemes import _check_plan, decoder_check_bytes
+
+    model = open_exported(tiny_onnx)
+    needs = decoder_check_bytes(model)
+    assert needs > 2 * sum((tiny_onnx / n).stat().st_size for n in model.manifest["files"] if n.startswith("decoder."))
+    def plan(budget, scheme="ov-int8", **options):
+        return _check_plan(model, make_scheme(scheme, options), budget, lambda *_: None)
+
+    assert plan(needs)["kind"] == "decoder" and plan(needs - 1)["kind"] == "weights"
+    assert plan(needs - 1, "ov-int4")["kind"] == "weights"
+    for options in ({"awq": "true"}, {"scale_estimation": "true"}):  # they run the float decoder to calibrate
+        with pytest.raises(QuantizeError, match="calibrates on the float32 decoder"):
+            plan(needs - 1, "ov-int4", **options)
+
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["decoder", "weights"])
+def test_a_folder_beyond_the_noise_model_is_not_written(budget, tiny_onnx, tmp_path, monkeypatch):
+    """4-bit weights under the int8 scheme (a broken compression): the decoder check (default budget)
+    and the streaming check (none) both refuse it, and nothing is published."""
     import editreward_quant.ov_schemes as ov_schemes
 
-    monkeypatch.setattr(ov_schemes, "hidden_snr_floor_db", lambda quantization, spec: 200.0)
-    with pytest.raises(QuantizeError, match="below the scheme's floor 200.0 dB"):
-        ov_schemes.quantize_exported(tiny_onnx, make_scheme("ov-int8"), tmp_path / "out", log=lambda *_: None)
+    real = ov_schemes._nncf_options
+    monkeypatch.setattr(ov_schemes, "_nncf_options", lambda scheme: real(make_scheme("ov-int4")))
+    match = "below the scheme's floor" if budget is None else "below the scheme's per-weight floor"
+    with pytest.raises(QuantizeError, match=match):
+        ov_schemes.quantize_exported(tiny_onnx, make_scheme("ov-int8"), tmp_path / "out", log=lambda *_: None,
+                                     check_budget=budget)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, options", [("ov-int8", {}), ("ov-int4", {"symmetric": "false", "group_size": "32"})])
+def test_the_streaming_check_is_the_same_in_chunks(name, options, tiny_onnx, tmp_path, monkeypatch):
+    """A weight compared a few rows at a time (per-row or per-group scales and zero points sliced with
+    it) gives the numbers it gives whole."""
+    import openvino as ov
+    import editreward_quant.ov_schemes as ov_schemes
+
+    scheme, spec = make_scheme(name, options), open_exported(tiny_onnx).spec
+    out = ov_schemes.quantize_exported(tiny_onnx, scheme, tmp_path / "q", log=lambda *_: None, check_budget=0)
+    check = lambda: ov_schemes.weight_check(ov.Core(), tiny_onnx / "decoder.onnx", out / "decoder.xml", scheme, spec)
+    whole = check()
+    monkeypatch.setattr(ov_schemes, "WEIGHT_CHUNK", 100)  # a row (or a group of 32 rows) at a time
+    chunked = check()
+    assert chunked["worst"]["weight"] == whole["worst"]["weight"]
+    assert chunked["worst"]["snr_db"] == pytest.approx(whole["worst"]["snr_db"], abs=0.01)
+
+
+@pytest.mark.parametrize("kind", ["i4", "u4", "i8", "u8"])
+def test_low_bit_constants_read_back(kind):
+    """``_values`` reads a packed 4-bit (or 8-bit) constant as OpenVINO's own Convert does, at any offset."""
+    import openvino as ov
+    from editreward_quant.ov_schemes import _values
+    from openvino import opset13 as ops
+
+    low, high = {"i4": (-8, 7), "u4": (0, 15), "i8": (-128, 127), "u8": (0, 255)}[kind]
+    values = np.random.default_rng(0).integers(low, high + 1, 37)
+    constant = ops.constant(values.astype(np.int8 if kind[0] == "i" else np.uint8), dtype=getattr(ov.Type, kind))
+    converted = ov.Tensor(ov.Type.f32, [37])
+    assert ops.convert(constant, ov.Type.f32).evaluate([converted], [constant.get_tensor_view()])
+    np.testing.assert_array_equal(converted.data, values)
+    for start, stop in [(0, 37), (1, 36), (3, 4), (10, 10)]:
+        np.testing.assert_array_equal(_values(constant, start, stop), values[start:stop])
 
 
 def test_options_validate():
