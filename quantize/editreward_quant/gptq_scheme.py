@@ -83,7 +83,7 @@ def quantize_backend(backend, ckpt, scheme: GptqInt4, triples, log=print) -> dic
 class _GptqRun:
     """Layer-by-layer GPTQ over calibration passes of the fast pipeline.
 
-    A pass for decoder layer ``i`` runs the decoder with layers ``0..i-1`` replaced by ``_Skip``
+    A pass for decoder layer ``i`` runs the decoder with every other layer replaced by ``_Skip``
     (which only keeps the key/value cache shapes) and feeds layer ``i``, call by call, the input
     recorded when layer ``i-1`` was done; its own key/value cache is computed in the pass, level
     after level, as in scoring. The pipeline makes the same decoder calls in the same order on
@@ -108,7 +108,9 @@ class _GptqRun:
         call_hook = decoder.register_forward_pre_hook(self._next_call)
         try:
             for i, layer in enumerate(layers):
-                decoder.layers = type(layers)([_Skip() for _ in range(i)] + [layer])
+                # Layers after i stand in too: the decoder computes its last layer only at the rows
+                # the heads read, so layer i must be last only when it is the model's last.
+                decoder.layers = type(layers)([_Skip() for _ in range(i)] + [layer] + [_Skip() for _ in range(i + 1, len(layers))])
                 feed = layer.register_forward_pre_hook(self._feed) if i else None
                 try:
                     for group in layer.linear_groups():  # the family's decoder layer names its linears

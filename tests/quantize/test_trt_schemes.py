@@ -236,7 +236,9 @@ def test_folder_manifest_and_qdq_structure(name, trt_folders, tiny_onnx, float_d
     qdq, layers = entry["qdq"], len(trt_quant.weight_matmuls(float_decoder.graph))
     assert qdq == trt_quant.qdq_summary(folder / "decoder.onnx")
     assert qdq["quantized_matmuls"] == layers == 14 and qdq["matmuls"] == 18  # attention's two MatMuls stay fp16
-    activations = 0 if name == "trt-int4-awq" else 4 * 2  # one quantized input per smoothing group: qkv, o, gate/up, down
+    # one quantized input per smoothing group (qkv, o, gate/up, down), and one more in the last layer,
+    # whose q reads the kept rows where k and v read every row
+    activations = 0 if name == "trt-int4-awq" else 4 * 2 + 1
     assert (qdq["quantize_linear"], qdq["dequantize_linear"]) == (activations, layers + activations)
     assert WEIGHT_TYPE[name] in qdq["weight_bytes"] and "float" not in qdq["weight_bytes"]
     ratio = weight_bytes(folder) / weight_bytes(tiny_onnx)

@@ -267,7 +267,9 @@ class DecoderAttention(nn.Module):
         r, groups = rows.shape[0], self.num_heads // self.num_kv_heads  # shape, not len(): traced, len() is a constant
         # cos, sin [B, 1, S, d] -> [R, 1, 1, d]; q [R, kv_heads, groups, d]; k, v [R, kv_heads, P+S, d]
         cos, sin = cos[rows, :, pos].unsqueeze(2), sin[rows, :, pos].unsqueeze(2)
-        q = self.q_proj(x[rows, pos]).reshape(r, self.num_kv_heads, groups, self.head_dim)
+        # [1, R, H] in: a 2-D input with a bias would export as a Gemm, not the MatMul + Add every
+        # other linear is (weight quantizers and TensorRT's Q/DQ rules look for MatMuls)
+        q = self.q_proj(x[rows, pos].unsqueeze(0))[0].reshape(r, self.num_kv_heads, groups, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         if mask is None:  # causal over an unpadded batch without a past: a query sees the keys up to its own
             mask = (torch.arange(k.shape[2], device=k.device)[None, :] <= pos[:, None])[:, None, None, :]
