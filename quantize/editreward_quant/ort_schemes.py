@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 from editreward_export.streaming import DataWriter, InitializerReader, TensorSink
-from editreward_rt.manifest import EXTERNAL_DATA_BYTES, open_exported, write_manifest
+from editreward_rt.manifest import EXTERNAL_DATA_BYTES, write_manifest
 from editreward_rt.schemes import OrtInt4, OrtInt8, QuantizeError, QuantizeRequest, Scheme
 
 from .embedding import blockwise_uint4, rowwise_int8, table_bits
-from .output import staged_output
+from .output import float_export, staged_output
 
 # ONNX Runtime's quantizers handle the weight MatMuls; the embedding Gather gets its own pass
 # (below), and norms, biases and rotary math stay float.
@@ -289,11 +289,7 @@ def quantize_embeddings(model, bits: int, block_size: int) -> list[dict]:
 def quantize_exported(model_dir: Path, scheme: Scheme, out: Path, log=print) -> Path:
     if not isinstance(scheme, (OrtInt8, OrtInt4)):
         raise QuantizeError(f"{scheme.name} does not apply to an exported ONNX folder")
-    model = open_exported(model_dir)
-    if model.manifest.get("quantization"):
-        raise QuantizeError(f"{model_dir} is already quantized ({model.manifest['quantization']['scheme']}); start from a float export")
-    if model.manifest.get("precision") != "float32":
-        raise QuantizeError(f"{scheme.name} starts from a float32 export; {model_dir} is {model.manifest.get('precision')}")
+    model = float_export(model_dir, scheme.name)
     source = {"model_dir": str(Path(model_dir).resolve()), "decoder_sha256": model.manifest["files"]["decoder.onnx"]}
     graphs = ["decoder"] + (["vision"] if scheme.include_vision else [])
     with staged_output(out, source) as tmp:

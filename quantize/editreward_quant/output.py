@@ -6,8 +6,20 @@ import contextlib
 import json
 from pathlib import Path
 
-from editreward_rt.manifest import MANIFEST, staged_folder
+from editreward_rt.manifest import MANIFEST, open_exported, staged_folder
 from editreward_rt.schemes import QuantizeError
+
+
+def float_export(model_dir, scheme_name: str):
+    """The exported folder a scheme starts from, opened and verified: refused unless an
+    unquantized float32 export (quantizing twice, or from float16 graphs, compounds the error)."""
+    model = open_exported(model_dir)
+    if model.manifest.get("quantization"):
+        raise QuantizeError(f"{model_dir} is already quantized ({model.manifest['quantization']['scheme']}); "
+                            "start from a float export")
+    if model.manifest.get("precision") != "float32":
+        raise QuantizeError(f"{scheme_name} starts from a float32 export; {model_dir} is {model.manifest.get('precision')}")
+    return model
 
 
 def _same_model(out: Path, source_identity: dict) -> bool:

@@ -36,12 +36,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from editreward_rt.manifest import open_exported, write_manifest
+from editreward_rt.manifest import write_manifest
 from editreward_rt.schemes import OvInt4, OvInt8, QuantizeError, QuantizeRequest, Scheme
 from editreward_rt.tolerances import MARGIN_DB, hidden_snr_floor_db, snr_db
 
 from .calib import calibration_triples, synthetic_triples
-from .output import staged_output
+from .output import float_export, staged_output
 
 CHECK_TRIPLES = 2  # validation triples (a seed of their own, never the calibration ones)
 CHECK_WINDOWS = 4  # decoder windows of 32 tokens each compared in the self-check
@@ -307,13 +307,7 @@ def _float_source(model_dir: Path, scheme: Scheme):
     """The exported folder, opened and verified; refused unless a float32, unquantized export."""
     if not isinstance(scheme, (OvInt8, OvInt4)):
         raise QuantizeError(f"{scheme.name} is not an OpenVINO scheme")
-    model = open_exported(model_dir)
-    if model.manifest.get("quantization"):
-        raise QuantizeError(f"{model_dir} is already quantized ({model.manifest['quantization']['scheme']}); "
-                            "start from a float export")
-    if model.manifest.get("precision") != "float32":
-        raise QuantizeError(f"{scheme.name} starts from a float32 export; {model_dir} is {model.manifest.get('precision')}")
-    return model
+    return float_export(model_dir, scheme.name)
 
 
 def _check_plan(model, scheme: Scheme, budget: int | None, log) -> dict:

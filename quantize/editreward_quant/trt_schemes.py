@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 from editreward_rt.extras import require
-from editreward_rt.manifest import EXTERNAL_DATA_BYTES, open_exported, write_manifest
+from editreward_rt.manifest import EXTERNAL_DATA_BYTES, write_manifest
 from editreward_rt.schemes import (QuantizeError, QuantizeRequest, Scheme, TrtFp8, TrtInt4Awq, TrtInt8Sq, make_scheme,
                                    trt_precisions)
 from editreward_rt.tolerances import snr_db
 
 from .calib import calibration_triples, prepare_all
-from .output import staged_output
+from .output import float_export, staged_output
 
 # The decoder graph's inputs by role, in the order the fast path feeds them (their names are the family's).
 ROLES = ("ids", "embeds", "index", "positions", "mask", "cache")  # GraphRunner.decode's arrays (its keep aside)
@@ -390,12 +390,7 @@ def quantize_for_trt(onnx_dir, precision_or_scheme, out_dir, calib=None, calib_s
     scheme = resolve_scheme(precision_or_scheme)
     require_modelopt()
     model_dir, out = Path(onnx_dir), Path(out_dir)
-    exported = open_exported(model_dir)
-    if exported.manifest.get("quantization"):
-        raise QuantizeError(f"{model_dir} is already quantized ({exported.manifest['quantization']['scheme']}); "
-                            "start from a float export")
-    if exported.manifest.get("precision") != "float32":
-        raise QuantizeError(f"{scheme.name} starts from a float32 export; {model_dir} is {exported.manifest.get('precision')}")
+    exported = float_export(model_dir, scheme.name)
     decoder = exported.graph_path("decoder")
     source = {"model_dir": str(model_dir.resolve()), "decoder_sha256": exported.manifest["files"][decoder.name]}
 
