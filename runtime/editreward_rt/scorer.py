@@ -52,7 +52,7 @@ def preference(a: Score, b: Score) -> float:
 
 def _backend_name(path_or_id, backend: str | None, device: str = "cpu", precision: str | None = None) -> str:
     """The backend asked for; else a checkpoint's (torch) or the one an exported folder names, and
-    for a float ONNX folder on a CPU the fastest engine installed (``backends.cpu_engine``)."""
+    for a float32 ONNX folder on a CPU the fastest engine installed (``backends.cpu_engine``)."""
     if backend:
         return backend
     folder = Path(str(path_or_id))
@@ -60,7 +60,9 @@ def _backend_name(path_or_id, backend: str | None, device: str = "cpu", precisio
         return backends.DEFAULT_CHECKPOINT
     manifest = read_manifest(folder)
     runtime = manifest.get("runtime", backends.DEFAULT_EXPORTED)
-    if runtime == backends.DEFAULT_EXPORTED and "quantization" not in manifest and device == "cpu":
+    # float32 graphs only: float16/bfloat16 exports (for GPUs) keep the runtime they were made for
+    float32 = manifest.get("precision", "float32") == "float32"
+    if runtime == backends.DEFAULT_EXPORTED and "quantization" not in manifest and float32 and device == "cpu":
         return backends.cpu_engine(precision)
     return runtime
 

@@ -133,3 +133,27 @@ def test_each_scored_line_names_the_engine_and_precision_that_ran(tiny_onnx, ima
                           "--source", str(source), "--edited", str(edited)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1])["backend"] == "onnxruntime fp32"
+
+
+def test_a_float16_export_keeps_the_runtime_it_was_made_for(tiny_onnx, tmp_path):
+    """The CPU default applies to float32 graphs: a float16 or bfloat16 export (made for a GPU) is
+    not moved to another engine whose precision label would then misname what its graphs compute."""
+    manifest = json.loads((tiny_onnx / "manifest.json").read_text())
+    for precision in ("float16", "bfloat16"):
+        folder = tmp_path / precision
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "precision": precision}))
+        assert _backend_name(folder, None, "cpu") == "onnxruntime"
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed (the openvino extra)")
+def test_openvino_loads_without_a_cache_where_none_can_be_made(tiny_onnx, tmp_path, monkeypatch, caplog):
+    """No writable cache folder (no home, a read-only one) costs the cache, not the load; a
+    cache_dir asked for that cannot be made is an error."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the default root lies under a file: mkdir fails
+    scorer = Scorer.load(tiny_onnx, backend="openvino", precision="fp32")
+    assert scorer.backend.cache_dir is None and "no compiled-model cache" in caplog.text
+    with pytest.raises(BackendError, match="cannot hold the compiled-model cache"):
+        Scorer.load(tiny_onnx, backend="openvino", precision="fp32", options={"cache_dir": str(blocker / "x")})

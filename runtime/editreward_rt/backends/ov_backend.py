@@ -14,6 +14,7 @@ by the manifest's hash and the precision, so an altered folder never reuses a st
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from ..hardware import resolve_precision
 from ..manifest import MANIFEST, open_exported
 from ..pipeline import FastPipeline, PipelineBackend, graph_keep, host_table
 from . import BACKENDS
+
+log = logging.getLogger(__name__)
 
 # Our precision -> OpenVINO's INFERENCE_PRECISION_HINT, and OpenVINO's element type names back to ours.
 HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -62,10 +65,17 @@ def cache_folder(root: Path, precision: str, cache_dir) -> Path | None:
     if cache_dir is not None and str(cache_dir) in CACHE_OFF:
         return None
     key = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()[:16]
-    folder = (Path(cache_dir) if cache_dir is not None else default_cache_root()) / key / precision
-    if folder.resolve().is_relative_to(root.resolve()):
-        raise BackendError(f"cache_dir {cache_dir} is inside the model folder {root}; a model folder holds only "
-                           "the files its manifest hashes: cache elsewhere")
+    try:
+        folder = (Path(cache_dir) if cache_dir is not None else default_cache_root()) / key / precision
+        if folder.resolve().is_relative_to(root.resolve()):
+            raise BackendError(f"cache_dir {cache_dir} is inside the model folder {root}; a model folder holds only "
+                               "the files its manifest hashes: cache elsewhere")
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError) as exc:  # no home (an arbitrary-UID container), a read-only one
+        if cache_dir is not None:
+            raise BackendError(f"cache_dir {cache_dir} cannot hold the compiled-model cache: {exc}") from None
+        log.warning("no compiled-model cache for %s (%s): each load compiles the graphs", root, exc)
+        return None
     return folder
 
 
@@ -102,8 +112,7 @@ class OvGraphs:
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[precision]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)
+        if cache is not None:  # made by ``cache_folder``
             config["CACHE_DIR"] = str(cache)
         # One Core per backend: the configuration goes to each compile_model, so backends of other
         # precisions or thread counts in one process do not share settings.
