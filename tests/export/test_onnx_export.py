@@ -105,7 +105,7 @@ def test_io_binding_path_matches(tiny_onnx, images):
     """The CUDA path keeps the cache on the device through I/O binding; the same code runs on the CPU."""
     from editreward_rt.backends.ort_backend import OrtBackend
 
-    plain = Scorer.load(tiny_onnx)
+    plain = Scorer.load(tiny_onnx, backend="onnxruntime")
     bound = Scorer(OrtBackend(tiny_onnx, io_binding=True), plain.backend.model)
     assert bound.description["io_binding"] is True and plain.description["io_binding"] is False
     triples = [("Add a bowl", images[0], images[1]), ("Add a bowl", images[0], images[2]), ("Make it red", images[3], images[4])]
