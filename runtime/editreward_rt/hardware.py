@@ -25,7 +25,7 @@ PRECISIONS = ("fp32", "bf16", "auto")  # what a caller may ask for
 PRECISION_ENV = "EDITREWARD_PRECISION"  # the default precision, where set (``default_precision``)
 # A resolved precision -> the dtype it computes in (the tolerance table's key), and back.
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-DTYPE_PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}  # fp64: gradient checks
 
 
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:

@@ -50,9 +50,11 @@ def preference(a: Score, b: Score) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def _backend_name(path_or_id, backend: str | None, device: str = "cpu", precision: str | None = None) -> str:
+def _backend_name(path_or_id, backend: str | None, device: str = "cpu", precision: str | None = None,
+                  options=()) -> str:
     """The backend asked for; else a checkpoint's (torch) or the one an exported folder names, and
-    for a float32 ONNX folder on a CPU the fastest engine installed (``backends.cpu_engine``)."""
+    for a float32 ONNX folder on a CPU the fastest engine installed (``backends.cpu_engine``) that
+    takes every option given (``optimization`` or ``io_binding`` name ONNX Runtime)."""
     if backend:
         return backend
     folder = Path(str(path_or_id))
@@ -63,7 +65,8 @@ def _backend_name(path_or_id, backend: str | None, device: str = "cpu", precisio
     # float32 graphs only: float16/bfloat16 exports (for GPUs) keep the runtime they were made for
     float32 = manifest.get("precision", "float32") == "float32"
     if runtime == backends.DEFAULT_EXPORTED and "quantization" not in manifest and float32 and device == "cpu":
-        return backends.cpu_engine(precision)
+        engine = backends.cpu_engine(precision)
+        return engine if set(options) <= set(backends.backend(engine).options) else runtime
     return runtime
 
 
@@ -159,8 +162,10 @@ class Scorer:
         a CPU runs on the fastest engine installed for that precision (``backends.cpu_engine``)."""
         named = {"base": base, "prompts_from": prompts_from, "device": device, "threads": threads, "dtype": dtype,
                  "memory": memory, "precision": precision}
-        entry = backends.backend(_backend_name(path_or_id, backend, device, precision))
-        impl, model = entry.load(path_or_id, mode=mode, **_merge_options(named, options))
+        merged = _merge_options(named, options)
+        given = [key for key, value in merged.items() if value is not None]
+        entry = backends.backend(_backend_name(path_or_id, backend, device, precision, given))
+        impl, model = entry.load(path_or_id, mode=mode, **merged)
         return cls(impl, model, max_batch=max_batch, max_input_pixels=max_input_pixels)
 
     @property

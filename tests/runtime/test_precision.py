@@ -120,6 +120,9 @@ def test_a_float_onnx_folder_on_a_cpu_loads_on_the_fastest_installed_engine(tiny
     # elsewhere, and for a folder that names its runtime, the folder's own runtime
     assert _backend_name(tiny_onnx, None, "cuda") == "onnxruntime"
     assert _backend_name(tiny_onnx, "onnxruntime", "cpu") == "onnxruntime"
+    # options only ONNX Runtime takes name it; options neither takes go to the folder's runtime, which refuses them
+    assert _backend_name(tiny_onnx, None, "cpu", None, ["threads", "io_binding"]) == "onnxruntime"
+    assert _backend_name(tiny_onnx, None, "cpu", None, ["threads"]) == expected
     # without OpenVINO, ONNX Runtime
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
