@@ -82,10 +82,12 @@ def triples(images):
 
 
 def hidden_at_reward(scorer, triples):
-    """The decoder states the heads read, captured on the way in."""
+    """The decoder states the heads read, captured on the way in (as float32: a bf16 torch run
+    hands the heads bf16 tensors, which numpy cannot hold)."""
     graphs, seen = scorer.backend.graphs, []
     original = graphs.heads
-    graphs.heads = lambda h: (seen.append(np.array(h)), original(h))[1]
+    as_array = lambda h: np.asarray(h.float().cpu() if hasattr(h, "float") else h, dtype=np.float32)
+    graphs.heads = lambda h: (seen.append(as_array(h)), original(h))[1]
     try:
         scores = scorer.score_batch(triples)
     finally:

@@ -23,18 +23,6 @@ from editreward_rt.tolerances import bf16_snr_floor_db, max_abs_diff, snr_db, to
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
-def _float_hidden(scorer, triples):
-    """The states the heads read, as float32 (a bf16 torch run hands the heads bf16 tensors)."""
-    graphs, seen = scorer.backend.graphs, []
-    original = graphs.heads
-    graphs.heads = lambda h: (seen.append(h.float().numpy() if hasattr(h, "float") else np.array(h)), original(h))[1]
-    try:
-        scores = scorer.score_batch(triples)
-    finally:
-        graphs.heads = original
-    return np.concatenate(seen).astype(np.float32), scores
-
-
 def _pairs_kept(reference, other) -> bool:
     """Every pair of edits of the first source (the fixture's first three triples) ordered alike."""
     ref, got = [s.mu for s in reference[:3]], [s.mu for s in other[:3]]
@@ -75,8 +63,8 @@ def test_torch_bf16_keeps_the_derived_snr_floor_and_the_pairs(tiny, triples):
     fp32 = Scorer.load(tiny.checkpoint, backend="torch", prompts_from=tiny.prompts, precision="fp32")
     bf16 = Scorer.load(tiny.checkpoint, backend="torch", prompts_from=tiny.prompts, precision="bf16")
     assert (fp32.engine, bf16.engine) == ("torch fp32", "torch bf16")
-    h32, s32 = _float_hidden(fp32, triples)
-    h16, s16 = _float_hidden(bf16, triples)
+    h32, s32 = hidden_at_reward(fp32, triples)
+    h16, s16 = hidden_at_reward(bf16, triples)
     floor = bf16_snr_floor_db(fp32.spec)
     assert snr_db(h32, h16) >= floor, (snr_db(h32, h16), floor)
     tol = tolerance("torch-fast", "bfloat16")
