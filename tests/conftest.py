@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,11 +123,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVING_MODES = ("ray", "single-process")
+
+
+class ServedURL(str):
+    """A served base URL, with ``drain(app, timeout_s)``: the gateway's graceful stop, first step
+    (503 to new requests, those in flight answered) -> requests still in flight at the timeout."""
+
+    def __new__(cls, url: str, drain):
+        self = super().__new__(cls, url)
+        self.drain = drain
+        return self
+
+
 @contextmanager
-def serving(apps: dict):
-    """Ray (2 CPUs) and Serve on a free loopback port running ``apps`` ({name: (route, ServeConfig)}) -> the base URL."""
+def serving(apps: dict, mode: str = "ray"):
+    """``apps`` ({name: (route, ServeConfig)}) served on a free loopback port -> its ``ServedURL``.
+    ``ray``: Ray (2 CPUs) and Serve, one application per route. ``single-process``: each app's
+    gateway and scorer replica in this process (``serve/local.py``, as ``editreward serve
+    --single-process`` runs them), mounted at its route on one uvicorn server in a thread."""
+    if mode == "single-process":
+        with _serving_in_process(apps) as url:
+            yield url
+        return
     import ray
-    from editreward_rt.serve.app import build_app
+    from editreward_rt.serve.app import build_app, shutdown_app
     from ray import serve
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -135,7 +156,42 @@ def serving(apps: dict):
     try:
         for name, (route, cfg) in apps.items():
             serve.run(build_app(cfg), name=name, route_prefix=route)
-        yield f"http://127.0.0.1:{port}"
+        yield ServedURL(f"http://127.0.0.1:{port}", shutdown_app)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextmanager
+def _serving_in_process(apps: dict):
+    import asyncio
+    import threading
+
+    import uvicorn
+    from editreward_rt.serve.gateway import build_api
+    from editreward_rt.serve.local import CancelOnDisconnect, gateway_for
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    gateways = {name: gateway_for(cfg) for name, (_, cfg) in apps.items()}
+    routes = sorted(((route, build_api(gateways[name])) for name, (route, _) in apps.items()), key=lambda r: -len(r[0]))
+    app = Starlette(routes=[Mount(route.rstrip("/"), app=CancelOnDisconnect(api)) for route, api in routes])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+        time.sleep(0.05)
+
+    def drain(name: str, timeout_s: float) -> int:
+        return asyncio.run_coroutine_threadsafe(gateways[name].drain(timeout_s), loop).result(timeout_s + 10)
+
+    try:
+        yield ServedURL(f"http://127.0.0.1:{port}", drain)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        loop.close()

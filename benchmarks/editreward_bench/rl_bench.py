@@ -6,10 +6,13 @@ producer threads (rollout workers); each producer asks for its prompts' rewards.
 - ``batching``: ``BatchingScorer``, every producer's triples merged into batches;
 - ``score-groups``: ``Scorer.score_groups``, one call per prompt (its source encoded once).
 
-With ``--http``, the trainers' protocols against a local ``editreward serve`` (Ray Serve on
-loopback, same model and threads): ``http-unirl`` (UniRL's ``POST /score``, one request per
-prompt's edits) and ``http-edit-r1`` (Edit-R1's pickled ``POST /mode/logits_non_cot``). Images
-are encoded to PNG before timing (the trainer's own cost); building and parsing the bodies is timed.
+With ``--http``, the trainers' protocols against a local ``editreward serve`` on loopback, same
+model and threads, served each way (``--serve-modes``): on Ray Serve, and with
+``--single-process`` (rows suffixed ``@single-process``): ``http-unirl`` (UniRL's ``POST /score``,
+one request per prompt's edits) and ``http-edit-r1`` (Edit-R1's pickled ``POST
+/mode/logits_non_cot``). Each HTTP row's ``vs_score_groups`` is its throughput over in-process
+``score-groups`` in the same run. Images are encoded to PNG before timing (the trainer's own
+cost); building and parsing the bodies is timed.
 
 Parity comes first: every method's scores must equal ``Scorer.score`` (the reference within its
 tolerance) before anything is timed. Reports throughput (edits/s), p50/p99 latency per edit
@@ -19,6 +22,7 @@ tolerance) before anything is timed. Reports throughput (edits/s), p50/p99 laten
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -244,52 +248,123 @@ def _batch_totals(url: str) -> tuple[float, float]:
     return value("editreward_batch_size_count"), value("editreward_batch_size_sum")
 
 
-def http_rows(fast, model: str, groups: list, producers: int, max_batch: int, max_wait_ms: float, threads: int | None,
-              tolerance: float) -> list:
-    """Each protocol over loopback HTTP: parity of every edit against ``fast.score`` on the same
-    images first, then the timed run (the rows' ``mean_batch`` is the service's, from /metrics)."""
-    import socket
+SERVE_MODES = ("ray", "single-process")
 
+
+@contextmanager
+def _ray_service(cfg):
+    """``cfg`` on Ray Serve (as ``editreward serve`` runs it) on a free loopback port -> the base URL."""
     import ray
-    from editreward_rt.images import encode_png
-    from editreward_rt.serve.app import ServeConfig, build_app
+    from editreward_rt.serve.app import build_app
     from ray import serve
 
-    encoded = [(i, encode_png(s), [encode_png(e) for e in es]) for i, s, es in groups]
-    want = [fast.score(i, s, e).mu for i, s, es in groups for e in es]
     ray.init(include_dashboard=False, log_to_driver=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url, rows = f"http://127.0.0.1:{port}", []
     try:
-        cfg = ServeConfig(model=model, threads=threads, max_batch=max_batch, batch_wait_ms=max_wait_ms)
         serve.run(build_app(cfg), name="rl-bench", route_prefix="/")
-        for method in HTTP_METHODS:
-            http_work(url, method)(encoded[0])  # warm-up
-            before = _batch_totals(url)
-            per_group, wall = produce(encoded, producers, http_work(url, method))
-            calls, triples = (b - a for a, b in zip(before, _batch_totals(url)))
-            flat = [pair for part in per_group for pair in part]
-            d_mu = max(abs(mu - w) for (_, mu), w in zip(flat, want))
-            ms = 1000.0 * np.array([latency for latency, _ in flat])
-            rows.append({"variant": method, "status": "ok" if d_mu <= tolerance else "failed-parity",
-                         "edits": len(flat), "wall_s": wall, "edits_per_s": len(flat) / wall,
-                         "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-                         "n_latencies": len(flat), "n_runs": 1, "mean_batch": triples / max(calls, 1), "backend_calls": calls,
-                         "parity": {"max_abs_mu": d_mu, "limit": tolerance, "passed": d_mu <= tolerance}})
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextmanager
+def _single_process_service(model: str, threads: int | None, max_batch: int, max_wait_ms: float):
+    """``editreward serve --single-process`` in a child process on a free loopback port -> the base URL."""
+    import signal
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    port = _free_port()
+    command = [sys.executable, "-c", "from editreward_rt.cli import main; raise SystemExit(main())", "serve",
+               "--single-process", "--model", model, "--port", str(port), "--max-batch", str(max_batch),
+               "--batch-wait-ms", str(max_wait_ms), *(["--threads", str(threads)] if threads else [])]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError("editreward serve --single-process did not start:\n" + log.read().decode()[-2000:])
+                try:
+                    with urllib.request.urlopen(url + "/readyz", timeout=5):
+                        break
+                except OSError:
+                    time.sleep(0.3)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_rows(fast, model: str, groups: list, producers: int, max_batch: int, max_wait_ms: float, threads: int | None,
+              tolerance: float, modes=SERVE_MODES) -> list:
+    """Each protocol over loopback HTTP against each way of serving (``ray``: Ray Serve; rows
+    ``http-unirl``, ``http-edit-r1``; ``single-process``: ``editreward serve --single-process``,
+    rows suffixed ``@single-process``): parity of every edit against ``fast.score`` on the same
+    images first, then the timed run (the rows' ``mean_batch`` is the service's, from /metrics)."""
+    from editreward_rt.images import encode_png
+    from editreward_rt.serve.gateway import ServeConfig
+
+    encoded = [(i, encode_png(s), [encode_png(e) for e in es]) for i, s, es in groups]
+    want = [fast.score(i, s, e).mu for i, s, es in groups for e in es]
+    threads = threads or len(os.sched_getaffinity(0))  # one figure for both ways (each has its own default)
+    rows = []
+    for mode in modes:
+        if mode == "ray":
+            cfg = ServeConfig(model=model, threads=threads, max_batch=max_batch, batch_wait_ms=max_wait_ms)
+            service, suffix = _ray_service(cfg), ""
+        else:
+            service, suffix = _single_process_service(model, threads, max_batch, max_wait_ms), "@" + mode
+        with service as url:
+            for method in HTTP_METHODS:
+                http_work(url, method)(encoded[0])  # warm-up
+                before = _batch_totals(url)
+                per_group, wall = produce(encoded, producers, http_work(url, method))
+                calls, triples = (b - a for a, b in zip(before, _batch_totals(url)))
+                flat = [pair for part in per_group for pair in part]
+                d_mu = max(abs(mu - w) for (_, mu), w in zip(flat, want))
+                ms = 1000.0 * np.array([latency for latency, _ in flat])
+                rows.append({"variant": method + suffix, "status": "ok" if d_mu <= tolerance else "failed-parity",
+                             "edits": len(flat), "wall_s": wall, "edits_per_s": len(flat) / wall,
+                             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                             "n_latencies": len(flat), "n_runs": 1, "mean_batch": triples / max(calls, 1),
+                             "backend_calls": calls,
+                             "parity": {"max_abs_mu": d_mu, "limit": tolerance, "passed": d_mu <= tolerance}})
     return rows
+
+
+def with_ratios(rows: list) -> list:
+    """HTTP rows get ``vs_score_groups``: their throughput over in-process ``score-groups``'s, same run."""
+    base = next((r["edits_per_s"] for r in rows if r["variant"] == "score-groups" and "edits_per_s" in r), None)
+    if base is None:
+        return rows
+    return [{**r, "vs_score_groups": r["edits_per_s"] / base} if r["variant"].startswith("http-") and "edits_per_s" in r
+            else r for r in rows]
 
 
 def summary_line(row: dict) -> str:
     if "edits_per_s" not in row:
         return f"{row['variant']:<18} {row['status']}: {row.get('reason') or row.get('parity')}"
     return (f"{row['variant']:<18} {row['edits_per_s']:8.2f} edits/s  p50 {row['p50_ms']:8.1f} ms  "
-            f"p99 {row['p99_ms']:8.1f} ms (n {row['n_latencies']})  mean batch {row['mean_batch']:5.2f}  {row['status']}")
+            f"p99 {row['p99_ms']:8.1f} ms (n {row['n_latencies']})  mean batch {row['mean_batch']:5.2f}  {row['status']}"
+            + (f"  {row['vs_score_groups']:.2f}x score-groups" if "vs_score_groups" in row else ""))
 
 
 def main(argv=None) -> int:
@@ -306,6 +381,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--http", action="store_true",
                         help="also time the trainers' protocols against a local editreward serve (serve extra)")
+    parser.add_argument("--serve-modes", nargs="+", choices=SERVE_MODES, default=list(SERVE_MODES),
+                        help="with --http: the ways of serving to time (Ray Serve, editreward serve --single-process)")
     parser.add_argument("--out", default="results/rl.json")
     args = parser.parse_args(argv)
     from editreward_rt import Scorer
@@ -326,9 +403,10 @@ def main(argv=None) -> int:
         from editreward_rt.tolerances import batch_shape_tolerance
 
         rows += http_rows(fast, str(paths["onnx"]), groups, args.producers, args.max_batch, args.max_wait_ms, args.threads,
-                          batch_shape_tolerance(*tolerance_key(fast.description)))
+                          batch_shape_tolerance(*tolerance_key(fast.description)), args.serve_modes)
+        rows = with_ratios(rows)
     config = {k: getattr(args, k) for k in ("fixture", "prompts", "edits", "producers", "max_batch", "max_wait_ms",
-                                            "threads", "image", "http")}
+                                            "threads", "image", "http", "serve_modes")}
     path = write_document(results_document("rl", config, rows, "cpu"), args.out)
     for row in rows:
         print(summary_line(row))

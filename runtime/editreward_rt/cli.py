@@ -288,18 +288,23 @@ def cmd_tool(args) -> int:
     return require(module, extra, f"editreward {args.command}").main(args.argv)
 
 
-def _serve_commands():
-    """The Ray subcommands' module, imported only when one of them runs."""
-    from .serve import require_ray
+def _serve_commands(ray: bool = True):
+    """The serving subcommands' module, imported only when one of them runs; a BackendError naming
+    the serve extra when what they need (Ray, or for one process only FastAPI and uvicorn) is missing."""
+    from .serve import EXTRA, require_ray
 
-    require_ray()  # a BackendError naming the serve extra when Ray is missing
+    if ray:
+        require_ray()
+    else:
+        for module in ("fastapi", "uvicorn"):
+            require(module, EXTRA, "serving")
     from .serve import commands
 
     return commands
 
 
 def cmd_serve(args) -> int:
-    return _serve_commands().cmd_serve(args)
+    return _serve_commands(ray=not args.single_process).cmd_serve(args)
 
 
 def cmd_batch(args) -> int:
@@ -381,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .serve.args import add_batch_arguments, add_serve_arguments
 
-    serve = sub.add_parser("serve", help="serve the HTTP scoring API on Ray Serve (needs the serve extra)")
+    serve = sub.add_parser("serve", help="serve the HTTP scoring API on Ray Serve, or in one process "
+                           "(--single-process; needs the serve extra)")
     add_serve_arguments(serve)
     add_precision_argument(serve)
     add_backend_option(serve)

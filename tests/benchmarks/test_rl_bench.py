@@ -63,8 +63,9 @@ def test_batched_parity_is_held_to_the_precision_it_ran_in(tiny):
 
 
 def test_http_mode_times_each_trainer_protocol_after_parity(tiny_onnx):
-    """``--http``: UniRL's and Edit-R1's requests against a local editreward serve, each edit's mu
-    checked against in-process scoring before its row counts, batched by the service."""
+    """``--http``: UniRL's and Edit-R1's requests against a local editreward serve, on Ray Serve and
+    in one process (the real CLI in a child process), each edit's mu checked against in-process
+    scoring before its row counts, batched by the service; each row's ratio to score-groups."""
     import pytest
 
     pytest.importorskip("ray")
@@ -73,7 +74,10 @@ def test_http_mode_times_each_trainer_protocol_after_parity(tiny_onnx):
     fast = Scorer.load(tiny_onnx, threads=1)
     groups = rl_bench.workload(2, 3, size=(48, 64))
     rows = rl_bench.http_rows(fast, str(tiny_onnx), groups, 2, 8, 20.0, 1, 1e-4)
-    assert [r["variant"] for r in rows] == list(rl_bench.HTTP_METHODS)
+    assert [r["variant"] for r in rows] == [*rl_bench.HTTP_METHODS, *(m + "@single-process" for m in rl_bench.HTTP_METHODS)]
     for row in rows:
         assert row["status"] == "ok" and row["parity"]["passed"] and row["edits"] == 6
         assert row["p99_ms"] >= row["p50_ms"] > 0 and row["mean_batch"] > 1  # a prompt's edits scored together
+    in_process = {"variant": "score-groups", "edits_per_s": 2 * rows[0]["edits_per_s"]}
+    ratios = [r.get("vs_score_groups") for r in rl_bench.with_ratios([in_process, *rows])]
+    assert ratios[0] is None and ratios[1:] == pytest.approx([r["edits_per_s"] / in_process["edits_per_s"] for r in rows])

@@ -1,4 +1,5 @@
-"""Serving (Ray Serve) and offline batch scoring (Ray Data): the optional ``serve`` extra.
+"""Serving (Ray Serve, or one process with ``--single-process``) and offline batch scoring (Ray
+Data): the optional ``serve`` extra.
 
 Nothing here imports Ray at module import time; ``require_ray()`` turns a missing
 install into a ``BackendError`` that names the extra to install.

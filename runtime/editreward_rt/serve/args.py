@@ -25,6 +25,10 @@ def add_serve_arguments(p) -> None:
                    help="bearer token the JSON routes (/v1/*, UniRL /score) require; default $EDITREWARD_TOKEN, none: open")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--single-process", action="store_true",
+                   help="no Ray: the gateway and one scorer replica in this process on uvicorn (default threads: every "
+                        "CPU this process may use). The least overhead for one replica on one machine; no --replicas "
+                        "above 1, no --address")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (413 above)")
     p.add_argument("--max-image-pixels", type=int, default=25_000_000, help="largest decoded image (422 above)")
     p.add_argument("--max-request-pixels", type=int, default=200_000_000,

@@ -1,9 +1,11 @@
-"""``editreward serve`` and ``editreward batch``: the entry points ``cli.py`` calls once Ray is known
-to be installed (their arguments are in ``args.py``, which needs no Ray)."""
+"""``editreward serve`` and ``editreward batch``: the entry points ``cli.py`` calls once what they
+need is known to be installed: Ray, or for ``serve --single-process`` FastAPI and uvicorn alone
+(their arguments are in ``args.py``, which needs neither)."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -34,24 +36,46 @@ def _placement(ray, device: str, replicas: int | None, threads: int | None) -> t
     return replicas or max(1, cpus // threads), threads
 
 
-def cmd_serve(args) -> int:
-    ray = require_ray()
-    from ray import serve
-
-    from .app import ServeConfig, build_app, shutdown_app
+def serve_config(args, replicas: int, threads: int | None):
+    """``editreward serve``'s arguments -> the ServeConfig both ways of serving take."""
+    from .gateway import ServeConfig
     from .schemas import Limits
 
-    started = _ray_init(ray, args.address)
-    replicas, threads = _placement(ray, args.device, args.replicas, args.threads)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
                     max_request_pixels=args.max_request_pixels,
                     max_instruction_chars=args.max_instruction_chars, max_triples=args.max_triples,
                     request_timeout_s=args.request_timeout_s, body_timeout_s=args.body_timeout_s,
                     max_client_body_reads=args.max_client_bodies)
-    cfg = ServeConfig(model=args.model, backend=args.backend, device=args.device, replicas=replicas, threads=threads,
-                      max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_ongoing=args.max_ongoing,
-                      max_queued=args.max_queued, graceful_shutdown_s=args.graceful_shutdown_s, limits=limits,
-                      backend_options=dict(args.backend_option), precision=args.precision, token=args.token)
+    return ServeConfig(model=args.model, backend=args.backend, device=args.device, replicas=replicas, threads=threads,
+                       max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_ongoing=args.max_ongoing,
+                       max_queued=args.max_queued, graceful_shutdown_s=args.graceful_shutdown_s, limits=limits,
+                       backend_options=dict(args.backend_option), precision=args.precision, token=args.token)
+
+
+def _serve_single_process(args) -> int:
+    from .local import serve_single_process
+
+    if (args.replicas or 1) != 1 or args.address:
+        print("editreward serve: --single-process runs one replica in this process: drop --replicas and --address, "
+              "or serve on Ray", file=sys.stderr)
+        return 2
+    threads = args.threads
+    if threads is None and not args.device.startswith("cuda"):  # a GPU-only backend takes no CPU threads
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return serve_single_process(serve_config(args, 1, threads), args.host, args.port)
+
+
+def cmd_serve(args) -> int:
+    if args.single_process:
+        return _serve_single_process(args)
+    ray = require_ray()
+    from ray import serve
+
+    from .app import build_app, shutdown_app
+
+    started = _ray_init(ray, args.address)
+    replicas, threads = _placement(ray, args.device, args.replicas, args.threads)
+    cfg = serve_config(args, replicas, threads)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

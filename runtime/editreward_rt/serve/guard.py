@@ -33,8 +33,7 @@ def _has_body(scope) -> bool:
 
 
 class BodyGuard:
-    """The bodies each client is sending. One per process (``GUARD``): a gateway replica is one
-    process, and Serve copies the FastAPI app into it, so the guard cannot live on the app object."""
+    """The bodies each client is sending: one per gateway, handed to its app's middleware."""
 
     def __init__(self, limits: S.Limits):
         self.limits = limits
@@ -52,18 +51,15 @@ class BodyGuard:
             del self.reading[client]
 
 
-GUARD = BodyGuard(S.Limits())  # the gateway sets its limits as it starts (app.py)
-
-
 class BodyGuardMiddleware:
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, guard: BodyGuard):
+        self.app, self.guard = app, guard
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not _has_body(scope):
             return await self.app(scope, receive, send)
-        guard = GUARD
+        guard = self.guard
         client = (scope.get("client") or ("unknown",))[0]
         if not guard.admit(client):
             err = S.OverloadedError(f"this client already sends {guard.limits.max_client_body_reads} request bodies; "

@@ -1,7 +1,7 @@
 """Answers of recent requests by idempotency key: a client that retries a request (its answer was
 lost, or it timed out) gets the first answer again instead of having the triples scored twice.
 
-One gateway replica sees every request (app.py), so its memory covers the whole service. Bounded
+One gateway sees every request (gateway.py), so its memory covers the whole service. Bounded
 in keys and in bytes, oldest first out. Only final answers are kept (2xx and 4xx): a 408, 429 or
 5xx is worth retrying, and so is a 200 that holds a per-item timeout or another transient item
 error (the gateway says so with ``final``), so its key is forgotten and the retry is scored

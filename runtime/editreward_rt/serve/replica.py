@@ -84,7 +84,8 @@ class ScorerReplica:
         # Requests take turns on the decoding threads: a request of many large images cannot hold them all.
         self._prep = FairPool(max(1, threads or 1), name="editreward-prep")
         self._infos, self._infos_lock = [], threading.Lock()
-        # Serve bounds the requests in flight (max_ongoing_requests, see app.py): no second bound here.
+        # The handle bounds the requests in flight (Serve's max_ongoing_requests, app.py, or LocalHandle,
+        # local.py): no second bound here.
         self.batcher = BatchingScorer(self.scorer, max_batch=max_batch, max_wait_ms=batch_wait_s * 1000.0, max_queue=None,
                                       on_batch=self._record)
 

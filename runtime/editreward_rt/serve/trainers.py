@@ -31,11 +31,11 @@ import hmac
 import json
 import logging
 import math
+import sys
 import time
 from collections import OrderedDict
 
 from fastapi.responses import JSONResponse, Response
-from ray.serve.exceptions import BackPressureError
 
 from ..errors import EditRewardError, InputError
 from . import safe_pickle
@@ -46,6 +46,14 @@ log = logging.getLogger("ray.serve")
 REWARD = "editreward"  # the name UniRL's required_rewards asks for
 PROTOCOL = "1"
 IDENTITY_FIELDS = ("request_id", "sample_id", "group_id", "idempotency_key")
+
+
+def overloaded() -> tuple[type[BaseException], ...]:
+    """What a scorer handle raises when its queue is full: Serve's ``BackPressureError`` where Serve
+    runs (its module is loaded in a gateway replica), else nothing (in one process,
+    ``local.LocalHandle`` raises ``OverloadedError``, a typed error, itself; Ray is not imported)."""
+    module = sys.modules.get("ray.serve.exceptions")
+    return (module.BackPressureError,) if module is not None else ()
 
 
 class UnauthorizedError(S.ApiError):
@@ -151,7 +159,7 @@ class TrainerProtocols:
             response = await asyncio.wait_for(answer(request, body, deadline), timeout=self.limits.request_timeout_s)
         except asyncio.TimeoutError:
             response = self._error(S.RequestTimeoutError(f"not scored within {self.limits.request_timeout_s:g} s"))
-        except BackPressureError:
+        except overloaded():
             response = self._error(S.OverloadedError("the scoring queue is full; retry later"))
         except EditRewardError as exc:
             response = self._error(exc)

@@ -1,6 +1,7 @@
-"""The Ray Serve HTTP API, over real loopback HTTP against the tiny ONNX model.
+"""The HTTP API, over real loopback HTTP against the tiny ONNX model, served both ways: on Ray
+Serve and in one process (``serve/local.py``); every test runs against each.
 
-Ray starts once for the module (2 CPUs) with two applications: the main one, and a "tight"
+Each way starts once for the module (Ray with 2 CPUs) with two applications: the main one, and a "tight"
 one whose queue, batch and timeout are tiny so 429 and timeouts can be provoked. Slow-body
 clients connect from 127.0.0.2, so that the per-address bound on bodies in flight leaves the
 test's own requests (from 127.0.0.1) alone. Every client loop is bounded in count and time.
@@ -25,7 +26,7 @@ ray = pytest.importorskip("ray")  # the serve extra is not installed
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
 requests = pytest.importorskip("requests")
 
-from conftest import png_bytes, random_image, serving  # noqa: E402
+from conftest import SERVING_MODES, png_bytes, random_image, serving  # noqa: E402
 from editreward_rt import backends  # noqa: E402
 
 MAX_PIXELS = 1_000_000
@@ -56,8 +57,8 @@ def local(tiny_onnx):
     return Scorer.load(tiny_onnx, threads=1, max_batch=8)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_onnx):
+@pytest.fixture(scope="module", params=SERVING_MODES)
+def server(tiny_onnx, request):
     from editreward_rt.serve.app import ServeConfig
     from editreward_rt.serve.schemas import Limits
 
@@ -67,7 +68,7 @@ def server(tiny_onnx):
     main = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, batch_wait_ms=20, limits=limits)
     tight = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=1, batch_wait_ms=0, max_ongoing=1, max_queued=1,
                         limits=Limits(request_timeout_s=2.0, max_triples=TIGHT_EDITS))
-    with serving({"editreward": ("/", main), "tight": ("/tight", tight)}) as url:
+    with serving({"editreward": ("/", main), "tight": ("/tight", tight)}, request.param) as url:
         yield url
 
 
@@ -301,6 +302,41 @@ def test_queue_bound_gives_429_and_overlong_requests_timeouts_never_replayed(ser
     assert final[1].json() == final[0].json()
 
 
+def _metric(server: str, path: str, line_start: str) -> float:
+    text = requests.get(server + path + "/metrics", timeout=TIMEOUT).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_a_client_that_leaves_cancels_its_request(server, pictures):
+    """A client that disconnects once its request has arrived cancels it (Serve's proxy does; in
+    one process, ``local.CancelOnDisconnect``): the tight app's request leaves the gateway without
+    an answer, so no status is counted for it. Left running, it would be answered (a 200 holding
+    per-item timeouts, at the tight app's 2 s limit) and counted. The disconnect races that limit
+    on a loaded machine, so up to three tries: without cancellation every one is counted."""
+    edits = [_b64(png_bytes(random_image(300 + i, 40, 50))) for i in range(TIGHT_EDITS)]
+    body = json.dumps({"instruction": "x", "source": triple(pictures)["source"], "edits": edits}).encode()
+    head = (b"POST /tight/v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    counted = 'editreward_requests_total{endpoint="rank"'
+    host, port = server.split("//")[1].split(":")
+    for _ in range(3):
+        before = _metric(server, "/tight", counted)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            sock.sendall(head + body)
+            deadline = time.monotonic() + 30
+            while _metric(server, "/tight", "editreward_inflight_requests") < 1:  # it reached the gateway
+                assert time.monotonic() < deadline, "the request never reached the gateway"
+                time.sleep(0.02)
+        deadline = time.monotonic() + 30
+        while _metric(server, "/tight", "editreward_inflight_requests") > 0:
+            assert time.monotonic() < deadline, "the request was still in flight 30 s after its client left"
+            time.sleep(0.05)
+        time.sleep(0.2)  # an answer's count is recorded as the request leaves the gateway
+        if _metric(server, "/tight", counted) == before:
+            return
+    pytest.fail("each of three requests whose client left was answered and counted: none was cancelled")
+
+
 def test_deeply_nested_json_is_a_400(server):
     body = "[" * 100_000 + "]" * 100_000
     response = requests.post(server + "/v1/score", data=body, headers={"content-type": "application/json"},
@@ -412,7 +448,7 @@ def test_slow_bodies_get_408_and_cannot_shut_out_other_clients(server, pictures)
     assert normal_done < min(at for status, _, _, at in answers if status == 408)
 
 
-def test_missing_ray_names_the_extra(monkeypatch, capsys):
+def test_missing_ray_names_the_extra_and_one_process_needs_no_ray(monkeypatch, capsys):
     from editreward_rt.cli import main
     from editreward_rt.errors import BackendError
     from editreward_rt.serve import require_ray
@@ -422,12 +458,15 @@ def test_missing_ray_names_the_extra(monkeypatch, capsys):
         require_ray()
     assert main(["serve", "--model", "nowhere"]) == 2
     assert "editreward-deploy[serve]" in capsys.readouterr().err
+    # One process needs no Ray: the model is what fails here, and one replica is all it runs.
+    assert main(["serve", "--single-process", "--model", "nowhere"]) == 2
+    assert "nowhere is neither a folder nor a hub repository id" in capsys.readouterr().err
+    assert main(["serve", "--single-process", "--replicas", "2", "--model", "nowhere"]) == 2
+    assert "--single-process runs one replica" in capsys.readouterr().err
 
 
 def test_shutdown_drains_in_flight_requests(server, pictures):
     """Stopping the app while requests are in flight still answers every one of them."""
-    from editreward_rt.serve.app import shutdown_app
-
     payload = {"triples": [triple(pictures, src=s, edit=e) for s in (0, 1) for e in (2, 3, 4, 5)]}
     results, started = [], threading.Barrier(7)
 
@@ -440,7 +479,7 @@ def test_shutdown_drains_in_flight_requests(server, pictures):
         t.start()
     started.wait()
     time.sleep(0.1)  # let the requests reach the gateway
-    assert shutdown_app("editreward", 60) == 0
+    assert server.drain("editreward", 60) == 0
     for t in threads:
         t.join(timeout=TIMEOUT)
     assert results == [200] * 6

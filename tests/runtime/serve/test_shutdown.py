@@ -1,4 +1,5 @@
-"""`editreward serve` stopped by SIGTERM, as in a rolling restart: a real subprocess on loopback.
+"""`editreward serve` stopped by SIGTERM, as in a rolling restart: a real subprocess on loopback,
+on Ray Serve and with ``--single-process``.
 
 From the signal until the process exits, a client sees answers to requests already in flight,
 typed 503s with Retry-After, and then a refused connection: never Ray's plain-text 404 of a
@@ -43,11 +44,12 @@ def _wait_ready(proc: subprocess.Popen, url: str, log) -> None:
     pytest.fail("editreward serve did not become ready in 120 s:\n" + log.read_text())
 
 
-def test_sigterm_answers_503_with_retry_after_never_404(tiny_onnx, tmp_path):
+@pytest.mark.parametrize("mode", [["--replicas", "1"], ["--single-process"]], ids=["ray", "single-process"])
+def test_sigterm_answers_503_with_retry_after_never_404(tiny_onnx, tmp_path, mode):
     port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-c", "from editreward_rt.cli import main; raise SystemExit(main())", "serve",
-               "--model", str(tiny_onnx), "--port", str(port), "--replicas", "1", "--threads", "1",
+               "--model", str(tiny_onnx), "--port", str(port), *mode, "--threads", "1",
                "--max-batch", "1", "--graceful-shutdown-s", "60"]
     with open(log, "w") as err:
         proc = subprocess.Popen(command, stdout=err, stderr=err)

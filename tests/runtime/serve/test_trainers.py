@@ -1,4 +1,5 @@
-"""The trainers' own protocols on a live ``editreward serve`` (real loopback HTTP, tiny ONNX model).
+"""The trainers' own protocols on a live ``editreward serve`` (real loopback HTTP, tiny ONNX model),
+on Ray Serve and in one process (``--single-process``): every test runs against each.
 
 Each payload is built the way the trainer's client builds it (UniRL: ``requests`` with ``json=``,
 base64 JPEG at quality 95 in a two-turn history; Edit-R1: ``pickle.dumps`` of JPEG bytes sent with
@@ -22,7 +23,7 @@ ray = pytest.importorskip("ray")  # the serve extra is not installed
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
 
-from conftest import random_image, serving  # noqa: E402
+from conftest import SERVING_MODES, random_image, serving  # noqa: E402
 
 TIMEOUT = 60
 TOKEN = "s3cret-token"
@@ -53,15 +54,15 @@ def local(tiny_onnx):
     return Scorer.load(tiny_onnx, threads=1)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_onnx):
+@pytest.fixture(scope="module", params=SERVING_MODES)
+def server(tiny_onnx, request):
     from editreward_rt.serve.app import ServeConfig
     from editreward_rt.serve.schemas import Limits
 
     limits = Limits(max_body_bytes=4 * 1024 * 1024, max_image_pixels=1_000_000, max_triples=16)
     open_app = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, batch_wait_ms=20, limits=limits)
     locked = ServeConfig(model=str(tiny_onnx), threads=1, max_batch=8, limits=limits, token=TOKEN)
-    with serving({"editreward": ("/", open_app), "locked": ("/locked", locked)}) as url:
+    with serving({"editreward": ("/", open_app), "locked": ("/locked", locked)}, request.param) as url:
         yield url
 
 
