@@ -7,8 +7,10 @@ none shadows a package)."""
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -28,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository
 os.environ.setdefault("EDITREWARD_PRECISION", "fp32")
 # Engines' compiled-model caches (OpenVINO's, under $XDG_CACHE_HOME/editreward) go to a folder of
 # this session's, not the user's cache.
+# Removed as the session ends: one full run's caches take about 2 GB.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="editreward-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
