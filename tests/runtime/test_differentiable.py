@@ -144,3 +144,17 @@ def test_bicubic_resize_is_nearer_the_reference(tiny):
     assert gaps["bicubic"] < gaps["bilinear"], gaps
     with pytest.raises(InputError, match="resize must be"):
         DifferentiableReward.load(tiny.checkpoint, prompts_from=tiny.prompts, resize="nearest")
+
+
+def test_rotary_tables_stay_float32_for_bf16_images(reward32):
+    """A bf16 image (a bf16 generator's output) gets the Scorer's float32 rotary tables, not tables
+    rounded to bf16; a float64 image keeps float64 ones (the gradient checks)."""
+    from editreward_families.qwen2_5_vl.torch_inputs import image_feeds
+
+    image = as_tensor([pixels(3)])[0]
+    (_, cos32, sin32, *_), _, _ = image_feeds(image.float(), reward32.spec)
+    (_, cos16, sin16, *_), _, _ = image_feeds(image.bfloat16(), reward32.spec)
+    assert cos16.dtype == sin16.dtype == torch.float32
+    assert torch.equal(cos16, cos32) and torch.equal(sin16, sin32)
+    (_, cos64, *_), _, _ = image_feeds(image, reward32.spec)
+    assert cos64.dtype == torch.float64

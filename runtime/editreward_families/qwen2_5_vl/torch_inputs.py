@@ -62,5 +62,8 @@ def image_feeds(image: torch.Tensor, spec, resize_mode: str = "bilinear") -> tup
     order = torch.as_tensor(prep.window_index, device=image.device)
     patches = pixels.reshape(-1, unit, d)[order].reshape(n, d)
     to = lambda a, dtype=None: torch.as_tensor(np.ascontiguousarray(a), device=image.device, dtype=dtype)
-    feeds = (patches, to(prep.cos, image.dtype), to(prep.sin, image.dtype), to(prep.window_rows), to(prep.window_slots))
+    # The rotary tables stay float32 (float64 for float64 images) whatever the image's dtype: the
+    # Scorer feeds the host's float32 tables, and the attention rotates q and k in float32.
+    wide = torch.promote_types(image.dtype, torch.float32)
+    feeds = (patches, to(prep.cos, wide), to(prep.sin, wide), to(prep.window_rows), to(prep.window_slots))
     return feeds, to(prep.reverse_index), grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2
