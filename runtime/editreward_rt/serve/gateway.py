@@ -44,7 +44,7 @@ from . import schemas as S
 from .guard import BodyGuard, BodyGuardMiddleware
 from .idempotency import IdempotencyCache
 from .prometheus import ServeMetrics
-from .trainers import TrainerProtocols, check_token, overloaded
+from .trainers import TrainerProtocols, check_token
 
 log = logging.getLogger("ray.serve")
 
@@ -254,15 +254,8 @@ class Gateway:
             work = await self._parse(kind, request, body)
             result, final = await asyncio.wait_for(self._dispatch(kind, work), timeout=self.limits.request_timeout_s)
             response = JSONResponse(result)
-        except asyncio.TimeoutError:
-            response = self._error(S.RequestTimeoutError(f"not scored within {self.limits.request_timeout_s:g} s"))
-        except overloaded():
-            response = self._error(S.OverloadedError("the scoring queue is full; retry later"))
-        except EditRewardError as exc:
-            response = self._error(exc)
-        except Exception as exc:  # a bug or a lost replica: answer, never crash the gateway
-            log.exception("request failed")
-            response = self._error(S.ServiceError(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # answered with its typed error, never a crash of the gateway
+            response = self._error(S.typed_error(exc, self.limits.request_timeout_s))
         finally:
             if key is not None:  # also when the client went away (cancelled): its retries must not wait forever
                 self.replays.finish(key, response, final)

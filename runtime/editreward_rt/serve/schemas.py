@@ -9,16 +9,21 @@ response and whose HTTP status comes from ``http_status``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
+import logging
 import re
+import sys
 from dataclasses import asdict, dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import errors as E
 from ..errors import EditRewardError, ImageError, InputError, InstructionError
+
+log = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,27 @@ class RequestTimeoutError(ServiceError, E.DeadlineError):
 class NotReadyError(ServiceError, E.NotReadyError):
     kind = "not_ready"
     status = 503
+
+
+def overloaded() -> tuple[type[BaseException], ...]:
+    """What a scorer handle raises when its queue is full: Serve's ``BackPressureError`` where Serve
+    runs (its module is loaded in a gateway replica), else nothing (in one process,
+    ``local.LocalHandle`` raises ``OverloadedError``, a typed error, itself; Ray is not imported)."""
+    module = sys.modules.get("ray.serve.exceptions")
+    return (module.BackPressureError,) if module is not None else ()
+
+
+def typed_error(exc: Exception, timeout_s: float) -> EditRewardError:
+    """What handling a request raised -> the typed error its answer carries: the deadline, a full
+    queue, a typed error as it is, and anything else (a bug or a lost replica) as a logged 500."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return RequestTimeoutError(f"not scored within {timeout_s:g} s")
+    if isinstance(exc, overloaded()):
+        return OverloadedError("the scoring queue is full; retry later")
+    if isinstance(exc, EditRewardError):
+        return exc
+    log.error("request failed", exc_info=exc)
+    return ServiceError(f"{type(exc).__name__}: {exc}")
 
 
 class IdempotencyConflictError(ApiError):

@@ -31,7 +31,6 @@ import hmac
 import json
 import logging
 import math
-import sys
 import time
 from collections import OrderedDict
 
@@ -46,14 +45,6 @@ log = logging.getLogger("ray.serve")
 REWARD = "editreward"  # the name UniRL's required_rewards asks for
 PROTOCOL = "1"
 IDENTITY_FIELDS = ("request_id", "sample_id", "group_id", "idempotency_key")
-
-
-def overloaded() -> tuple[type[BaseException], ...]:
-    """What a scorer handle raises when its queue is full: Serve's ``BackPressureError`` where Serve
-    runs (its module is loaded in a gateway replica), else nothing (in one process,
-    ``local.LocalHandle`` raises ``OverloadedError``, a typed error, itself; Ray is not imported)."""
-    module = sys.modules.get("ray.serve.exceptions")
-    return (module.BackPressureError,) if module is not None else ()
 
 
 class UnauthorizedError(S.ApiError):
@@ -157,15 +148,8 @@ class TrainerProtocols:
             body = await gw._body(request)
             deadline = time.monotonic() + self.limits.request_timeout_s
             response = await asyncio.wait_for(answer(request, body, deadline), timeout=self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            response = self._error(S.RequestTimeoutError(f"not scored within {self.limits.request_timeout_s:g} s"))
-        except overloaded():
-            response = self._error(S.OverloadedError("the scoring queue is full; retry later"))
-        except EditRewardError as exc:
-            response = self._error(exc)
-        except Exception as exc:  # a bug or a lost replica: answer, never crash the gateway
-            log.exception("%s request failed", kind)
-            response = self._error(S.ServiceError(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # answered with its typed error, never a crash of the gateway
+            response = self._error(S.typed_error(exc, self.limits.request_timeout_s))
         finally:
             gw.metrics.inflight.dec()
             gw.inflight -= 1
