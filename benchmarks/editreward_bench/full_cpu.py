@@ -1,6 +1,12 @@
 """python benchmarks/full_cpu.py --model DIR --examples DIR: the seconds per triple of a
-full-size exported model (``ort-int4`` / ``ort-int8`` folders of the 7B) on this CPU, with the
-fast path's stage split and the process's peak resident memory.
+full-size exported model (the float export, ``ort-int4`` / ``ort-int8`` / ``ov-int8`` / ``ov-int4``
+folders of the 7B) on this CPU, on the engine the folder loads on by default (or ``--backend``,
+``--precision``), with the fast path's stage split and the process's peak resident memory.
+Against the FLOP floor: the matrix-multiply FLOPs of each stage (``FLOPS``, counted from the
+tokens actually scored) and, measured in the same run, the GEMM peak of the kernel the folder's
+matrix products run (``cpu_speed.gemm_peak``; ``--no-peaks`` skips it): the seconds per triple the
+peak allows, and the decoder's weight GEMMs as a share of that peak (their FLOPs over the
+decoder's whole time, attention and the rest included: a lower bound).
 
 The triples of ``DIR/triples.json`` (the real photographs of ``../shared/fixtures``: one source,
 three edits) are scored in one process ranked together (``Scorer.rank``: the source image and
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -33,36 +40,93 @@ def _scored_with_stages(scorer, call, n: int) -> tuple[list, float, dict]:
     return scores, seconds, stages
 
 
+class StageFlops:
+    """Wraps a fast path's graphs: the spec's FLOPs of every call, by stage (``vision``,
+    ``decoder``, and ``decoder_weights``: the decoder's weight GEMMs alone, ``heads``)."""
+
+    def __init__(self, graphs, flops):
+        self.inner, self.flops, self.spec = graphs, flops, graphs.spec
+        self.total = dict.fromkeys(("vision", "decoder", "decoder_weights", "heads"), 0.0)
+
+    def take(self) -> dict:
+        out, self.total = self.total, dict.fromkeys(self.total, 0.0)
+        return out
+
+    def vision(self, feeds):
+        self.total["vision"] += sum(self.flops.vision_call(self.spec, *arrays) for arrays in feeds)
+        return self.inner.vision(feeds)
+
+    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
+        seq = input_ids.shape[1]
+        self.total["decoder"] += self.flops.decode_call(self.spec, attention_mask, seq)
+        self.total["decoder_weights"] += self.flops.decoder_token(self.spec) * float(np.asarray(attention_mask)[:, -seq:].sum())
+        return self.inner.decode(input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep)
+
+    def heads(self, hidden):
+        self.total["heads"] += self.flops.heads(self.spec, hidden.shape[0])
+        return self.inner.heads(hidden)
+
+    def __getattr__(self, name):  # empty_cache, select and the rest pass through
+        return getattr(self.inner, name)
+
+
+def floor(flops: dict, stages: dict, seconds: float, peak) -> dict:
+    """The run against the peak of the kernel it runs: the seconds per triple that peak allows
+    (every counted FLOP at it), each stage's share of it, and the decoder's weight GEMMs' rate."""
+    if peak is None:
+        return {"kernel": None, "reason": "the kernel this folder runs was not measured here"}
+    kernel, gflops = peak
+    total = flops["vision"] + flops["decoder"] + flops["heads"]
+    decoder_s = stages["prefix"] + stages["suffixes"]
+    return {"kernel": kernel, "peak_gflops": round(gflops, 1), "floor_s_per_triple": round(total / gflops / 1e9, 2),
+            "of_peak": round(total / seconds / gflops / 1e9, 3),
+            "vision_of_peak": round(flops["vision"] / max(stages["vision"], 1e-9) / gflops / 1e9, 3),
+            "decoder_weights_of_peak": round(flops["decoder_weights"] / max(decoder_s, 1e-9) / gflops / 1e9, 3)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="exported model folder (ort-int4 or ort-int8 of the 7B)")
     parser.add_argument("--examples", required=True, help="folder with triples.json and its images")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=int, help="the engine's threads (default: all cores)")
+    parser.add_argument("--backend", help="default: the engine the folder loads on with no --backend")
+    parser.add_argument("--precision", help="fp32, bf16 or auto (default: the default, auto or $EDITREWARD_PRECISION)")
+    parser.add_argument("--no-peaks", action="store_true", help="skip the GEMM peaks (and so the floor)")
     parser.add_argument("--out", help="JSON results file")
     args = parser.parse_args(argv)
 
     from editreward_rt import Scorer
+    from editreward_rt.families import family
     from editreward_rt.tolerances import tolerance
     from PIL import Image
+
+    from .cpu_speed import gemm_peak, peak_of
+    from .rl_bench import tolerance_key
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    peaks = None if args.no_peaks else gemm_peak(threads, reps=3)  # before the model: its memory is the model's
 
     folder = Path(args.examples)
     rows = json.loads((folder / "triples.json").read_text())
     images = {name: np.asarray(Image.open(folder / name).convert("RGB")) for r in rows for name in (r["source"], r["edited"])}
     triples = [(r["instruction"], images[r["source"]], images[r["edited"]]) for r in rows]
     start = time.perf_counter()
-    scorer = Scorer.load(args.model, backend="onnxruntime", threads=args.threads)  # the default triples per call
+    scorer = Scorer.load(args.model, backend=args.backend, precision=args.precision, threads=threads)  # the default triples per call
     load_s = time.perf_counter() - start
+    counter = scorer.backend.pipeline.graphs = StageFlops(scorer.backend.pipeline.graphs, family(scorer.spec.family).FLOPS)
     prompt_tokens = [len(p.ids) for p in scorer.prepare(*triples[0]).prompts]
     instruction, source = triples[0][:2]
     if any(t[:2] != (instruction, source) for t in triples):
         raise SystemExit("the examples must be edits of one source under one instruction (a ranked set)")
     ranked, ranked_s, ranked_stages = _scored_with_stages(
         scorer, lambda: scorer.rank(instruction, source, [t[2] for t in triples]), len(triples))
+    flops = {k: v / len(triples) for k, v in counter.take().items()}
     single = [_scored_with_stages(scorer, lambda: [scorer.score(*triples[0])], 1)]
     gap = abs(ranked[0].mu - single[0][0][0].mu)
+    quantization = scorer.backend.model.manifest.get("quantization") or {}
     result = {
-        "model": str(args.model), "quantization": scorer.backend.model.manifest.get("quantization", {}).get("scheme"),
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads, "max_batch": scorer.max_batch,
+        "model": str(args.model), "quantization": quantization.get("scheme"), "engine": scorer.engine,
+        "cpu": platform.processor() or platform.machine(), "threads": threads, "max_batch": scorer.max_batch,
         "load_s": round(load_s, 1),
         "prompt_tokens": prompt_tokens, "triples": len(triples),
         "ranked": {"s_per_triple": round(ranked_s / len(triples), 2), "stages_s_per_triple": ranked_stages},
@@ -71,13 +135,17 @@ def main(argv=None) -> int:
         "scores": [{"mu": round(s.mu, 4), "sigma": round(s.sigma, 4)} for s in ranked],
         "max_mu_gap_ranked_vs_single": gap,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "flops_per_triple": flops,
     }
+    if peaks is not None:
+        result["floor"] = floor(flops, ranked_stages, result["ranked"]["s_per_triple"],
+                                peak_of({"backend": scorer.description, "quant_config": quantization.get("config")}, peaks))
+        result["gemm_peaks"] = peaks
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     # Dynamic int8 quantizes each call's activations with one scale, so a call of another shape
     # (a source's prefix decoded on its own) moves the score a little: within the scheme's tolerance.
-    scheme = result["quantization"]
-    bound = tolerance("onnxruntime", scheme).mu if scheme else 1e-3
+    bound = tolerance(*tolerance_key(scorer.description)).mu
     return 0 if gap <= bound else 1

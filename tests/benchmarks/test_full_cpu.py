@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from conftest import random_image
-from editreward_bench.full_cpu import main
+from editreward_bench.full_cpu import floor, main
 
 
 def test_full_cpu_reports_seconds_stages_and_memory(tiny_onnx, tmp_path):
@@ -14,8 +14,22 @@ def test_full_cpu_reports_seconds_stages_and_memory(tiny_onnx, tmp_path):
         random_image(40 + i, 64, 80).save(tmp_path / f"{i}.png")
     rows = [{"instruction": "add a hat", "source": "0.png", "edited": f"{e}.png"} for e in (1, 2)]
     (tmp_path / "triples.json").write_text(json.dumps(rows))
-    assert main(["--model", str(tiny_onnx), "--examples", str(tmp_path), "--threads", "1", "--out", str(tmp_path / "r.json")]) == 0
+    assert main(["--model", str(tiny_onnx), "--examples", str(tmp_path), "--threads", "1", "--no-peaks",
+                 "--out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["triples"] == 2 and result["max_batch"] == 1 and result["max_mu_gap_ranked_vs_single"] < 1e-3
     assert set(result["ranked"]["stages_s_per_triple"]) == {"vision", "prefix", "suffixes", "heads"}
     assert result["peak_rss_gib"] > 0 and len(result["prompt_tokens"]) == 2
+    flops = result["flops_per_triple"]
+    assert 0 < flops["decoder_weights"] < flops["decoder"] and flops["vision"] > 0 and flops["heads"] > 0
+    assert result["engine"] and "floor" not in result  # --no-peaks: no peak, no floor
+
+
+def test_floor_divides_each_stage_by_the_peak():
+    """1 GFLOP of vision in 0.5 s and 6 of decoder (4 of them weight GEMMs) in 2 s, at a 10 GFLOP/s
+    peak: the floor is 0.7 s for the 7 GFLOPs; vision ran at 20% of peak, the weights at 20%."""
+    flops = {"vision": 1e9, "decoder": 6e9, "decoder_weights": 4e9, "heads": 0.0}
+    out = floor(flops, {"vision": 0.5, "prefix": 0.5, "suffixes": 1.5, "heads": 0.0}, 3.5, ("f32 kernel", 10.0))
+    assert out == {"kernel": "f32 kernel", "peak_gflops": 10.0, "floor_s_per_triple": 0.7, "of_peak": 0.2,
+                   "vision_of_peak": 0.2, "decoder_weights_of_peak": 0.2}
+    assert floor(flops, {"vision": 1, "prefix": 1, "suffixes": 1, "heads": 0}, 3, None)["kernel"] is None
