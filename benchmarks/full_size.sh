@@ -6,7 +6,7 @@
 # graphs a TensorRT build reads. Prints one
 # line per step: peak resident memory and wall time; benchmarks/full_cpu.py writes each folder's
 # seconds per triple, stage split and FLOP floor to WORK/bench-*.json (docs/full-size.md).
-# Needs about 80 GB of free disk in WORK (the float32 export, 31 GB, is removed at the end;
+# Needs about 100 GB of free disk in WORK (the float32 export, 31 GB, is removed at the end;
 # OpenVINO's compiled-model cache, as large as the weights, is kept in WORK and removed after
 # each step).
 #   bash benchmarks/full_size.sh [WORK]    (default: ./full-size)
