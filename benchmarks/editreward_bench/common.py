@@ -7,13 +7,19 @@ import json
 import os
 import platform
 import resource
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from editreward_rt.hardware import DTYPE_PRECISIONS, PRECISIONS
+from editreward_rt.hardware import DTYPE_PRECISIONS, PRECISIONS, dtype_of
 from editreward_rt.manifest import MANIFEST, read_manifest
 
 SCHEMA = "editreward-bench-results"
@@ -21,6 +27,13 @@ SCHEMA_VERSION = 1
 REFERENCE = "torch-reference"
 # A backend description's precision (fp32, bf16, fp16) -> the dtype the tolerance table keys it by.
 PRECISION_DTYPE = {precision: dtype for dtype, precision in DTYPE_PRECISIONS.items()}
+
+
+def tolerance_key(description: dict) -> tuple[str, str]:
+    """A fast scorer's description -> its (backend, precision or scheme) row of the tolerance table."""
+    if description["backend"] == "torch":
+        return "torch-fast", description.get("quantization", description["dtype"])
+    return description["backend"], description.get("quantization") or dtype_of(description.get("precision") or "fp32")
 
 
 def environment(device: str = "cpu") -> dict:
@@ -269,3 +282,44 @@ def ensure_fixture(workdir: Path, size: str, export: bool = True) -> dict:
 
         export_onnx(paths["ckpt"], paths["onnx"], prompts_from=paths["prompts_from"], log=lambda m: print(m, file=sys.stderr))
     return paths
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_cli(model: str, flags: list[str], ready_s: float = 300.0):
+    """``editreward serve --model MODEL FLAGS`` in a child process on a free loopback port, once its
+    ``/readyz`` answers 200 -> (base URL, the process). Afterwards a process still running gets
+    SIGTERM (its graceful stop), then is killed if it has not exited within a minute."""
+    port = free_port()
+    command = [sys.executable, "-c", "from editreward_rt.cli import main; raise SystemExit(main())", "serve",
+               "--model", model, "--port", str(port), *flags]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + ready_s
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"editreward serve did not become ready in {ready_s:g} s:\n"
+                                       + log.read().decode(errors="replace")[-2000:])
+                try:
+                    with urllib.request.urlopen(url + "/readyz", timeout=5):
+                        break
+                except OSError:  # not listening yet, or not ready (an HTTP error is an OSError too)
+                    time.sleep(0.3)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

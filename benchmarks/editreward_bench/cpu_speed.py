@@ -263,22 +263,34 @@ def missing_library(backend: str) -> str | None:
 
 
 class FlopCounter:
-    """Wraps a fast path's graphs; adds up the spec's FLOPs of every vision, decoder and heads call."""
+    """Wraps a fast path's graphs; adds up the spec's FLOPs of every call, by stage (``vision``,
+    ``decoder``, ``heads``, and ``decoder_weights``: the decoder's weight GEMMs, part of ``decoder``)."""
 
     def __init__(self, graphs, flops):
-        self.inner, self.flops, self.total = graphs, flops, 0.0
-        self.spec = graphs.spec
+        self.inner, self.flops, self.spec = graphs, flops, graphs.spec
+        self.stages = dict.fromkeys(("vision", "decoder", "decoder_weights", "heads"), 0.0)
+
+    @property
+    def total(self) -> float:
+        return self.stages["vision"] + self.stages["decoder"] + self.stages["heads"]
+
+    def take(self) -> dict:
+        """The FLOPs by stage since the last take; the count starts again."""
+        out, self.stages = self.stages, dict.fromkeys(self.stages, 0.0)
+        return out
 
     def vision(self, feeds):
-        self.total += sum(self.flops.vision_call(self.spec, *arrays) for arrays in feeds)
+        self.stages["vision"] += sum(self.flops.vision_call(self.spec, *arrays) for arrays in feeds)
         return self.inner.vision(feeds)
 
     def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
-        self.total += self.flops.decode_call(self.spec, attention_mask, input_ids.shape[1])
+        seq = input_ids.shape[1]
+        self.stages["decoder"] += self.flops.decode_call(self.spec, attention_mask, seq)
+        self.stages["decoder_weights"] += self.flops.decoder_token(self.spec) * float(np.asarray(attention_mask)[:, -seq:].sum())
         return self.inner.decode(input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep)
 
     def heads(self, hidden):
-        self.total += self.flops.heads(self.spec, hidden.shape[0])
+        self.stages["heads"] += self.flops.heads(self.spec, hidden.shape[0])
         return self.inner.heads(hidden)
 
     def __getattr__(self, name):  # empty_cache, select and the rest pass through
@@ -322,7 +334,7 @@ def run_variant(label: str, cfg: dict, threads: int, with_parity: bool) -> dict:
     scorer.max_batch = 1
     scorer.score_batch(triples[:2])  # warm-up: sessions, arenas, caches
     if counter is not None:
-        counter.total = 0.0
+        counter.take()
     t0 = time.perf_counter()
     scores = scorer.score_batch(triples)
     first = time.perf_counter() - t0

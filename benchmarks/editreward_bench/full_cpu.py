@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import time
@@ -38,36 +37,6 @@ def _scored_with_stages(scorer, call, n: int) -> tuple[list, float, dict]:
     seconds = time.perf_counter() - start
     stages = {k: round((v - before[k]) / n, 2) for k, v in pipeline.times.as_dict().items()}
     return scores, seconds, stages
-
-
-class StageFlops:
-    """Wraps a fast path's graphs: the spec's FLOPs of every call, by stage (``vision``,
-    ``decoder``, and ``decoder_weights``: the decoder's weight GEMMs alone, ``heads``)."""
-
-    def __init__(self, graphs, flops):
-        self.inner, self.flops, self.spec = graphs, flops, graphs.spec
-        self.total = dict.fromkeys(("vision", "decoder", "decoder_weights", "heads"), 0.0)
-
-    def take(self) -> dict:
-        out, self.total = self.total, dict.fromkeys(self.total, 0.0)
-        return out
-
-    def vision(self, feeds):
-        self.total["vision"] += sum(self.flops.vision_call(self.spec, *arrays) for arrays in feeds)
-        return self.inner.vision(feeds)
-
-    def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
-        seq = input_ids.shape[1]
-        self.total["decoder"] += self.flops.decode_call(self.spec, attention_mask, seq)
-        self.total["decoder_weights"] += self.flops.decoder_token(self.spec) * float(np.asarray(attention_mask)[:, -seq:].sum())
-        return self.inner.decode(input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep)
-
-    def heads(self, hidden):
-        self.total["heads"] += self.flops.heads(self.spec, hidden.shape[0])
-        return self.inner.heads(hidden)
-
-    def __getattr__(self, name):  # empty_cache, select and the rest pass through
-        return getattr(self.inner, name)
 
 
 def floor(flops: dict, stages: dict, seconds: float, peak) -> dict:
@@ -97,13 +66,14 @@ def main(argv=None) -> int:
 
     from editreward_rt import Scorer
     from editreward_rt.families import family
+    from editreward_rt.hardware import usable_cpus
     from editreward_rt.tolerances import tolerance
     from PIL import Image
 
-    from .cpu_speed import gemm_peak, peak_of
-    from .rl_bench import tolerance_key
+    from .cpu_speed import FlopCounter, gemm_peak, peak_of
+    from .common import tolerance_key
 
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or usable_cpus()
     peaks = None if args.no_peaks else gemm_peak(threads, reps=3)  # before the model: its memory is the model's
 
     folder = Path(args.examples)
@@ -113,7 +83,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     scorer = Scorer.load(args.model, backend=args.backend, precision=args.precision, threads=threads)  # the default triples per call
     load_s = time.perf_counter() - start
-    counter = scorer.backend.pipeline.graphs = StageFlops(scorer.backend.pipeline.graphs, family(scorer.spec.family).FLOPS)
+    counter = scorer.backend.pipeline.graphs = FlopCounter(scorer.backend.pipeline.graphs, family(scorer.spec.family).FLOPS)
     prompt_tokens = [len(p.ids) for p in scorer.prepare(*triples[0]).prompts]
     instruction, source = triples[0][:2]
     if any(t[:2] != (instruction, source) for t in triples):

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from . import reliability_local
+from .common import serve_cli
 
 BODY_TIMEOUT, CLIENT_BODIES, REQUEST_TIMEOUT = 2.0, 8, 3.0
 SERVE_FLAGS = ["--replicas", "1", "--threads", "1", "--max-batch", "1", "--max-body-mb", "4",
@@ -45,12 +46,6 @@ def _png(seed: int, height: int, width: int, flat: bool = False) -> str:
     buf = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Client:
@@ -225,35 +220,16 @@ def shutdown(client: Client, proc: subprocess.Popen, triple: dict, source: str, 
 
 
 def run_service(model: str) -> list[tuple[str, str, bool, str]]:
-    port = _free_port()
-    client = Client(port)
-    command = [sys.executable, "-c", "from editreward_rt.cli import main; raise SystemExit(main())", "serve",
-               "--model", model, "--port", str(port), *SERVE_FLAGS]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if client.call("GET", "/readyz", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise SystemExit("editreward serve did not become ready in 180 s")
+    with serve_cli(model, SERVE_FLAGS, ready_s=180) as (url, proc):
+        client = Client(int(url.rsplit(":", 1)[1]))
         source, edits = _png(1, 48, 64), [_png(10 + i, 40, 50) for i in range(32)]
         triple = {"instruction": "make the sky pink", "source": source, "edited": edits[0]}
-        rows = [("slow request bodies (defect 1)", *slow_bodies(client, triple)),
+        return [("slow request bodies (defect 1)", *slow_bodies(client, triple)),
                 ("typed JSON for every status", *statuses(client, triple)),
                 ("/v1/rank with a bad edit (defect 9)", *rank_item_errors(client, source, edits)),
                 ("timeouts never replayed (defect 4)", *timeouts_not_replayed(client, source)),
                 ("fair image decoding (defect 7)", *fair_decoding(client, triple)),
                 ("shutdown (defect 5)", *shutdown(client, proc, triple, source, edits))]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return rows
 
 
 def write(rows: list, out: Path, model: str, only: str) -> None:

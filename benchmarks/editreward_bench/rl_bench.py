@@ -22,7 +22,6 @@ tolerance) before anything is timed. Reports throughput (edits/s), p50/p99 laten
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -31,9 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from editreward_rt.hardware import dtype_of
+from editreward_rt.hardware import usable_cpus
 
-from .common import ensure_fixture, results_document, synthetic_groups, write_document
+from .common import (
+    ensure_fixture,
+    free_port,
+    results_document,
+    serve_cli,
+    synthetic_groups,
+    tolerance_key,
+    write_document,
+)
 
 METHODS = ("reference-serial", "score", "batching", "score-groups")
 HTTP_METHODS = ("http-unirl", "http-edit-r1")
@@ -156,13 +163,6 @@ def parity(fast, reference, groups: list, tolerance) -> dict:
     return out
 
 
-def tolerance_key(description: dict) -> tuple[str, str]:
-    """A fast scorer's description -> its (backend, precision) row of the tolerance table."""
-    if description["backend"] == "torch":
-        return "torch-fast", description.get("quantization", description["dtype"])
-    return description["backend"], description.get("quantization") or dtype_of(description.get("precision") or "fp32")
-
-
 def bench(fast, reference, groups: list, producers: int, max_wait_ms: float, methods=METHODS, tolerance: float = 1e-4) -> list:
     """Parity, then each method timed. A method off parity is timed too and labelled ``failed-parity``:
     its speed is still a finding, and a row that vanishes hides what went wrong."""
@@ -253,64 +253,21 @@ SERVE_MODES = ("ray", "single-process")
 
 @contextmanager
 def _ray_service(cfg):
-    """``cfg`` on Ray Serve (as ``editreward serve`` runs it) on a free loopback port -> the base URL."""
+    """``cfg`` on Ray Serve (as ``editreward serve`` runs it) on a free loopback port -> (the base
+    URL, None), as ``common.serve_cli`` gives (URL, its process)."""
     import ray
     from editreward_rt.serve.app import build_app
     from ray import serve
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(cfg), name="rl-bench", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", None
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-@contextmanager
-def _single_process_service(model: str, threads: int | None, max_batch: int, max_wait_ms: float):
-    """``editreward serve --single-process`` in a child process on a free loopback port -> the base URL."""
-    import signal
-    import subprocess
-    import tempfile
-    import urllib.request
-
-    port = _free_port()
-    command = [sys.executable, "-c", "from editreward_rt.cli import main; raise SystemExit(main())", "serve",
-               "--single-process", "--model", model, "--port", str(port), "--max-batch", str(max_batch),
-               "--batch-wait-ms", str(max_wait_ms), *(["--threads", str(threads)] if threads else [])]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError("editreward serve --single-process did not start:\n" + log.read().decode()[-2000:])
-                try:
-                    with urllib.request.urlopen(url + "/readyz", timeout=5):
-                        break
-                except OSError:
-                    time.sleep(0.3)
-            yield url
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_rows(fast, model: str, groups: list, producers: int, max_batch: int, max_wait_ms: float, threads: int | None,
@@ -324,15 +281,16 @@ def http_rows(fast, model: str, groups: list, producers: int, max_batch: int, ma
 
     encoded = [(i, encode_png(s), [encode_png(e) for e in es]) for i, s, es in groups]
     want = [fast.score(i, s, e).mu for i, s, es in groups for e in es]
-    threads = threads or len(os.sched_getaffinity(0))  # one figure for both ways (each has its own default)
+    threads = threads or usable_cpus()  # one figure for both ways (each has its own default)
     rows = []
     for mode in modes:
         if mode == "ray":
             cfg = ServeConfig(model=model, threads=threads, max_batch=max_batch, batch_wait_ms=max_wait_ms)
             service, suffix = _ray_service(cfg), ""
         else:
-            service, suffix = _single_process_service(model, threads, max_batch, max_wait_ms), "@" + mode
-        with service as url:
+            service, suffix = serve_cli(model, ["--single-process", "--max-batch", str(max_batch), "--batch-wait-ms",
+                                                str(max_wait_ms), "--threads", str(threads)]), "@" + mode
+        with service as (url, _):
             for method in HTTP_METHODS:
                 http_work(url, method)(encoded[0])  # warm-up
                 before = _batch_totals(url)

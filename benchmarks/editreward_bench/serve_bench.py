@@ -17,7 +17,6 @@ import base64
 import io
 import json
 import os
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .common import free_port
 
 
 def _png(seed: int, height: int, width: int) -> bytes:
@@ -118,9 +119,7 @@ def served(args, triples: list, batches: list[int]) -> dict:
     payloads = [{"instruction": i, "source": base64.b64encode(s).decode(), "edited": base64.b64encode(e).decode()}
                 for i, s, e in triples]
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url, out = f"http://127.0.0.1:{port}", {}
     try:

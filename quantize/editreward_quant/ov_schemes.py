@@ -89,14 +89,20 @@ def _zero_point(constant) -> bool:
                for use in convert.get_node().output(0).get_target_inputs())
 
 
+def _compressed_weights(model):
+    """(element type, constant) of each compressed weight of an ``ov.Model``, zero points aside."""
+    for op in model.get_ops():
+        kind = op.get_element_type().get_type_name() if op.get_type_name() == "Constant" else None
+        if kind in LOW_BIT and not _zero_point(op):
+            yield kind, op
+
+
 def compressed_constants(model) -> dict[str, int]:
     """Element type -> number of compressed weight tensors of that type in an ``ov.Model`` (zero
     points aside): one per weight MatMul or embedding lookup NNCF compressed."""
     counts: dict[str, int] = {}
-    for op in model.get_ops():
-        kind = op.get_element_type().get_type_name() if op.get_type_name() == "Constant" else None
-        if kind in LOW_BIT and not _zero_point(op):
-            counts[kind] = counts.get(kind, 0) + 1
+    for kind, _ in _compressed_weights(model):
+        counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 
@@ -277,10 +283,7 @@ def weight_check(core, float_graph: Path, ir_graph: Path, scheme: Scheme, spec) 
     floats, ir = core.read_model(str(float_graph)), core.read_model(str(ir_graph))
     by_name = {op.get_friendly_name(): op for op in floats.get_ops()}
     worst, checked = None, 0
-    for constant in ir.get_ops():
-        kind = constant.get_element_type().get_type_name() if constant.get_type_name() == "Constant" else None
-        if kind not in LOW_BIT or _zero_point(constant):
-            continue
+    for kind, constant in _compressed_weights(ir):
         steps, target = _decompression(constant)
         consumer, name = target.get_node(), constant.get_friendly_name()
         original = by_name.get(consumer.get_friendly_name())

@@ -291,13 +291,12 @@ def cmd_tool(args) -> int:
 def _serve_commands(ray: bool = True):
     """The serving subcommands' module, imported only when one of them runs; a BackendError naming
     the serve extra when what they need (Ray, or for one process only FastAPI and uvicorn) is missing."""
-    from .serve import EXTRA, require_ray
+    from .serve import require_http, require_ray
 
     if ray:
         require_ray()
     else:
-        for module in ("fastapi", "uvicorn"):
-            require(module, EXTRA, "serving")
+        require_http()
     from .serve import commands
 
     return commands

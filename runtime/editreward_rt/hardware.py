@@ -42,6 +42,13 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_matrix_units() -> dict[str, bool]:
     """Which of ``MATRIX_UNITS`` this CPU has (what the CPU benchmark records beside its numbers)."""
     flags = cpu_flags()

@@ -58,6 +58,29 @@ class GraphRunner(Protocol):
         """Cache rows ``rows`` along the cache layout's batch axis."""
 
 
+def check_graph_io(model, graphs: dict) -> None:
+    """An engine's graphs' own I/O against what the manifest's spec implies (the family's graph
+    specs): names and element types in order and every fixed dimension. ``graphs``: {name: (inputs,
+    outputs)}, each port as the engine reports it, turned into (its tensor names, its element type
+    as the manifest names it, its dims with None where dynamic, or None for a dynamic rank). A
+    folder whose spec and graphs disagree (a swapped graph, an edited spec or kv_dtype) is refused
+    at load, not at the first score."""
+    from .errors import ManifestError
+
+    declared = family_for(model.spec).graph_specs(model.manifest.get("kv_dtype", "float32"))
+    for name, (inputs, outputs) in graphs.items():
+        for kind, got, expected in (("input", inputs, declared[name].inputs), ("output", outputs, declared[name].outputs)):
+            want = [(n, dtype, list(shape)) for n, dtype, shape in expected]
+            mismatch = len(got) != len(want) or any(
+                wn not in gn or gt != wt or gs is None or len(gs) != len(ws)
+                or any(isinstance(w, int) and g != w for g, w in zip(gs, ws))
+                for (gn, gt, gs), (wn, wt, ws) in zip(got, want))
+            if mismatch:
+                shown = [(sorted(n), t, s) for n, t, s in got]
+                raise ManifestError(f"{model.graph_path(name)}: the graph's {kind}s {shown} do not match what the "
+                                    f"manifest's model spec implies, {want}: the graph or the spec was changed")
+
+
 def host_table(parts: list[np.ndarray], index: np.ndarray) -> np.ndarray:
     """``GraphRunner.table`` for runners whose arrays are numpy on the host."""
     return (parts[0] if len(parts) == 1 else np.concatenate(parts))[index]

@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 
-from ..errors import BackendError, ManifestError
+from ..errors import BackendError
 from ..extras import require
 from ..families import family_for
 from ..hardware import precision_of, resolve_precision
 from ..manifest import open_exported
-from ..pipeline import FastPipeline, PipelineBackend, graph_keep, host_table
+from ..pipeline import FastPipeline, PipelineBackend, check_graph_io, graph_keep, host_table
 from . import BACKENDS, onnx_proto
 
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -95,27 +95,15 @@ def _table_graph(parts: int) -> bytes:
                           ("index", onnx_proto.INT64, ["R"])], [("table", onnx_proto.FLOAT, ["R", "H"])])
 
 
-# ONNX Runtime's names of the element types a graph spec declares.
-ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
-             "int64": "tensor(int64)", "int32": "tensor(int32)"}
+# The element types a graph spec declares, by ONNX Runtime's names for them.
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
-def check_graphs(model, sessions: dict) -> None:
-    """The graphs' own I/O against what the manifest's spec implies (the family's graph specs):
-    names and element types in order and every fixed dimension. A folder whose spec and graphs
-    disagree (a swapped graph, an edited spec or kv_dtype) is refused at load, not at the first score."""
-    declared = family_for(model.spec).graph_specs(model.manifest.get("kv_dtype", "float32"))
-    for name, session in sessions.items():
-        for kind, actual, expected in (("input", session.get_inputs(), declared[name].inputs),
-                                       ("output", session.get_outputs(), declared[name].outputs)):
-            got = [(a.name, a.type, list(a.shape)) for a in actual]
-            want = [(n, ORT_TYPES.get(dtype, dtype), list(shape)) for n, dtype, shape in expected]
-            mismatch = len(got) != len(want) or any(
-                gn != wn or gt != wt or len(gs) != len(ws) or any(isinstance(w, int) and g != w for g, w in zip(gs, ws))
-                for (gn, gt, gs), (wn, wt, ws) in zip(got, want))
-            if mismatch:
-                raise ManifestError(f"{model.graph_path(name)}: the graph's {kind}s {got} do not match what the "
-                                    f"manifest's model spec implies, {want}: the graph or the spec was changed")
+def _port(arg) -> tuple:
+    """An ONNX Runtime input or output -> ({name}, element type as the manifest names it, dims: None where symbolic)."""
+    dims = None if arg.shape is None else [d if isinstance(d, int) else None for d in arg.shape]
+    return {arg.name}, ORT_DTYPES.get(arg.type, arg.type), dims
 
 
 class OrtGraphs:
@@ -145,7 +133,8 @@ class OrtGraphs:
                 self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception classes
                 raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from exc
-        check_graphs(model, self.sessions)
+        check_graph_io(model, {name: ([_port(a) for a in session.get_inputs()], [_port(a) for a in session.get_outputs()])
+                               for name, session in self.sessions.items()})
         self.inputs = {n: [i.name for i in sess.get_inputs()] for n, sess in self.sessions.items()}
         self.outputs = {n: [o.name for o in sess.get_outputs()] for n, sess in self.sessions.items()}
         self.providers = self.sessions["decoder"].get_providers()

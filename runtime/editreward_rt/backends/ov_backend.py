@@ -13,19 +13,18 @@ by the manifest's hash and the precision, so an altered folder never reuses a st
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError, ManifestError
+from ..errors import BackendError
 from ..extras import require
 from ..families import family_for
 from ..hardware import resolve_precision
-from ..manifest import MANIFEST, open_exported
-from ..pipeline import FastPipeline, PipelineBackend, graph_keep, host_table
+from ..manifest import MANIFEST, open_exported, sha256_file
+from ..pipeline import FastPipeline, PipelineBackend, check_graph_io, graph_keep, host_table
 from . import BACKENDS
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def cache_folder(root: Path, precision: str, cache_dir) -> Path | None:
     The manifest hashes every file, so its hash names exactly these graphs."""
     if cache_dir is not None and str(cache_dir) in CACHE_OFF:
         return None
-    key = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()[:16]
+    key = sha256_file(root / MANIFEST)[:16]
     try:
         folder = (Path(cache_dir) if cache_dir is not None else default_cache_root()) / key / precision
         if folder.resolve().is_relative_to(root.resolve()):
@@ -80,28 +79,12 @@ def cache_folder(root: Path, precision: str, cache_dir) -> Path | None:
 
 
 def _port(port) -> tuple:
-    """(tensor names, element type as the manifest names it, partial shape) of a compiled model's input or output."""
+    """A compiled model's input or output -> (its tensor names, element type as the manifest names it,
+    dims: None where dynamic; None for a dynamic rank)."""
     kind = port.get_element_type().get_type_name()
-    return sorted(port.get_names()), DTYPES.get(kind, kind), port.get_partial_shape()
-
-
-def check_graphs(model, compiled: dict) -> None:
-    """The compiled graphs' I/O against what the manifest's spec implies (names, element types in
-    order, every fixed dimension): a swapped graph or an edited spec is refused at load."""
-    declared = family_for(model.spec).graph_specs(model.manifest.get("kv_dtype", "float32"))
-    for name, graph in compiled.items():
-        for kind, ports, expected in (("input", graph.inputs, declared[name].inputs),
-                                      ("output", graph.outputs, declared[name].outputs)):
-            got = [_port(p) for p in ports]
-            want = [(n, dtype, list(shape)) for n, dtype, shape in expected]
-            mismatch = len(got) != len(want) or any(
-                wn not in gn or gt != wt or gs.rank.is_dynamic or gs.rank.get_length() != len(ws)
-                or any(isinstance(w, int) and (g.is_dynamic or g.get_length() != w) for g, w in zip(gs, ws))
-                for (gn, gt, gs), (wn, wt, ws) in zip(got, want))
-            if mismatch:
-                shown = [(n, t, str(s)) for n, t, s in got]
-                raise ManifestError(f"{model.graph_path(name)}: the graph's {kind}s {shown} do not match what the "
-                                    f"manifest's model spec implies, {want}: the graph or the spec was changed")
+    shape = port.get_partial_shape()
+    dims = None if shape.rank.is_dynamic else [None if d.is_dynamic else d.get_length() for d in shape]
+    return set(port.get_names()), DTYPES.get(kind, kind), dims
 
 
 class OvGraphs:
@@ -130,7 +113,8 @@ class OvGraphs:
                 self.compiled[name] = core.compile_model(str(path), "CPU", {**config, **hint})
             except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
                 raise BackendError(f"OpenVINO cannot load {path}: {exc}") from exc
-        check_graphs(model, self.compiled)
+        check_graph_io(model, {name: ([_port(p) for p in graph.inputs], [_port(p) for p in graph.outputs])
+                               for name, graph in self.compiled.items()})
         self.requests = {name: graph.create_infer_request() for name, graph in self.compiled.items()}
         # The hint is a request OpenVINO may decline (it runs f32 where the CPU can neither compute nor
         # emulate bf16): the compiled decoder says what runs.

@@ -19,4 +19,10 @@ def require_ray():
     return require("ray", EXTRA, "serving and batch scoring")
 
 
-__all__ = ["EXTRA", "require_ray"]
+def require_http() -> None:
+    """What serving in one process needs (FastAPI, uvicorn), or a BackendError naming the pip extra."""
+    for module in ("fastapi", "uvicorn"):
+        require(module, EXTRA, "serving")
+
+
+__all__ = ["EXTRA", "require_http", "require_ray"]

@@ -5,7 +5,6 @@ need is known to be installed: Ray, or for ``serve --single-process`` FastAPI an
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -61,7 +60,9 @@ def _serve_single_process(args) -> int:
         return 2
     threads = args.threads
     if threads is None and not args.device.startswith("cuda"):  # a GPU-only backend takes no CPU threads
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from ..hardware import usable_cpus
+
+        threads = usable_cpus()
     return serve_single_process(serve_config(args, 1, threads), args.host, args.port)
 
 
