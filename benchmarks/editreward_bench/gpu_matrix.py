@@ -58,6 +58,8 @@ MIN_REPS = 20  # timed calls behind a percentile: p99 of fewer is the maximum un
 MIN_THROUGHPUT_CALLS = 3
 THROUGHPUT_SLOT_S = 12.0  # seconds of timed calls per batch size beyond the first three (the 8-minute budget)
 ORT_ROW = "onnxruntime-cuda"
+COMPILE_MODE = "reduce-overhead"  # torch.compile, and CUDA graphs on a GPU (inductor's C++ code on a CPU)
+COMPILED_WARMUP = 3  # calls per shape before timing a compiled variant: compile, the graph's warm-up run, its recording
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class MatrixVariant:
     scheme: str | None = None  # a torch quantization scheme on the fast path
     libraries: tuple[str, ...] = ("torch",)
     devices: tuple[str, ...] = ("cpu", "cuda")
+    compile: str | None = None  # the torch backend's ``compile`` mode (None: eager)
 
     @property
     def reference(self) -> str | None:
@@ -89,6 +92,10 @@ def matrix(dtypes: list[str]) -> list[MatrixVariant]:
                  MatrixVariant(f"torch-fast-{dtype}", "fast", dtype)]
         if dtype == main:  # the RL workload (the headline figure) and the backward pass before the slower dtypes
             rows += [MatrixVariant(f"rl-{main}", "rl", main), MatrixVariant(f"differentiable-backward-{main}", "backward", main)]
+            # The same two workloads with the decoder compiled, each shape's CUDA graph replayed on a GPU:
+            # with and without, side by side (the first calls of each shape, compiling, are warm-up).
+            rows += [MatrixVariant(f"torch-fast-{main}-compiled", "fast", main, compile=COMPILE_MODE),
+                     MatrixVariant(f"rl-{main}-compiled", "rl", main, compile=COMPILE_MODE)]
     rows += [MatrixVariant(scheme, "fast", main, scheme, ("torch", "bitsandbytes"), ("cuda",)) for scheme in ("bnb-int8", "bnb-nf4")]
     rows.append(MatrixVariant("gptq-int4", "fast", main, "gptq-int4", ("torch", "gptqmodel")))
     return rows
@@ -104,11 +111,12 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def timings(backend, prepared, reps: int, batch_sizes, slot_s: float = THROUGHPUT_SLOT_S) -> dict:
+def timings(backend, prepared, reps: int, batch_sizes, slot_s: float = THROUGHPUT_SLOT_S, warmup: int = 1) -> dict:
     """Batch-1 latency percentiles over ``reps`` calls, and throughput per batch size from up to
     ``reps`` calls (fewer, but at least ``MIN_THROUGHPUT_CALLS``, where they would take more than
-    ``slot_s``), each batch size warmed up first (first-use allocations, kernel selection and
-    autotuning at that shape). ``n`` beside every figure says how many calls it comes from."""
+    ``slot_s``), each batch size warmed up first with ``warmup`` calls (first-use allocations, kernel
+    selection and autotuning at that shape; with ``COMPILE_MODE``, compiling it and recording its
+    CUDA graph). ``n`` beside every figure says how many calls it comes from."""
 
     def call(n):
         backend.head_outputs(prepared[:n])
@@ -116,7 +124,8 @@ def timings(backend, prepared, reps: int, batch_sizes, slot_s: float = THROUGHPU
 
     throughput, calls, batch1 = {}, {}, None
     for size in (s for s in batch_sizes if s <= len(prepared)):
-        call(size)
+        for _ in range(warmup):
+            call(size)
         seconds = _timed(lambda: call(size), reps if size == 1 else MIN_THROUGHPUT_CALLS)
         more = min(reps, int(slot_s / max(np.median(seconds), 1e-9))) - len(seconds)
         if size != 1 and more > 0:
@@ -179,7 +188,8 @@ def load_checkpoint(request: dict):
 def build_backend(ckpt, v: MatrixVariant, request: dict):
     from editreward_rt.backends.torch_backend import TorchBackend
 
-    backend = TorchBackend(ckpt, mode="reference" if v.mode == "reference" else "fast", device=request["device"], dtype=v.dtype)
+    backend = TorchBackend(ckpt, mode="reference" if v.mode == "reference" else "fast", device=request["device"], dtype=v.dtype,
+                           compile=v.compile)
     if v.scheme:
         _quantize_in_memory(backend, ckpt, v.scheme, request["gptq_calib"])
     return backend
@@ -232,7 +242,7 @@ def measure_variant(v: MatrixVariant, request: dict, reference) -> dict:
         row["parity"]["reference"] = v.reference
         row["status"] = "ok" if row["parity"]["passed"] else "failed-parity"
     # Validated first, timed second: a row off parity is timed too, and its status says so.
-    row.update(timings(backend, prepared, request["reps"], BATCH_SIZES))
+    row.update(timings(backend, prepared, request["reps"], BATCH_SIZES, warmup=COMPILED_WARMUP if v.compile else 1))
     row.update(torch_memory())  # the serving peak: reset at the end of the load
     return {"rows": [row], "outputs": outputs}
 
@@ -246,7 +256,7 @@ def measure_backward(v: MatrixVariant, request: dict, reference) -> dict:
 def measure_rl(v: MatrixVariant, request: dict, reference) -> dict:
     """The RL reward workload (``rl_bench``: producers, BatchingScorer, score_groups) on the fast path."""
     prompts, edits = RL_WORKLOAD[request["size"]]
-    rows = rl_bench.gpu_rows(load_checkpoint(request), request["device"], v.dtype, prompts, edits)
+    rows = rl_bench.gpu_rows(load_checkpoint(request), request["device"], v.dtype, prompts, edits, compile=v.compile)
     return {"rows": [{**row, "mode": v.mode, "dtype": v.dtype} for row in rows], "outputs": None}
 
 

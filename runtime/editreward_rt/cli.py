@@ -334,7 +334,7 @@ def add_precision_argument(p) -> None:
 def add_backend_option(p) -> None:
     p.add_argument("--backend-option", type=backend_option, action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the backend's load, repeatable (e.g. io_binding=true for onnxruntime, "
-                        "cuda_graphs=true for tensorrt); one the backend does not take is an error")
+                        "cuda_graphs=true for tensorrt, compile=reduce-overhead for torch); one the backend does not take is an error")
 
 
 def build_parser() -> argparse.ArgumentParser:

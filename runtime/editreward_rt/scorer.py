@@ -154,8 +154,9 @@ class Scorer:
         device the backend runs on). ``max_input_pixels`` caps decoded image size (decompression-bomb
         guard). ``memory`` (torch backend): ``resident`` weights stay on the device, ``per-call``
         they are there only during a call. ``options``: the backend's other options (its registry
-        entry lists them, e.g. ``{"io_binding": True}``, ``{"cuda_graphs": True}``). A None option
-        is not given; one the backend does not take is a BackendError naming those that take it.
+        entry lists them, e.g. ``{"io_binding": True}``, ``{"cuda_graphs": True}``,
+        ``{"compile": "reduce-overhead"}``). A None option is not given; one the backend does not
+        take is a BackendError naming those that take it.
         ``precision``: ``auto`` (the default, or $EDITREWARD_PRECISION), ``fp32`` or ``bf16``;
         auto is bf16 where the device computes it natively (``hardware.resolve_precision``), and
         the description's ``precision`` says which ran. With no ``backend``, a float ONNX folder on

@@ -84,8 +84,12 @@ def test_gpu_check_dry_run(gpu_check_dry_run):
         assert row["n"] == gpu_matrix.BACKWARD_REPS
     prompts, edits = gpu_matrix.RL_WORKLOAD["tiny"]
     for method in ("score", "batching", "score-groups"):
-        row = rows[f"rl-{method}"]
-        assert row["status"] == "ok" and row["edits"] == row["n_latencies"] == prompts * edits and row["n_runs"] == 1
+        for prefix in ("rl", "rl-compiled"):  # the eager and the compiled decoder, side by side
+            row = rows[f"{prefix}-{method}"]
+            assert row["status"] == "ok" and row["edits"] == row["n_latencies"] == prompts * edits and row["n_runs"] == 1
+    compiled = rows["torch-fast-bfloat16-compiled"]
+    assert compiled["status"] == "ok" and compiled["parity"]["passed"] and compiled["batch1"]["p50_ms"] > 0
+    assert compiled["backend"]["compile"] == gpu_matrix.COMPILE_MODE and rows["torch-fast-bfloat16"]["backend"]["compile"] is None
     assert rows["bnb-int8"]["status"] == rows["bnb-nf4"]["status"] == "skipped"
     assert rows["bnb-int8"]["reason"] == ("bitsandbytes not installed" if importlib.util.find_spec("bitsandbytes") is None
                                           else "runs on cuda only, this run is on cpu")

@@ -65,7 +65,7 @@ BACKENDS = {e.name: e for e in (
     # bf16: bf16 on both sides (GPU), different kernels and summation order; not yet measured on a GPU here.
     BackendEntry("torch", ("fast", "reference"), "torch", "editreward_rt.backends.torch_backend",
                  ("checkpoint", "exported"), ("cpu", "cuda"),
-                 ("device", "threads", "dtype", "precision", "memory", "base", "prompts_from"),
+                 ("device", "threads", "dtype", "precision", "memory", "compile", "base", "prompts_from"),
                  {"float32": Tolerance(1e-4, 1e-4), "bfloat16": Tolerance(5e-2, 5e-2, 0.95)}),
     BackendEntry("onnxruntime", ("fast",), "onnx", "editreward_rt.backends.ort_backend", ("exported",), ("cpu", "cuda"),
                  ("device", "threads", "precision", "optimization", "io_binding"),

@@ -4,7 +4,15 @@ torch-quantized model folder (whose layers its scheme's ``load`` rebuilds). Need
 
 GPU memory (``memory``): ``resident`` keeps the weights on the device; ``per-call`` keeps them in
 host memory and copies them to the device for each call, freeing that copy (and the allocator's
-cache) after it, so a trainer sharing the GPU gets the memory back between reward calls."""
+cache) after it, so a trainer sharing the GPU gets the memory back between reward calls.
+
+``compile`` (fast path, resident weights): the decoder through ``torch.compile`` in one of its
+modes (``true`` is ``default``). Each decode level's shape is compiled once, the first calls of a
+new shape pay for it (tens of seconds), and a workload whose shapes repeat, an RL step's, runs
+from the compiled code after; ``reduce-overhead`` also replays each shape from a captured CUDA
+graph on a GPU, which removes the per-kernel launch cost of a decode level. Outputs are copied out
+of the graph's memory before the next replay can overwrite them (a source prefix is kept across
+calls). The benchmark measures each workload with and without it (``benchmarks/gpu_check.py``)."""
 
 from __future__ import annotations
 
@@ -27,10 +35,23 @@ def _torch():
 
 
 MEMORY_MODES = ("resident", "per-call")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs on a GPU
+
+
+def compile_mode(value) -> str | None:
+    """The ``compile`` option -> a ``torch.compile`` mode, or None for eager."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_MODES:
+        raise BackendError(f"compile must be true, false or one of {', '.join(COMPILE_MODES)}, not {value!r}")
+    return value
 
 
 def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device: str = "cpu", threads=None, dtype=None,
-         memory: str = "resident", precision: str | None = None):
+         memory: str = "resident", precision: str | None = None, compile=None):
     """Registry entry: a checkpoint (hub id or folder), or a quantized model folder written by the quantize tool."""
     folder = Path(str(path_or_id))
     if folder.is_dir() and (folder / MANIFEST).is_file():
@@ -38,6 +59,8 @@ def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device
 
         if memory != "resident":  # quantized layers pack their weights when moved; a per-call copy would repack them
             raise BackendError(f"memory {memory!r} needs float weights; a quantized folder stays resident")
+        if compile_mode(compile):  # its layers are the scheme's own kernels, not traced ones
+            raise BackendError("compile applies to float weights; a quantized folder runs eagerly")
         model = open_exported(folder)
         computes = precision_of(model.manifest.get("compute_dtype", "float32"))
         if precision is not None and precision != "auto" and resolve_precision(precision, device) != computes:
@@ -48,7 +71,7 @@ def load(path_or_id, *, mode: str = "fast", base=None, prompts_from=None, device
 
     ckpt = open_checkpoint(path_or_id, base=base, prompts_from=prompts_from)
     return TorchBackend(ckpt, mode=mode, device=device, dtype=dtype, threads=threads, memory=memory,
-                        precision=precision), ckpt
+                        precision=precision, compile=compile), ckpt
 
 
 def pick_device(device: str):
@@ -98,6 +121,7 @@ class TorchGraphs:
             with torch.device(device):  # built on meta, each weight moved to ``device`` in ``dtype`` as it is loaded
                 modules = fam.torch_modules(state, dtype)
         self.vision_module, self.decoder, self.head_module = (m.to(device) for m in modules)
+        self.run_decoder = self.decoder  # or its compiled form (``compile_decoder``)
         self.cache = fam.cache_layout(str(dtype).replace("torch.", ""))
         # The load's peak, kept; then the peak is reset, so that the next reading is what serving needs.
         self.load_peak_mb = None
@@ -126,9 +150,23 @@ class TorchGraphs:
 
     def decode(self, input_ids, image_embeds, image_index, position_ids, attention_mask, past, keep):
         with self.torch.inference_mode():
-            hidden, present = self.decoder(self._t(input_ids), image_embeds, self._t(image_index), self._t(position_ids),
+            hidden, present = self.run_decoder(self._t(input_ids), image_embeds, self._t(image_index), self._t(position_ids),
                                            self._t(attention_mask), past, None if keep is None else self._t(keep))
             return (None if keep is None else hidden), present
+
+    def compile_decoder(self, mode: str) -> None:
+        """Decode through ``torch.compile(decoder, mode=mode)`` (see the module docstring)."""
+        torch = self.torch
+        compiled = torch.compile(self.decoder, mode=mode)
+        if mode not in CUDA_GRAPH_MODES or torch.device(self.device).type != "cuda":
+            self.run_decoder = compiled
+            return
+
+        def replayed(*args):
+            torch.compiler.cudagraph_mark_step_begin()  # each decode level is a step of its own
+            # Copied out: the graph's output memory is the next replay's, and a cache outlives it.
+            return tuple(None if t is None else t.clone() for t in compiled(*args))
+        self.run_decoder = replayed
 
     def heads(self, hidden):
         with self.torch.inference_mode():
@@ -181,7 +219,7 @@ class TorchBackend(PipelineBackend):
     name = "torch"
 
     def __init__(self, checkpoint, mode: str = "fast", device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None, memory: str = "resident", precision: str | None = None):
+                 threads: int | None = None, memory: str = "resident", precision: str | None = None, compile=None):
         torch = _torch()
         if threads:
             torch.set_num_threads(threads)
@@ -189,6 +227,9 @@ class TorchBackend(PipelineBackend):
             raise BackendError(f"unknown mode {mode!r}; use fast or reference")
         if memory != "resident" and mode == "reference":
             raise BackendError(f"memory {memory!r} applies to the fast path; the reference stays resident")
+        compiled = compile_mode(compile)
+        if compiled and (mode == "reference" or memory != "resident"):
+            raise BackendError("compile applies to the fast path with resident weights (memory 'resident')")
         self.spec, self.mode = checkpoint.spec, mode
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev, precision, mode)
@@ -203,9 +244,11 @@ class TorchBackend(PipelineBackend):
             graphs.device = dev
             self.pipeline = FastPipeline(graphs)
             self.residency = Residency(torch, [graphs.vision_module, graphs.decoder, graphs.head_module], dev, memory)
+            if compiled:
+                graphs.compile_decoder(compiled)
         name = str(dt).replace("torch.", "")
         self.description = {"backend": "torch", "mode": mode, "device": str(dev), "dtype": name,
-                            "precision": precision_of(name), "memory": memory}
+                            "precision": precision_of(name), "memory": memory, "compile": compiled}
 
     @classmethod
     def from_quantized(cls, model, mode: str = "fast", device: str = "cpu", threads: int | None = None):
