@@ -36,6 +36,9 @@ class GraphRunner(Protocol):
     """
 
     spec: object  # the family's ModelSpec
+    # Optional: the most tokens (rows x columns) a decoder call takes; a longer level is decoded in
+    # column chunks (``level_cuts``). For an engine whose activation memory grows with a call's tokens.
+    call_tokens: int | None
 
     def vision(self, feeds: list[tuple[np.ndarray, ...]]) -> Device:
         """All of a call's images (``vision_feeds``' arrays for each) -> their merged embeddings,
@@ -278,7 +281,9 @@ class FastPipeline:
 
     def _level(self, segments, parents, cache, past_mask, table, keep: np.ndarray | None = None):
         """Decode one padded batch of segments, row b continuing past row ``parents[b]``; -> (the
-        hidden rows ``keep``, the new cache, its attention mask)."""
+        hidden rows ``keep``, the new cache, its attention mask). A runner with ``call_tokens``
+        (``GraphRunner``) gets the level in column chunks of at most that many tokens a call, each
+        continuing the cache of the one before: the same attention, its sums in another order."""
         b, s = len(segments), max(len(ids) for ids, _ in segments)
         p = past_mask.shape[1]
         ids = np.full((b, s), self.spec.tokens.pad, dtype=np.int64)
@@ -291,8 +296,24 @@ class FastPipeline:
             ids[i, : len(seg_ids)], rows[i, : len(seg_rows)] = seg_ids, seg_rows
             mask[i, p : p + len(seg_ids)] = 1
         past = self.graphs.select(cache, parents) if p else self.graphs.empty_cache(b)
-        hidden, present = self.graphs.decode(ids, table, rows, positions, mask, past, keep)
-        return hidden, present, mask
+        hidden = None
+        cuts = level_cuts(b, s, keep, getattr(self.graphs, "call_tokens", None))
+        for lo, hi in zip(cuts, cuts[1:]):
+            # Only the last chunk keeps rows: every kept position lies in it (``level_cuts``).
+            local = None if keep is None or hi < s else keep - np.array([0, lo], dtype=np.int64)
+            hidden, past = self.graphs.decode(ids[:, lo:hi], table, rows[:, lo:hi], positions[:, lo:hi],
+                                              mask[:, : p + hi], past, local)
+        return hidden, past, mask
+
+
+def level_cuts(batch: int, length: int, keep: np.ndarray | None, call_tokens: int | None) -> list[int]:
+    """Column boundaries of a level of ``batch`` rows x ``length`` tokens decoded in calls of at most
+    ``call_tokens`` tokens (None: one call). The last chunk starts before the first kept position
+    (``keep``'s [..., 2] (row, position) pairs), so it holds every kept row (and may be longer)."""
+    if not call_tokens or batch * length <= call_tokens:
+        return [0, length]
+    tail = length if keep is None else int(np.asarray(keep)[..., 1].min())
+    return (list(range(0, tail, max(1, call_tokens // batch))) or [0]) + [length]
 
 
 class PipelineBackend:

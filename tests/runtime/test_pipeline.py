@@ -114,3 +114,17 @@ def test_prompts_carry_their_image_spans(torch_scorer, images):
         rows = prompt.image_rows(10, 100)
         assert rows[s0:s0 + n0].tolist() == list(range(10, 10 + n0)) and rows[s1:s1 + n1].tolist() == list(range(100, 100 + n1))
         assert (rows >= 0).sum() == n0 + n1
+
+
+def test_level_cuts_bound_each_call_and_keep_the_kept_rows_together():
+    from editreward_rt.pipeline import level_cuts
+
+    assert level_cuts(2, 391, None, None) == [0, 391]  # no bound: one call
+    assert level_cuts(2, 100, None, 256) == [0, 100]  # within the bound: one call
+    assert level_cuts(1, 600, None, 256) == [0, 256, 512, 600]
+    # Two rubric passes with <|Reward|> at columns 380 and 390: chunks of 128 columns (256 tokens),
+    # the last from before 380 on, so one call holds both kept rows.
+    keep = np.array([[[0, 390], [1, 380]]])
+    assert level_cuts(2, 391, keep, 256) == [0, 128, 256, 391]
+    assert level_cuts(2, 391, np.array([[[0, 100], [1, 390]]]), 256) == [0, 391]  # a kept row at 100: that call holds it
+    assert level_cuts(4, 400, None, 2) == list(range(0, 400)) + [400]  # fewer tokens than rows: one column a call

@@ -84,7 +84,7 @@ BACKENDS = {e.name: e for e in (
     # (tested on the fixture's spec). A CPU without bf16 units ignores the hint (fp32) or emulates it
     # (the same roundings): within it too. The 7B's 60 blocks make e 2.4x; parity.py gates the checkpoint.
     BackendEntry("openvino", ("fast",), "openvino", "editreward_rt.backends.ov_backend", ("exported",), ("cpu",),
-                 ("device", "threads", "precision", "cache_dir"),
+                 ("device", "threads", "precision", "cache_dir", "call_tokens"),
                  {"float32": Tolerance(1e-4, 1e-4), "bfloat16": Tolerance(5e-2, 5e-2, 0.95)}),
 )}
 MODES = ("fast", "reference")

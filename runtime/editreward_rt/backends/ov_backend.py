@@ -9,6 +9,12 @@ hidden states are numpy arrays, which is where a CPU engine's arrays live anyway
 
 Compiled models are cached outside the model folder (a folder holds only hashed files), keyed
 by the manifest's hash and the precision, so an altered folder never reuses a stale blob.
+
+``call_tokens`` bounds the tokens of one decoder call (``pipeline.level_cuts``; default
+``CALL_TOKENS``): the CPU plugin's activation memory grows with a call's tokens in every layer
+(measured at the 7B's widths: about 60 KB per token per layer, kept after the call), so a 7B
+level of 800 tokens held about 1.3 GB more than calls of 256 do, and ran no slower
+(docs/full-size.md). ``0`` decodes each level in one call.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ HINTS = {"fp32": "f32", "bf16": "bf16"}
 RAN = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32"}  # the manifest's names
 CACHE_OFF = ("", "off")
+CALL_TOKENS = 256  # tokens per decoder call: each matmul still has 256 rows, near the kernels' peak
 
 
 def _ov():
@@ -41,13 +48,15 @@ def _ov():
 
 
 def load(path_or_id, *, mode: str = "fast", device: str = "cpu", threads=None, precision: str | None = None,
-         cache_dir=None):
+         cache_dir=None, call_tokens: int | None = None):
     """Registry entry: an exported model folder (ONNX graphs, or OpenVINO IR from an ``ov-*``
     scheme). ``precision``: fp32, bf16, or auto (bf16 where the CPU computes it natively; None:
     the default precision, ``hardware.default_precision``).
     ``cache_dir``: the root of the compiled-model cache (default ``$XDG_CACHE_HOME/editreward/openvino``,
-    ``""`` or ``"off"``: no cache)."""
-    backend = OvBackend(path_or_id, device=device, threads=threads, precision=precision, cache_dir=cache_dir)
+    ``""`` or ``"off"``: no cache). ``call_tokens``: the most tokens a decoder call takes (default
+    ``CALL_TOKENS``; 0: whole levels)."""
+    backend = OvBackend(path_or_id, device=device, threads=threads, precision=precision, cache_dir=cache_dir,
+                        call_tokens=call_tokens)
     return backend, backend.model
 
 
@@ -89,6 +98,8 @@ def _port(port) -> tuple:
 
 class OvGraphs:
     """``pipeline.GraphRunner`` over three OpenVINO compiled models, host arrays in and out."""
+
+    call_tokens: int | None = None  # set by OvBackend
 
     def __init__(self, model, threads: int | None, precision: str, cache: Path | None):
         ov = _ov()
@@ -156,15 +167,19 @@ class OvBackend(PipelineBackend):
     name = "openvino"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 precision: str | None = None, cache_dir=None, verify: bool = True):
+                 precision: str | None = None, cache_dir=None, verify: bool = True, call_tokens: int | None = None):
         if device != "cpu":
             raise BackendError(f"the openvino backend runs on the cpu only, not {device!r}")
+        call_tokens = CALL_TOKENS if call_tokens is None else call_tokens
+        if isinstance(call_tokens, bool) or not isinstance(call_tokens, int) or call_tokens < 0:
+            raise BackendError(f"call_tokens must be a whole number of tokens (0: whole levels), not {call_tokens!r}")
         resolved = resolve_precision(precision, device)
         self.model = open_exported(path, verify=verify)
         self.spec = self.model.spec
         self.cache_dir = cache_folder(self.model.root, resolved, cache_dir)
         self.graphs = OvGraphs(self.model, threads, resolved, self.cache_dir)
+        self.graphs.call_tokens = call_tokens or None
         self.pipeline = FastPipeline(self.graphs)
         self.description = {"backend": "openvino", "mode": "fast", "device": "cpu", "precision": self.graphs.precision,
-                            "threads": self.graphs.threads, "openvino": _ov().get_version(),
+                            "threads": self.graphs.threads, "call_tokens": call_tokens, "openvino": _ov().get_version(),
                             "quantization": (self.model.manifest.get("quantization") or {}).get("scheme")}

@@ -58,6 +58,28 @@ def test_fp32_equals_the_reference(tiny_onnx, mixed, expected):
 
 
 @needs_openvino
+def test_levels_decoded_in_bounded_calls_score_as_whole_levels(tiny_onnx, mixed, expected):
+    """``call_tokens``: each level in calls of at most that many tokens (the kept chunk aside),
+    each continuing the cache of the one before, equal to whole levels at the float32 tolerance."""
+    whole, chunked = _load(tiny_onnx, precision="fp32", call_tokens=0), _load(tiny_onnx, precision="fp32", call_tokens=24)
+    assert chunked.description["call_tokens"] == 24 and whole.description["call_tokens"] == 0
+    calls = {}
+    for name, scorer in (("whole", whole), ("chunked", chunked)):
+        graphs, seen = scorer.backend.graphs, []
+        original = graphs.decode
+        graphs.decode = lambda *a, _o=original, _s=seen: (_s.append((a[0].shape, a[6] is not None)), _o(*a))[1]
+        calls[name] = (_outputs(scorer, mixed), seen)
+    (got_whole, seen_whole), (got, seen) = calls["whole"], calls["chunked"]
+    assert len(seen) > len(seen_whole)  # some levels were split
+    assert all(rows * cols <= 24 for (rows, cols), keeps in seen if not keeps)  # the kept chunk may be longer
+    assert max(max_abs_diff(got, got_whole).values()) <= BATCH_SHAPE_FLOAT32
+    assert within(max_abs_diff(got, expected), tolerance("openvino", "float32"))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(BackendError, match="call_tokens"):
+            _load(tiny_onnx, call_tokens=bad)
+
+
+@needs_openvino
 def test_bf16_within_its_row_above_the_snr_floor_and_keeps_the_pairs(tiny_onnx, mixed, expected):
     fp32, bf16 = _load(tiny_onnx, precision="fp32"), _load(tiny_onnx, precision="bf16")
     if hardware.native_bf16("cpu"):
