@@ -14,6 +14,12 @@ the prompt prefix it starts are encoded once, also at one triple per call), then
 (a 7B triple takes a minute or more on a desktop CPU, so only one). The first triple's two scores
 must agree (within the scheme's tolerance for a quantized folder); the stage split (vision tower,
 shared prefix, per-rubric suffixes, heads) is per triple.
+
+Memory, from the load on (after the GEMM peaks): the peak resident set, and apart from it the
+peak of the process's anonymous memory (``RssAnon``, sampled): what the process needs. The rest
+of the resident set is file-backed, the memory-mapped weights (an OpenVINO IR's ``.bin``, ONNX
+external data): clean pages the kernel takes back under pressure, so a memory limit squeezes them
+first (``full_size.sh`` also scores the quantized 7B inside a memory cgroup of its bound).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from editreward_rt.cli import backend_option
 
 
 def _scored_with_stages(scorer, call, n: int) -> tuple[list, float, dict]:
@@ -37,6 +44,17 @@ def _scored_with_stages(scorer, call, n: int) -> tuple[list, float, dict]:
     seconds = time.perf_counter() - start
     stages = {k: round((v - before[k]) / n, 2) for k, v in pipeline.times.as_dict().items()}
     return scores, seconds, stages
+
+
+def status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (``RssAnon``, ``RssFile``), in KiB; 0 where Linux has none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def floor(flops: dict, stages: dict, seconds: float, peak) -> dict:
@@ -61,6 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", help="default: the engine the folder loads on with no --backend")
     parser.add_argument("--precision", help="fp32, bf16 or auto (default: the default, auto or $EDITREWARD_PRECISION)")
     parser.add_argument("--no-peaks", action="store_true", help="skip the GEMM peaks (and so the floor)")
+    parser.add_argument("--backend-option", type=backend_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the backend's load, repeatable (e.g. call_tokens=0 for openvino)")
     parser.add_argument("--out", help="JSON results file")
     args = parser.parse_args(argv)
 
@@ -71,6 +91,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from .cpu_speed import FlopCounter, gemm_peak, peak_of
+    from .isolated import PeakSampler
     from .common import tolerance_key
 
     threads = args.threads or usable_cpus()
@@ -80,8 +101,10 @@ def main(argv=None) -> int:
     rows = json.loads((folder / "triples.json").read_text())
     images = {name: np.asarray(Image.open(folder / name).convert("RGB")) for r in rows for name in (r["source"], r["edited"])}
     triples = [(r["instruction"], images[r["source"]], images[r["edited"]]) for r in rows]
+    anon = PeakSampler(lambda: status_kib("RssAnon") / 2**20)  # GiB
     start = time.perf_counter()
-    scorer = Scorer.load(args.model, backend=args.backend, precision=args.precision, threads=threads)  # the default triples per call
+    scorer = Scorer.load(args.model, backend=args.backend, precision=args.precision, threads=threads,
+                         options=dict(args.backend_option))  # the default triples per call
     load_s = time.perf_counter() - start
     counter = scorer.backend.pipeline.graphs = FlopCounter(scorer.backend.pipeline.graphs, family(scorer.spec.family).FLOPS)
     prompt_tokens = [len(p.ids) for p in scorer.prepare(*triples[0]).prompts]
@@ -93,9 +116,11 @@ def main(argv=None) -> int:
     flops = {k: v / len(triples) for k, v in counter.take().items()}
     single = [_scored_with_stages(scorer, lambda: [scorer.score(*triples[0])], 1)]
     gap = abs(ranked[0].mu - single[0][0][0].mu)
+    anon.stop()
     quantization = scorer.backend.model.manifest.get("quantization") or {}
     result = {
         "model": str(args.model), "quantization": quantization.get("scheme"), "engine": scorer.engine,
+        "backend": scorer.description,
         "cpu": platform.processor() or platform.machine(), "threads": threads, "max_batch": scorer.max_batch,
         "load_s": round(load_s, 1),
         "prompt_tokens": prompt_tokens, "triples": len(triples),
@@ -105,6 +130,8 @@ def main(argv=None) -> int:
         "scores": [{"mu": round(s.mu, 4), "sigma": round(s.sigma, 4)} for s in ranked],
         "max_mu_gap_ranked_vs_single": gap,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_anon_gib": round(anon.peak, 2),
+        "file_backed_at_end_gib": round(status_kib("RssFile") / 2**20, 2),
         "flops_per_triple": flops,
     }
     if peaks is not None:
