@@ -33,10 +33,11 @@ bench() {  # bench NAME FOLDER [full_cpu.py options]: seconds per triple, stages
   step "bench-$name" "$py" benchmarks/full_cpu.py --model "$folder" --examples "$examples" --threads "$threads" \
     --out "$work/bench-$name.json" "$@"
 }
-capped() {  # capped GB NAME FOLDER: bench NAME inside a memory cgroup of GB (benchmarks/memory_cap.sh)
+capped() {  # capped GB NAME FOLDER: bench NAME inside a memory cgroup of GB (benchmarks/memory_cap.sh), with
+  # no compiled-model cache (writing one, as large as the weights, would be charged to the cgroup)
   local gb=$1 name=$2 folder=$3
   step "bench-$name" bash benchmarks/memory_cap.sh "$gb" "$folder" "$py" benchmarks/full_cpu.py --model "$folder" \
-    --examples "$examples" --threads "$threads" --no-peaks --out "$work/bench-$name.json"
+    --examples "$examples" --threads "$threads" --no-peaks --backend-option cache_dir=off --out "$work/bench-$name.json"
 }
 python3 - "$examples" "$work/triples.jsonl" <<'PY'
 import json, sys

@@ -235,14 +235,19 @@ def measure_variant(v: MatrixVariant, request: dict, reference) -> dict:
     row = {"variant": v.label, "mode": v.mode, "dtype": v.dtype, "backend": backend.description,
            "load_s": time.perf_counter() - t0, "prompt_tokens": prompt_lengths(prepared[0]), "load_memory": load_memory}
     outputs = backend.head_outputs(prepared)
+    tol = gate_tolerance(*v.tolerance_key(backend.description["dtype"]), v.dtype)
     if reference is None:
         row["status"] = "ok" if np.isfinite(outputs).all() else "failed-parity"
     else:
-        row["parity"] = parity(outputs, reference, gate_tolerance(*v.tolerance_key(backend.description["dtype"]), v.dtype))
+        row["parity"] = parity(outputs, reference, tol)
         row["parity"]["reference"] = v.reference
         row["status"] = "ok" if row["parity"]["passed"] else "failed-parity"
     # Validated first, timed second: a row off parity is timed too, and its status says so.
     row.update(timings(backend, prepared, request["reps"], BATCH_SIZES, warmup=COMPILED_WARMUP if v.compile else 1))
+    if v.compile and reference is not None:  # the first call compiled; what the timed calls replayed is checked too
+        row["parity_replayed"] = parity(backend.head_outputs(prepared), reference, tol)
+        if not row["parity_replayed"]["passed"]:
+            row["status"] = "failed-parity"
     row.update(torch_memory())  # the serving peak: reset at the end of the load
     return {"rows": [row], "outputs": outputs}
 

@@ -64,3 +64,11 @@ def test_memory_cap_lets_what_fits_run_and_kills_what_does_not(tmp_path):
     assert "memory_cap: cap 1 GB" in fits.stderr
     over = run(2.0)
     assert over.returncode == 137 and "done" not in over.stdout, over.stderr
+
+
+def test_memory_cap_refuses_a_cap_it_cannot_apply(tmp_path):
+    """A cap that is not a whole number of GB is refused (exit 3) before the command runs: a
+    command that ran uncapped would report a bound it never had."""
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "memory_cap.sh"), "1.5", str(tmp_path), sys.executable,
+                           "-c", "print('ran')"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "ran" not in proc.stdout and "whole number of GB" in proc.stderr

@@ -87,8 +87,10 @@ def test_gpu_check_dry_run(gpu_check_dry_run):
         for prefix in ("rl", "rl-compiled"):  # the eager and the compiled decoder, side by side
             row = rows[f"{prefix}-{method}"]
             assert row["status"] == "ok" and row["edits"] == row["n_latencies"] == prompts * edits and row["n_runs"] == 1
+            assert (row["graphs_compiled_while_timed"] >= 0) if prefix == "rl-compiled" else "graphs_compiled_while_timed" not in row
     compiled = rows["torch-fast-bfloat16-compiled"]
     assert compiled["status"] == "ok" and compiled["parity"]["passed"] and compiled["batch1"]["p50_ms"] > 0
+    assert compiled["parity_replayed"]["passed"]  # after the warm-up calls, not only the first (compiling) one
     assert compiled["backend"]["compile"] == gpu_matrix.COMPILE_MODE and rows["torch-fast-bfloat16"]["backend"]["compile"] is None
     assert rows["bnb-int8"]["status"] == rows["bnb-nf4"]["status"] == "skipped"
     assert rows["bnb-int8"]["reason"] == ("bitsandbytes not installed" if importlib.util.find_spec("bitsandbytes") is None

@@ -161,12 +161,7 @@ class TorchGraphs:
         if mode not in CUDA_GRAPH_MODES or torch.device(self.device).type != "cuda":
             self.run_decoder = compiled
             return
-
-        def replayed(*args):
-            torch.compiler.cudagraph_mark_step_begin()  # each decode level is a step of its own
-            # Copied out: the graph's output memory is the next replay's, and a cache outlives it.
-            return tuple(None if t is None else t.clone() for t in compiled(*args))
-        self.run_decoder = replayed
+        self.run_decoder = GraphReplayer(torch, compiled, self.device)
 
     def heads(self, hidden):
         with self.torch.inference_mode():
@@ -177,6 +172,32 @@ class TorchGraphs:
 
     def select(self, cache, rows):
         return cache.index_select(self.cache.batch_axis, self._t(rows))
+
+
+class GraphReplayer:
+    """A decoder compiled with CUDA graphs, called from any thread: each call runs on one thread of
+    its own (PyTorch keeps its CUDA-graph trees per thread, and a scorer is called from batching
+    workers, producer threads and HTTP handlers alike), in inference mode, as a step of its own;
+    the outputs the caller keeps are copied out of the graph's memory, which the next replay reuses
+    (a kept source prefix outlives it)."""
+
+    def __init__(self, torch, compiled, device):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.torch, self.compiled = torch, compiled
+        init = (lambda: torch.cuda.set_device(device)) if torch.device(device).type == "cuda" else None
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="editreward-cuda-graphs", initializer=init)
+
+    def _step(self, args):
+        torch = self.torch
+        with torch.inference_mode():
+            torch.compiler.cudagraph_mark_step_begin()  # each decode level is a step of its own
+            hidden, present = self.compiled(*args)
+            keep = args[-1]  # without rows to keep, the caller drops the hidden states
+            return (None if keep is None else hidden.clone()), present.clone()
+
+    def __call__(self, *args):
+        return self.thread.submit(self._step, args).result()
 
 
 class Residency:

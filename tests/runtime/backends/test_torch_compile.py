@@ -53,3 +53,28 @@ def test_compile_option_is_checked(tiny):
     with pytest.raises(BackendError, match="fast path"):
         load(mode="reference", options={"compile": True})
     assert load(options={"compile": False}).description["compile"] is None
+
+
+def test_graph_replay_runs_on_one_thread_and_copies_its_outputs_out():
+    """``GraphReplayer`` (CUDA-graph modes on a GPU), exercised on a CPU with a stand-in for the
+    compiled decoder that, like a replayed CUDA graph, returns the same output memory every call."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from editreward_rt.backends.torch_backend import GraphReplayer
+
+    hidden, present, seen = torch.zeros(2, 3), torch.zeros(4), []
+
+    def graph(x, keep):
+        seen.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
+        hidden.fill_(float(x)), present.fill_(float(x))
+        return hidden, present
+
+    replay = GraphReplayer(torch, graph, "cpu")
+    with ThreadPoolExecutor(3) as callers:  # callers on several threads, as a batching worker and producers are
+        outs = list(callers.map(lambda x: replay(x, torch.ones(1)), range(6)))
+    assert {name for name, _ in seen} == {seen[0][0]} and seen[0][0] != threading.current_thread().name
+    assert all(inference for _, inference in seen)
+    for x, (h, p) in enumerate(outs):  # each call's own values, not the shared buffer's last ones
+        assert h.eq(x).all() and p.eq(x).all() and h.data_ptr() != hidden.data_ptr()
+    assert replay(7, None)[0] is None  # nothing kept: the hidden states are not copied
