@@ -10,11 +10,11 @@ hidden states are numpy arrays, which is where a CPU engine's arrays live anyway
 Compiled models are cached outside the model folder (a folder holds only hashed files), keyed
 by the manifest's hash and the precision, so an altered folder never reuses a stale blob.
 
-``call_tokens`` bounds the tokens of one decoder call (``pipeline.level_cuts``; default
-``CALL_TOKENS``): the CPU plugin's activation memory grows with a call's tokens in every layer
-(measured at the 7B's widths: about 60 KB per token per layer, kept after the call), so a 7B
-level of 800 tokens held about 1.3 GB more than calls of 256 do, and ran no slower
-(docs/full-size.md). ``0`` decodes each level in one call.
+``call_tokens`` bounds the tokens of one decoder call (``pipeline.level_cuts``; 0, the default:
+each level in one call). The CPU plugin's activation memory grows with a call's tokens in every
+layer (about 60 KB per token per layer at the 7B's widths), which matters for large batches; at
+one triple a call (the CPU default) calls of 256 tokens left the 7B's peak memory where it was
+and ran 6% (ov-int8) to 17% (ov-int4) slower (docs/full-size.md), so levels are whole unless asked.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ HINTS = {"fp32": "f32", "bf16": "bf16"}
 RAN = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32"}  # the manifest's names
 CACHE_OFF = ("", "off")
-CALL_TOKENS = 256  # tokens per decoder call: each matmul still has 256 rows, near the kernels' peak
+CALL_TOKENS = 0  # tokens per decoder call; 0: whole levels (see the module docstring)
 
 
 def _ov():
@@ -53,8 +53,8 @@ def load(path_or_id, *, mode: str = "fast", device: str = "cpu", threads=None, p
     scheme). ``precision``: fp32, bf16, or auto (bf16 where the CPU computes it natively; None:
     the default precision, ``hardware.default_precision``).
     ``cache_dir``: the root of the compiled-model cache (default ``$XDG_CACHE_HOME/editreward/openvino``,
-    ``""`` or ``"off"``: no cache). ``call_tokens``: the most tokens a decoder call takes (default
-    ``CALL_TOKENS``; 0: whole levels)."""
+    ``""`` or ``"off"``: no cache). ``call_tokens``: the most tokens a decoder call takes (0, the
+    default: whole levels)."""
     backend = OvBackend(path_or_id, device=device, threads=threads, precision=precision, cache_dir=cache_dir,
                         call_tokens=call_tokens)
     return backend, backend.model
