@@ -201,15 +201,14 @@ def gpu_rows(ckpt, device: str, dtype_name: str, prompts: int = 8, edits: int = 
             ckpt.release_weights()
         run = lambda: bench(fast, None, workload(prompts, edits), producers, max_wait_ms=10.0,  # noqa: E731
                             methods=("score", "batching", "score-groups"))
-        if not compile:
-            rows = run()
-        else:  # one untimed pass first: the workload's shapes compiled (and their CUDA graphs recorded)
-            from torch._dynamo.utils import counters
+        # One untimed pass first, eager or compiled alike: each shape's first-use work (kernel
+        # selection, allocations; compiling, CUDA-graph recording) is not what a training step pays.
+        run()
+        from torch._dynamo.utils import counters
 
-            run()
-            before = counters["stats"]["unique_graphs"]
-            rows = run()
-            # Batches form by timing, so the timed pass may meet a shape the first did not: say so.
+        before = counters["stats"]["unique_graphs"]
+        rows = run()
+        if compile:  # batches form by timing, so the timed pass may meet a shape the first did not: say so
             rows = [{**row, "graphs_compiled_while_timed": counters["stats"]["unique_graphs"] - before} for row in rows]
     except Exception as exc:
         return [{"variant": prefix, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}]
