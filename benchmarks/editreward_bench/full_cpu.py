@@ -15,8 +15,9 @@ the prompt prefix it starts are encoded once, also at one triple per call), then
 must agree (within the scheme's tolerance for a quantized folder); the stage split (vision tower,
 shared prefix, per-rubric suffixes, heads) is per triple.
 
-Memory, from the load on (after the GEMM peaks): the peak resident set, and apart from it the
-peak of the process's anonymous memory (``RssAnon``, sampled): what the process needs. The rest
+Memory, from the load on: the peak resident set, and apart from it the peak of the process's
+anonymous memory (``RssAnon``, sampled): what the process needs. (The GEMM peaks are measured
+after the model is freed: what they allocate stays with the process and is not the model's.) The rest
 of the resident set is file-backed, the memory-mapped weights (an OpenVINO IR's ``.bin``, ONNX
 external data): clean pages the kernel takes back under pressure, so a memory limit squeezes them
 first (``full_size.sh`` also scores the quantized 7B inside a memory cgroup of its bound).
@@ -25,6 +26,7 @@ first (``full_size.sh`` also scores the quantized 7B inside a memory cgroup of i
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -95,7 +97,6 @@ def main(argv=None) -> int:
     from .common import tolerance_key
 
     threads = args.threads or usable_cpus()
-    peaks = None if args.no_peaks else gemm_peak(threads, reps=3)  # before the model: its memory is the model's
 
     folder = Path(args.examples)
     rows = json.loads((folder / "triples.json").read_text())
@@ -134,9 +135,13 @@ def main(argv=None) -> int:
         "file_backed_at_end_gib": round(status_kib("RssFile") / 2**20, 2),
         "flops_per_triple": flops,
     }
-    if peaks is not None:
+    description, bound = scorer.description, tolerance(*tolerance_key(scorer.description)).mu
+    if not args.no_peaks:  # after the model is gone: what the peaks allocate stays, and is not the model's
+        del scorer, counter
+        gc.collect()
+        peaks = gemm_peak(threads, reps=3)
         result["floor"] = floor(flops, ranked_stages, result["ranked"]["s_per_triple"],
-                                peak_of({"backend": scorer.description, "quant_config": quantization.get("config")}, peaks))
+                                peak_of({"backend": description, "quant_config": quantization.get("config")}, peaks))
         result["gemm_peaks"] = peaks
     print(json.dumps(result, indent=1))
     if args.out:
@@ -144,5 +149,4 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     # Dynamic int8 quantizes each call's activations with one scale, so a call of another shape
     # (a source's prefix decoded on its own) moves the score a little: within the scheme's tolerance.
-    bound = tolerance(*tolerance_key(scorer.description)).mu
     return 0 if gap <= bound else 1
